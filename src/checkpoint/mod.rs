@@ -1,0 +1,55 @@
+//! Reading model weights. A [`WeightSource`] hands out tensors by their Hugging Face name as
+//! borrowed views of memory-mapped files, so a pipeline stage touches only the bytes of the
+//! tensors it owns.
+
+mod hf;
+
+pub use hf::SafetensorsWeights;
+
+use std::path::Path;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// A tensor as stored: dtype, shape and little-endian bytes borrowed from a mapped file.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    /// Storage dtype.
+    pub dtype: DType,
+    /// Dimensions.
+    pub shape: &'a [usize],
+    /// Raw bytes, `shape.iter().product() * dtype.size()` of them.
+    pub bytes: &'a [u8],
+}
+
+impl TensorView<'_> {
+    /// The values upcast to float32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.dtype.to_f32(self.bytes)
+    }
+}
+
+/// Where a model's tensors come from (a Hugging Face checkpoint, or `pp`'s native format).
+pub trait WeightSource {
+    /// The tensor called `name` (Hugging Face naming), or a checkpoint error naming it.
+    fn tensor(&self, name: &str) -> Result<TensorView<'_>>;
+    /// Every tensor name, sorted.
+    fn names(&self) -> Vec<String>;
+    /// The file that holds `name`, for error messages.
+    fn file_of(&self, name: &str) -> &Path;
+}
+
+/// Reads `name` and checks it has `shape`, returning float32 values.
+pub fn read_f32(source: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let view = source.tensor(name)?;
+    if view.shape != shape {
+        return Err(Error::Checkpoint {
+            path: source.file_of(name).to_path_buf(),
+            message: format!(
+                "tensor `{name}` has shape {:?}, but the config implies {shape:?}",
+                view.shape
+            ),
+        });
+    }
+    Ok(view.to_f32())
+}

@@ -1,0 +1,13 @@
+//! `pp`: pipeline-parallel fine-tuning of Llama and Mistral models on Burn.
+//!
+//! The library holds the model ([`model`]), checkpoint reading ([`checkpoint`]), tokenization
+//! and chat templates ([`tokenizer`]), datasets ([`data`]) and the commands built on them.
+//! The `pp` binary is a thin command-line layer over it.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod dtype;
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};

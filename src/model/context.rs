@@ -1,0 +1,122 @@
+//! What every layer of one forward pass shares: rotary tables for each token's position and
+//! the attention mask. Built once per micro-batch from a [`TokenLayout`] and reused by all layers.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor, TensorData};
+
+use super::config::ModelConfig;
+use super::rope::RotaryEmbedding;
+
+/// Where each token of a `[batch, seq]` block sits: its position id and the document it belongs
+/// to. Tokens attend only to earlier tokens of the same document (packing keeps documents apart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenLayout {
+    /// Rows in the block.
+    pub batch: usize,
+    /// Tokens per row.
+    pub seq: usize,
+    /// Position id of every token, row-major `[batch, seq]`.
+    pub positions: Vec<usize>,
+    /// Document id of every token, row-major `[batch, seq]`.
+    pub documents: Vec<u32>,
+}
+
+impl TokenLayout {
+    /// One document per row, positions `0..seq`.
+    pub fn contiguous(batch: usize, seq: usize) -> Self {
+        Self {
+            batch,
+            seq,
+            positions: (0..batch).flat_map(|_| 0..seq).collect(),
+            documents: vec![0; batch * seq],
+        }
+    }
+
+    /// Whether query `q` may not attend to key `k` in row `row`.
+    fn blocked(&self, row: usize, q: usize, k: usize, window: Option<usize>) -> bool {
+        let base = row * self.seq;
+        k > q
+            || self.documents[base + q] != self.documents[base + k]
+            || window.is_some_and(|w| q - k >= w)
+    }
+}
+
+/// Rotary tables and mask for one block, on the device.
+#[derive(Debug, Clone)]
+pub struct AttentionInputs<B: Backend> {
+    /// `[batch, 1, seq, head_dim]`.
+    cos: Tensor<B, 4>,
+    /// `[batch, 1, seq, head_dim]`.
+    sin: Tensor<B, 4>,
+    /// `[batch, 1, seq, seq]`, true where attention is not allowed.
+    mask: Tensor<B, 4, Bool>,
+}
+
+/// Added in place of masked scores: far below any real score, yet finite in bf16.
+const MASKED_SCORE: f32 = -1.0e9;
+
+impl<B: Backend> AttentionInputs<B> {
+    /// Builds the tables and mask for `layout` under `cfg` (causal, per document, and Mistral's
+    /// sliding window).
+    pub fn new(cfg: &ModelConfig, layout: &TokenLayout, device: &B::Device) -> Self {
+        let TokenLayout { batch, seq, .. } = *layout;
+        let dim = cfg.head_dim;
+        let longest = layout.positions.iter().max().map_or(0, |p| p + 1);
+        let (cos, sin) = RotaryEmbedding::new(cfg).tables(&layout.positions, longest);
+        let table = |values: Vec<f32>| {
+            Tensor::<B, 4>::from_data(TensorData::new(values, [batch, 1, seq, dim]), device)
+        };
+        let mut mask = Vec::with_capacity(batch * seq * seq);
+        for row in 0..batch {
+            for q in 0..seq {
+                for k in 0..seq {
+                    mask.push(layout.blocked(row, q, k, cfg.sliding_window));
+                }
+            }
+        }
+        Self {
+            cos: table(cos),
+            sin: table(sin),
+            mask: Tensor::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device),
+        }
+    }
+
+    /// Applies the rotation to `[batch, heads, seq, head_dim]` queries or keys.
+    pub fn rotate(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [batch, heads, seq, dim] = x.dims();
+        let half = dim / 2;
+        // rotate_half: (x1, x2) -> (-x2, x1) over the two halves of the head.
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let expand = |t: &Tensor<B, 4>| t.clone().expand([batch, heads, seq, dim]);
+        x * expand(&self.cos) + rotated * expand(&self.sin)
+    }
+
+    /// Replaces the scores `[batch, heads, seq, seq]` of blocked pairs.
+    pub fn mask_scores(&self, scores: Tensor<B, 4>) -> Tensor<B, 4> {
+        let shape = scores.dims();
+        scores.mask_fill(self.mask.clone().expand(shape), MASKED_SCORE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_is_causal_windowed_and_per_document() {
+        let mut layout = TokenLayout::contiguous(1, 5);
+        layout.documents = vec![0, 0, 0, 1, 1];
+        let allowed = |q, k, w| !layout.blocked(0, q, k, w);
+        assert!(allowed(2, 0, None));
+        assert!(!allowed(1, 2, None), "future token");
+        assert!(!allowed(3, 2, None), "other document");
+        assert!(allowed(4, 3, None));
+        assert!(allowed(2, 1, Some(2)));
+        assert!(
+            !allowed(2, 0, Some(2)),
+            "outside the window of 2 (itself and one before)"
+        );
+    }
+}

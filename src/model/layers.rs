@@ -1,0 +1,247 @@
+//! The building blocks of a Llama/Mistral decoder. Field names are the checkpoint's keys
+//! (`self_attn.q_proj.weight`, `mlp.gate_proj.weight`, …), so a module path is a tensor name.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+use super::config::ModelConfig;
+use super::context::AttentionInputs;
+use crate::checkpoint::{read_f32, WeightSource};
+use crate::error::Result;
+
+/// Makes a parameter from host values.
+pub(crate) fn param<B: Backend, const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
+}
+
+/// Loads the tensor `name` with the given shape as a parameter.
+pub(crate) fn load_param<B: Backend, const D: usize>(
+    source: &dyn WeightSource,
+    name: &str,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Result<Param<Tensor<B, D>>> {
+    Ok(param(read_f32(source, name, &shape)?, shape, device))
+}
+
+/// A bias-free linear map with the weight in the checkpoint's `[out, in]` layout.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[out_features, in_features]`.
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Linear<B> {
+    fn load(
+        source: &dyn WeightSource,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: load_param(source, &format!("{prefix}.weight"), [out, inp], device)?,
+        })
+    }
+
+    /// `[batch, seq, in] -> [batch, seq, out]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, seq, inp] = x.dims();
+        let [out, _] = self.weight.dims();
+        x.reshape([batch * seq, inp])
+            .matmul(self.weight.val().transpose())
+            .reshape([batch, seq, out])
+    }
+}
+
+/// Root-mean-square layer norm with a learned scale.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[hidden]`.
+    pub weight: Param<Tensor<B, 1>>,
+    #[module(skip)]
+    eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub(crate) fn load(
+        source: &dyn WeightSource,
+        name: &str,
+        cfg: &ModelConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: load_param(source, &format!("{name}.weight"), [cfg.hidden_size], device)?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let inv_rms = (x.clone().square().mean_dim(2) + self.eps).sqrt().recip();
+        (x * inv_rms) * self.weight.val().unsqueeze::<3>()
+    }
+}
+
+/// Multi-head attention with grouped key/value heads and rotary positions.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[heads * head_dim, hidden]`.
+    pub q_proj: Linear<B>,
+    /// `[kv_heads * head_dim, hidden]`.
+    pub k_proj: Linear<B>,
+    /// `[kv_heads * head_dim, hidden]`.
+    pub v_proj: Linear<B>,
+    /// `[hidden, heads * head_dim]`.
+    pub o_proj: Linear<B>,
+    #[module(skip)]
+    num_heads: usize,
+    #[module(skip)]
+    num_kv_heads: usize,
+    #[module(skip)]
+    head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    fn load(
+        source: &dyn WeightSource,
+        prefix: &str,
+        cfg: &ModelConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let (h, q, kv) = (
+            cfg.hidden_size,
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        Ok(Self {
+            q_proj: Linear::load(source, &format!("{prefix}.q_proj"), q, h, device)?,
+            k_proj: Linear::load(source, &format!("{prefix}.k_proj"), kv, h, device)?,
+            v_proj: Linear::load(source, &format!("{prefix}.v_proj"), kv, h, device)?,
+            o_proj: Linear::load(source, &format!("{prefix}.o_proj"), h, q, device)?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let (heads, kv_heads, dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        // [batch, seq, heads * dim] -> [batch, heads, seq, dim]
+        let split_heads =
+            |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, dim]).swap_dims(1, 2);
+        let q = inputs.rotate(split_heads(self.q_proj.forward(x.clone()), heads));
+        let k = inputs.rotate(split_heads(self.k_proj.forward(x.clone()), kv_heads));
+        let v = split_heads(self.v_proj.forward(x), kv_heads);
+        // Each key/value head serves `heads / kv_heads` consecutive query heads.
+        let groups = heads / kv_heads;
+        let repeat_kv = |t: Tensor<B, 4>| {
+            if groups == 1 {
+                t
+            } else {
+                t.reshape([batch, kv_heads, 1, seq, dim])
+                    .repeat_dim(2, groups)
+                    .reshape([batch, heads, seq, dim])
+            }
+        };
+        let (k, v) = (repeat_kv(k), repeat_kv(v));
+        let scores = q.matmul(k.swap_dims(2, 3)) * (dim as f64).powf(-0.5);
+        let probs = softmax(inputs.mask_scores(scores), 3);
+        let out = probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, heads * dim]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[intermediate, hidden]`.
+    pub gate_proj: Linear<B>,
+    /// `[intermediate, hidden]`.
+    pub up_proj: Linear<B>,
+    /// `[hidden, intermediate]`.
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn load(
+        source: &dyn WeightSource,
+        prefix: &str,
+        cfg: &ModelConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(source, &format!("{prefix}.gate_proj"), i, h, device)?,
+            up_proj: Linear::load(source, &format!("{prefix}.up_proj"), i, h, device)?,
+            down_proj: Linear::load(source, &format!("{prefix}.down_proj"), h, i, device)?,
+        })
+    }
+
+    /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Attention block.
+    pub self_attn: Attention<B>,
+    /// Feed-forward block.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// Loads layer `index` (model numbering) from `source`.
+    pub fn load(
+        source: &dyn WeightSource,
+        index: usize,
+        cfg: &ModelConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let prefix = format!("model.layers.{index}");
+        Ok(Self {
+            self_attn: Attention::load(source, &format!("{prefix}.self_attn"), cfg, device)?,
+            mlp: Mlp::load(source, &format!("{prefix}.mlp"), cfg, device)?,
+            input_layernorm: RmsNorm::load(
+                source,
+                &format!("{prefix}.input_layernorm"),
+                cfg,
+                device,
+            )?,
+            post_attention_layernorm: RmsNorm::load(
+                source,
+                &format!("{prefix}.post_attention_layernorm"),
+                cfg,
+                device,
+            )?,
+        })
+    }
+
+    /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), inputs);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}

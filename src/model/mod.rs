@@ -1,0 +1,12 @@
+//! Llama and Mistral decoders on Burn, generic over the backend, built from stage slices.
+
+pub mod config;
+pub mod context;
+pub mod layers;
+pub mod loss;
+pub mod rope;
+pub mod stage;
+
+pub use config::{Architecture, ModelConfig};
+pub use context::{AttentionInputs, TokenLayout};
+pub use stage::{token_tensor, StageModel};

@@ -1,0 +1,209 @@
+//! A contiguous slice of the decoder — embedding, a run of layers, the head — that one pipeline
+//! stage owns. The whole model is the slice that owns everything.
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use pp_stages::StageSlice;
+
+use super::config::ModelConfig;
+use super::context::AttentionInputs;
+use super::layers::{load_param, DecoderLayer, Linear, RmsNorm};
+use crate::checkpoint::WeightSource;
+use crate::error::{Error, Result};
+
+/// Token embedding table.
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    /// `[vocab, hidden]`.
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+/// The layers of the model one stage owns, with weights loaded for just those parts.
+#[derive(Module, Debug)]
+pub struct StageModel<B: Backend> {
+    /// `model.embed_tokens` when the stage is first.
+    pub embed_tokens: Option<Embedding<B>>,
+    /// The stage's decoder layers, `slice.layers` in model numbering.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// `model.norm` when the stage is last.
+    pub norm: Option<RmsNorm<B>>,
+    /// `lm_head` when the stage is last. With tied embeddings and the embedding in the same
+    /// stage it is absent and the embedding table is used, so both uses share one parameter.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    slice: StageSlice,
+    #[module(skip)]
+    config: ModelConfig,
+}
+
+/// Name of the tied embedding / output weight in a Hugging Face checkpoint.
+const EMBED: &str = "model.embed_tokens.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
+impl<B: Backend> StageModel<B> {
+    /// Loads the parts of `slice` from `source` onto `device`.
+    pub fn load(
+        config: &ModelConfig,
+        slice: StageSlice,
+        source: &dyn WeightSource,
+        device: &B::Device,
+    ) -> Result<Self> {
+        slice
+            .validate(config.num_layers)
+            .map_err(|e| Error::Config {
+                path: "stage".into(),
+                message: e.to_string(),
+            })?;
+        let (vocab, hidden) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = if slice.embedding {
+            Some(Embedding {
+                weight: load_param(source, EMBED, [vocab, hidden], device)?,
+            })
+        } else {
+            None
+        };
+        let layers = slice
+            .layers
+            .clone()
+            .map(|i| DecoderLayer::load(source, i, config, device))
+            .collect::<Result<Vec<_>>>()?;
+        let (norm, lm_head) = if slice.head {
+            let norm = RmsNorm::load(source, "model.norm", config, device)?;
+            // Tied models store no lm_head; a last stage without the embedding keeps its own copy.
+            let lm_head = match (config.tie_word_embeddings, slice.embedding) {
+                (true, true) => None,
+                (true, false) => Some(Linear {
+                    weight: load_param(source, EMBED, [vocab, hidden], device)?,
+                }),
+                (false, _) => Some(Linear {
+                    weight: load_param(source, LM_HEAD, [vocab, hidden], device)?,
+                }),
+            };
+            (Some(norm), lm_head)
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            slice,
+            config: config.clone(),
+        })
+    }
+
+    /// The parts this stage owns.
+    pub fn slice(&self) -> &StageSlice {
+        &self.slice
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Token ids `[batch, seq]` to embeddings `[batch, seq, hidden]`. Panics if the stage does
+    /// not own the embedding; callers check [`StageSlice::is_first`].
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let table = self
+            .embed_tokens
+            .as_ref()
+            .expect("stage owns the embedding");
+        burn::tensor::module::embedding(table.weight.val(), input_ids)
+    }
+
+    /// Runs the stage's decoder layers on hidden states `[batch, seq, hidden]`.
+    pub fn run_layers(&self, hidden: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
+        self.layers
+            .iter()
+            .fold(hidden, |h, layer| layer.forward(h, inputs))
+    }
+
+    /// Final norm and output projection: `[batch, seq, hidden] -> [batch, seq, vocab]`.
+    /// Panics if the stage does not own the head; callers check [`StageSlice::is_last`].
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let norm = self.norm.as_ref().expect("stage owns the head");
+        let hidden = norm.forward(hidden);
+        match (&self.lm_head, &self.embed_tokens) {
+            (Some(head), _) => head.forward(hidden),
+            (None, Some(tied)) => Linear {
+                weight: tied.weight.clone(),
+            }
+            .forward(hidden),
+            (None, None) => unreachable!("load() gives a head stage an output weight"),
+        }
+    }
+
+    /// The whole slice for a stage that owns every part: ids `[batch, seq]` to logits.
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        inputs: &AttentionInputs<B>,
+    ) -> Tensor<B, 3> {
+        self.logits(self.run_layers(self.embed(input_ids), inputs))
+    }
+
+    /// Every parameter with its Hugging Face name, in module order.
+    pub fn named_params(&self) -> Vec<(String, ParamId)> {
+        let mut collector = NameCollector {
+            path: Vec::new(),
+            first_layer: self.slice.layers.start,
+            tied_head: self.config.tie_word_embeddings,
+            names: Vec::new(),
+        };
+        self.visit(&mut collector);
+        collector.names
+    }
+}
+
+/// Token ids as a device tensor `[batch, seq]`.
+pub fn token_tensor<B: Backend>(
+    ids: &[u32],
+    batch: usize,
+    seq: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    Tensor::from_data(TensorData::new(ids, [batch, seq]), device)
+}
+
+/// Turns module paths (`layers.0.self_attn.q_proj.weight`) into checkpoint names
+/// (`model.layers.7.self_attn.q_proj.weight` for a stage starting at layer 7).
+struct NameCollector {
+    path: Vec<String>,
+    first_layer: usize,
+    tied_head: bool,
+    names: Vec<(String, ParamId)>,
+}
+
+impl NameCollector {
+    fn hf_name(&self) -> String {
+        let mut parts = self.path.clone();
+        match parts[0].as_str() {
+            "lm_head" if self.tied_head => EMBED.to_string(),
+            "lm_head" => parts.join("."),
+            "layers" => {
+                let local: usize = parts[1].parse().expect("layer paths are indexed");
+                parts[1] = (local + self.first_layer).to_string();
+                format!("model.{}", parts.join("."))
+            }
+            _ => format!("model.{}", parts.join(".")),
+        }
+    }
+}
+
+impl<B: Backend> ModuleVisitor<B> for NameCollector {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.names.push((self.hf_name(), param.id));
+    }
+}

@@ -1,0 +1,62 @@
+//! Moving tensors between pipeline stages.
+//!
+//! Stages talk only to the [`Transport`] trait. A message carries a [`Tag`] (step, micro-batch,
+//! stage and kind), so a receiver asks for exactly the tensor it needs and messages that arrive
+//! out of order wait in a buffer instead of being mistaken for one another. This crate has the
+//! in-process implementation used by tests and single-machine runs; network implementations
+//! (QUIC, NCCL) implement the same trait.
+#![deny(missing_docs)]
+
+mod in_process;
+mod message;
+
+pub use in_process::{InProcessHub, InProcessTransport};
+pub use message::{Kind, Tag, TensorMessage};
+
+use std::time::Duration;
+
+/// Why a transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The peer's side of the connection is gone (its process exited or the link dropped).
+    #[error("lost connection to rank {rank}")]
+    PeerLost {
+        /// The rank that can no longer be reached.
+        rank: usize,
+    },
+    /// No message with the tag arrived in time.
+    #[error("timed out after {timeout:?} waiting for {tag} from rank {rank}")]
+    Timeout {
+        /// The tag that was awaited.
+        tag: Tag,
+        /// The rank it was expected from.
+        rank: usize,
+        /// How long the receiver waited.
+        timeout: Duration,
+    },
+    /// The rank is not part of this group.
+    #[error("rank {rank} is not in a group of {world_size}")]
+    UnknownRank {
+        /// The rank asked for.
+        rank: usize,
+        /// How many ranks the group has.
+        world_size: usize,
+    },
+}
+
+/// Point-to-point tensor transfers between the ranks of one pipeline.
+pub trait Transport: Send {
+    /// This process's rank.
+    fn rank(&self) -> usize;
+    /// How many ranks the pipeline has.
+    fn world_size(&self) -> usize;
+    /// Sends a tensor to `to`; returns once the message is handed to the transport.
+    fn send(&self, to: usize, message: TensorMessage) -> Result<(), TransportError>;
+    /// Receives the tensor with `tag` sent by `from`, waiting at most `timeout`.
+    fn recv(
+        &self,
+        from: usize,
+        tag: Tag,
+        timeout: Duration,
+    ) -> Result<TensorMessage, TransportError>;
+}
