@@ -9,5 +9,6 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod model;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

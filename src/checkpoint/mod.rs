@@ -53,3 +53,40 @@ pub fn read_f32(source: &dyn WeightSource, name: &str, shape: &[usize]) -> Resul
     }
     Ok(view.to_f32())
 }
+
+/// A model directory opened for reading: its configuration and weights.
+pub struct ModelFiles {
+    /// The directory.
+    pub dir: std::path::PathBuf,
+    /// The resolved model configuration.
+    pub config: crate::model::ModelConfig,
+    /// The tensors.
+    pub weights: Box<dyn WeightSource>,
+}
+
+/// The configuration file of a Hugging Face model directory.
+pub const HF_CONFIG_FILE: &str = "config.json";
+
+/// Opens a model directory: its `config.json` and safetensors weights.
+pub fn open(dir: &Path) -> Result<ModelFiles> {
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+        ));
+    }
+    let config_path = dir.join(HF_CONFIG_FILE);
+    if !config_path.exists() {
+        return Err(Error::Config {
+            path: config_path,
+            message: "not found; a model directory needs a config.json".into(),
+        });
+    }
+    let config = crate::model::ModelConfig::from_hf_file(&config_path)?;
+    let weights = SafetensorsWeights::open(dir)?;
+    Ok(ModelFiles {
+        dir: dir.to_path_buf(),
+        config,
+        weights: Box::new(weights),
+    })
+}

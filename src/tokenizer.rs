@@ -1,0 +1,238 @@
+//! Tokenization (`tokenizer.json` through the `tokenizers` crate) and chat templates (Jinja,
+//! rendered with `minijinja` the way transformers renders them).
+
+use std::path::{Path, PathBuf};
+
+use minijinja::{Environment, ErrorKind};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The tokenizer file transformers writes.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Special tokens, and the chat template in transformers 4 checkpoints.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+/// The chat template in transformers 5 checkpoints.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
+/// A model's tokenizer with its special tokens and chat template.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    chat_template: Option<ChatTemplate>,
+    /// Special tokens from `tokenizer_config.json` (`bos_token`, `eos_token`, …), as the
+    /// template sees them.
+    special_tokens: serde_json::Map<String, Value>,
+}
+
+/// A chat template and the file it came from.
+struct ChatTemplate {
+    source: String,
+    path: PathBuf,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`, `tokenizer_config.json` (optional) and the chat template
+    /// (`chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`) from `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(TOKENIZER_FILE);
+        if !path.exists() {
+            return Err(Error::Tokenizer {
+                path,
+                message: "not found; the model directory needs a tokenizer.json".into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
+            path: path.clone(),
+            message: format!("cannot load tokenizer: {e}"),
+        })?;
+        let config_path = dir.join(TOKENIZER_CONFIG_FILE);
+        let config = if config_path.exists() {
+            let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            serde_json::from_str::<Value>(&text).map_err(|e| Error::Tokenizer {
+                path: config_path.clone(),
+                message: format!("not valid JSON: {e}"),
+            })?
+        } else {
+            Value::Null
+        };
+        let special_tokens = special_tokens(&config);
+        let template_path = dir.join(CHAT_TEMPLATE_FILE);
+        let chat_template = if template_path.exists() {
+            Some(ChatTemplate {
+                source: std::fs::read_to_string(&template_path).map_err(|e| Error::io(&template_path, e))?,
+                path: template_path,
+            })
+        } else {
+            template_from_config(&config).map(|source| ChatTemplate {
+                source,
+                path: config_path,
+            })
+        };
+        Ok(Self {
+            inner,
+            path,
+            chat_template,
+            special_tokens,
+        })
+    }
+
+    /// The `tokenizer.json` this was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of tokens, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text`; `add_special_tokens` applies the post-processor (BOS and the like).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: format!("cannot encode text: {e}"),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: format!("cannot decode ids: {e}"),
+            })
+    }
+
+    /// Whether the model has a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders `messages` with the chat template, as transformers' `apply_chat_template` does.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.chat_template.as_ref().ok_or_else(|| Error::Tokenizer {
+            path: self.path.clone(),
+            message: "the model has no chat template (chat_template.jinja or tokenizer_config.json)".into(),
+        })?;
+        let fail = |e: minijinja::Error| Error::Tokenizer {
+            path: template.path.clone(),
+            message: format!("chat template: {e}"),
+        };
+        let env = jinja_environment();
+        let compiled = env.template_from_str(&template.source).map_err(fail)?;
+        let mut context = self.special_tokens.clone();
+        context.insert("messages".into(), serde_json::to_value(messages).unwrap_or_default());
+        context.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+        compiled
+            .render(minijinja::Value::from_serialize(&context))
+            .map_err(fail)
+    }
+
+    /// Token ids of a rendered chat. Like transformers, no special tokens are added on top of
+    /// what the template writes.
+    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        self.encode(&self.render_chat(messages, add_generation_prompt)?, false)
+    }
+}
+
+/// A Jinja environment configured like transformers' (`trim_blocks`, `lstrip_blocks`, Python
+/// string methods, `raise_exception`, `strftime_now`).
+fn jinja_environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+    });
+    env.add_function("strftime_now", |format: String| {
+        jiff::Timestamp::now().strftime(&format).to_string()
+    });
+    env
+}
+
+/// `bos_token`, `eos_token`, … from `tokenizer_config.json`: a string, or an added-token object
+/// whose `content` is the string.
+fn special_tokens(config: &Value) -> serde_json::Map<String, Value> {
+    let mut tokens = serde_json::Map::new();
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        let text = match config.get(key) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(String::from),
+            _ => None,
+        };
+        if let Some(text) = text {
+            tokens.insert(key.into(), Value::String(text));
+        }
+    }
+    tokens
+}
+
+/// `chat_template` from `tokenizer_config.json`: a string, or a list of named templates of which
+/// `default` is the chat one.
+fn template_from_config(config: &Value) -> Option<String> {
+    match config.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(named) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(String::from),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn special_tokens_accept_strings_and_added_token_objects() {
+        let config = json!({"bos_token": "<s>", "eos_token": {"content": "</s>", "lstrip": false}});
+        let tokens = special_tokens(&config);
+        assert_eq!(tokens["bos_token"], "<s>");
+        assert_eq!(tokens["eos_token"], "</s>");
+    }
+
+    #[test]
+    fn named_templates_pick_default() {
+        let config = json!({"chat_template": [
+            {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
+        assert_eq!(template_from_config(&config).as_deref(), Some("D"));
+    }
+
+    #[test]
+    fn environment_behaves_like_transformers() {
+        let env = jinja_environment();
+        let source = "{% for m in messages %}\n  {{ m.content.strip() | upper }}\n{% endfor %}\
+                      {% if not messages %}{{ raise_exception('empty') }}{% endif %}";
+        let out = env
+            .render_str(source, minijinja::context! { messages => vec![json!({"content": " hi "})] })
+            .unwrap();
+        // trim_blocks drops the newline after a block tag; lstrip_blocks only strips before
+        // block tags, so the indentation before an expression stays, as in Jinja2.
+        assert_eq!(out, "  HI\n");
+        let err = env
+            .render_str(source, minijinja::context! { messages => Vec::<Value>::new() })
+            .unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+    }
+}
