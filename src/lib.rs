@@ -6,9 +6,12 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod data;
 pub mod dtype;
 pub mod error;
+pub mod eval;
 pub mod model;
+pub mod plan;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -58,7 +58,8 @@ impl Tokenizer {
         })?;
         let config_path = dir.join(TOKENIZER_CONFIG_FILE);
         let config = if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            let text =
+                std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
             serde_json::from_str::<Value>(&text).map_err(|e| Error::Tokenizer {
                 path: config_path.clone(),
                 message: format!("not valid JSON: {e}"),
@@ -70,7 +71,8 @@ impl Tokenizer {
         let template_path = dir.join(CHAT_TEMPLATE_FILE);
         let chat_template = if template_path.exists() {
             Some(ChatTemplate {
-                source: std::fs::read_to_string(&template_path).map_err(|e| Error::io(&template_path, e))?,
+                source: std::fs::read_to_string(&template_path)
+                    .map_err(|e| Error::io(&template_path, e))?,
                 path: template_path,
             })
         } else {
@@ -99,13 +101,13 @@ impl Tokenizer {
 
     /// Token ids of `text`; `add_special_tokens` applies the post-processor (BOS and the like).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                message: format!("cannot encode text: {e}"),
-            })?;
+        let encoding =
+            self.inner
+                .encode(text, add_special_tokens)
+                .map_err(|e| Error::Tokenizer {
+                    path: self.path.clone(),
+                    message: format!("cannot encode text: {e}"),
+                })?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -126,10 +128,15 @@ impl Tokenizer {
 
     /// Renders `messages` with the chat template, as transformers' `apply_chat_template` does.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self.chat_template.as_ref().ok_or_else(|| Error::Tokenizer {
-            path: self.path.clone(),
-            message: "the model has no chat template (chat_template.jinja or tokenizer_config.json)".into(),
-        })?;
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::Tokenizer {
+                path: self.path.clone(),
+                message:
+                    "the model has no chat template (chat_template.jinja or tokenizer_config.json)"
+                        .into(),
+            })?;
         let fail = |e: minijinja::Error| Error::Tokenizer {
             path: template.path.clone(),
             message: format!("chat template: {e}"),
@@ -137,8 +144,14 @@ impl Tokenizer {
         let env = jinja_environment();
         let compiled = env.template_from_str(&template.source).map_err(fail)?;
         let mut context = self.special_tokens.clone();
-        context.insert("messages".into(), serde_json::to_value(messages).unwrap_or_default());
-        context.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+        context.insert(
+            "messages".into(),
+            serde_json::to_value(messages).unwrap_or_default(),
+        );
+        context.insert(
+            "add_generation_prompt".into(),
+            Value::Bool(add_generation_prompt),
+        );
         compiled
             .render(minijinja::Value::from_serialize(&context))
             .map_err(fail)
@@ -146,7 +159,11 @@ impl Tokenizer {
 
     /// Token ids of a rendered chat. Like transformers, no special tokens are added on top of
     /// what the template writes.
-    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         self.encode(&self.render_chat(messages, add_generation_prompt)?, false)
     }
 }
@@ -158,9 +175,12 @@ fn jinja_environment() -> Environment<'static> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-    });
+    env.add_function(
+        "raise_exception",
+        |message: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
     env.add_function("strftime_now", |format: String| {
         jiff::Timestamp::now().strftime(&format).to_string()
     });
@@ -225,13 +245,19 @@ mod tests {
         let source = "{% for m in messages %}\n  {{ m.content.strip() | upper }}\n{% endfor %}\
                       {% if not messages %}{{ raise_exception('empty') }}{% endif %}";
         let out = env
-            .render_str(source, minijinja::context! { messages => vec![json!({"content": " hi "})] })
+            .render_str(
+                source,
+                minijinja::context! { messages => vec![json!({"content": " hi "})] },
+            )
             .unwrap();
         // trim_blocks drops the newline after a block tag; lstrip_blocks only strips before
         // block tags, so the indentation before an expression stays, as in Jinja2.
         assert_eq!(out, "  HI\n");
         let err = env
-            .render_str(source, minijinja::context! { messages => Vec::<Value>::new() })
+            .render_str(
+                source,
+                minijinja::context! { messages => Vec::<Value>::new() },
+            )
             .unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
     }

@@ -9,9 +9,10 @@ use serde_json::Value;
 #[test]
 fn chat_rendering_and_token_ids_match_transformers() {
     for name in FIXTURES {
-        let meta: Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture(name).join("meta.json")).unwrap())
-                .unwrap();
+        let meta: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(name).join("meta.json")).unwrap(),
+        )
+        .unwrap();
         let chat = &meta["chat"];
         let messages: Vec<Message> = serde_json::from_value(chat["messages"].clone()).unwrap();
         let tokenizer = Tokenizer::load(&fixture(name).join("hf")).unwrap();
@@ -24,6 +25,10 @@ fn chat_rendering_and_token_ids_match_transformers() {
         assert_eq!(ids, expected, "{name}");
 
         let prompt = tokenizer.render_chat(&messages[..2], true).unwrap();
-        assert_eq!(prompt, chat["generation_prompt"].as_str().unwrap(), "{name}");
+        assert_eq!(
+            prompt,
+            chat["generation_prompt"].as_str().unwrap(),
+            "{name}"
+        );
     }
 }

@@ -125,12 +125,14 @@ mod tests {
             factor: 8.0,
             low_freq_factor: 1.0,
             high_freq_factor: 4.0,
-            original_max_position_embeddings: 16.0,
+            original_max_position_embeddings: 64.0,
         })
         .inv_freq(4);
-        // Wavelength 2π < 16/4: untouched. Wavelength 2π·1000 > 16: divided by the factor.
+        // Wavelength 2π < 64/4: untouched. Wavelength 2π·1000 > 64/1: divided by the factor.
+        // Wavelength 2π·10 lies between: smoothly interpolated.
         assert_eq!(scaled[0], plain[0]);
         assert!((scaled[3] - plain[3] / 8.0).abs() < 1e-12);
+        assert!(scaled[1] < plain[1] && scaled[1] > plain[1] / 8.0);
     }
 
     #[test]

@@ -1,0 +1,99 @@
+//! `pp eval MODEL_DIR --data FILE.jsonl`: loss and perplexity on a dataset.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use indicatif::{ProgressBar, ProgressStyle};
+use pp::backend::Cpu;
+use pp::model::loss::IGNORE_INDEX;
+use pp::model::StageModel;
+use pp::tokenizer::{Tokenizer, TOKENIZER_FILE};
+use pp_stages::StageSlice;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A Hugging Face model directory.
+    model: PathBuf,
+    /// JSONL rows of {"text": ...} or {"input_ids": [...], "labels": [...]}.
+    #[arg(long)]
+    data: PathBuf,
+    /// Longest sequence fed to the model; longer rows are scored in windows
+    /// [default: the context length, at most 2048].
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Print one JSON object on one line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let files = pp::checkpoint::open(&args.model)?;
+    let cfg = &files.config;
+    let max_len = args
+        .max_len
+        .unwrap_or(cfg.max_position_embeddings.min(2048));
+    if max_len < 2 {
+        bail!("--max-len must be at least 2 (a token and the one it predicts)");
+    }
+    // Pre-tokenized datasets need no tokenizer; text rows report its absence.
+    let tokenizer = if args.model.join(TOKENIZER_FILE).exists() {
+        Some(Tokenizer::load(&args.model)?)
+    } else {
+        None
+    };
+    let examples = pp::data::read_jsonl(&args.data, tokenizer.as_ref(), cfg.vocab_size)?;
+    let device = Default::default();
+    let model = StageModel::<Cpu>::load(
+        cfg,
+        StageSlice::whole(cfg.num_layers),
+        files.weights.as_ref(),
+        &device,
+    )?;
+
+    let total: usize = examples
+        .iter()
+        .map(|e| {
+            e.labels
+                .iter()
+                .skip(1)
+                .filter(|&&l| l != IGNORE_INDEX)
+                .count()
+        })
+        .sum();
+    let progress = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} tokens  {per_sec}  eta {eta}")
+            .expect("valid progress template"),
+    );
+    let pad_id = cfg.pad_token_id.unwrap_or(0);
+    let result = pp::eval::evaluate(
+        &model,
+        &examples,
+        max_len,
+        args.batch_size,
+        pad_id,
+        &device,
+        |n| progress.inc(n as u64),
+    );
+    progress.finish_and_clear();
+    let Some(result) = result else {
+        bail!(
+            "{}: no token has a label to score (every label is -100)",
+            args.data.display()
+        );
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "loss {:.4}  perplexity {:.3}  tokens {}  rows {}  sequences {}",
+            result.loss, result.perplexity, result.tokens, result.rows, result.sequences
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! Argument parsing and dispatch; one module per subcommand.
+
+mod eval;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+
+/// Pipeline-parallel fine-tuning of Llama and Mistral models.
+#[derive(Debug, Parser)]
+#[command(name = "pp", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show a model's architecture, size and the memory full fine-tuning needs.
+    Inspect(inspect::Args),
+    /// Mean token cross-entropy and perplexity of a model on a JSONL dataset.
+    Eval(eval::Args),
+}
+
+/// Parses the command line and runs the subcommand.
+pub fn run() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Inspect(args) => inspect::run(args),
+        Command::Eval(args) => eval::run(args),
+    }
+}
+
+/// Logs go to stderr; `PP_LOG=debug` (or any `tracing` filter) shows more.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,364 @@
+//! The `pp` binary end to end: `inspect` and `eval` on the fixtures, and a clear one-line error
+//! with a non-zero exit for every kind of bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{fixture, Expected};
+use safetensors::tensor::TensorView;
+use serde_json::Value;
+
+fn pp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pp"))
+        .args(args)
+        .output()
+        .expect("pp runs")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "pp failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Asserts that `pp` failed with exactly one line on stderr that mentions every needle.
+fn assert_clean_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for needle in needles {
+        assert!(
+            lines[0].contains(needle),
+            "`{needle}` missing from: {stderr}"
+        );
+    }
+}
+
+/// A writable copy of a fixture's `hf/` directory.
+fn copy_model(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(name).join("hf")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    (tmp, dir)
+}
+
+fn write(path: &Path, text: &str) -> String {
+    std::fs::write(path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// The fixture's reference batch as a pre-tokenized JSONL dataset, one row per sequence.
+fn reference_dataset(name: &str, path: &Path) -> String {
+    let expected = Expected::load(name);
+    let ids = expected.i64("input_ids");
+    let labels = expected.i64("labels");
+    let seq = ids.shape[1];
+    let rows: Vec<String> = ids
+        .values
+        .chunks(seq)
+        .zip(labels.values.chunks(seq))
+        .map(|(i, l)| serde_json::json!({"input_ids": i, "labels": l}).to_string())
+        .collect();
+    write(path, &(rows.join("\n") + "\n"))
+}
+
+fn model_arg(name: &str) -> String {
+    fixture(name).join("hf").to_str().unwrap().to_string()
+}
+
+#[test]
+fn eval_on_reference_batch_reproduces_transformers_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in common::FIXTURES {
+        let data = reference_dataset(name, &tmp.path().join(format!("{name}.jsonl")));
+        let expected_loss = f64::from(Expected::load(name).f32("loss").values[0]);
+        // Whatever the batching, the token-weighted mean is the same.
+        for batch in ["1", "8"] {
+            let out = pp(&[
+                "eval",
+                &model_arg(name),
+                "--data",
+                &data,
+                "--json",
+                "--batch-size",
+                batch,
+            ]);
+            let report: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+            let loss = report["loss"].as_f64().unwrap();
+            assert!(
+                (loss - expected_loss).abs() < 1e-5,
+                "{name} batch {batch}: {loss} vs {expected_loss}"
+            );
+            assert!((report["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6);
+            assert!(report["tokens"].as_u64().unwrap() > 0);
+        }
+    }
+}
+
+#[test]
+fn eval_text_rows_scores_every_token_but_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write(
+        &tmp.path().join("text.jsonl"),
+        "{\"text\": \"Weather in Paris?\"}\n\n{\"text\": \"You call tools.\"}\n",
+    );
+    let out = pp(&["eval", &model_arg("llama3-tiny"), "--data", &data, "--json"]);
+    let report: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    // The fixture's tokenizer adds no BOS; each row scores all tokens after its first.
+    let tokenizer = pp::tokenizer::Tokenizer::load(&fixture("llama3-tiny").join("hf")).unwrap();
+    let n = |t: &str| tokenizer.encode(t, true).unwrap().len() as u64 - 1;
+    assert_eq!(
+        report["tokens"].as_u64().unwrap(),
+        n("Weather in Paris?") + n("You call tools.")
+    );
+    assert_eq!(report["rows"].as_u64().unwrap(), 2);
+}
+
+#[test]
+fn inspect_reports_size_and_memory() {
+    let out = pp(&["inspect", &model_arg("llama32-tied-bf16-sharded"), "--json"]);
+    let report: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    // 320*64 tied embedding + 3 layers + final norm.
+    let layer = 64 * 64 * 2 + 64 * 16 * 2 + 3 * 64 * 128 + 2 * 64;
+    assert_eq!(
+        report["parameters"].as_u64().unwrap(),
+        320 * 64 + 3 * layer + 64
+    );
+    assert_eq!(report["config"]["tie_word_embeddings"], true);
+    assert_eq!(report["memory"]["dtype"], "bf16");
+    let text = stdout(&pp(&["inspect", &model_arg("mistral-tiny-swa")]));
+    assert!(
+        text.contains("MistralForCausalLM") && text.contains("sliding window   8 tokens"),
+        "{text}"
+    );
+}
+
+fn eval_error(model: &Path, data: &Path) -> Output {
+    pp(&[
+        "eval",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ])
+}
+
+fn good_data(dir: &Path) -> PathBuf {
+    let path = dir.join("good.jsonl");
+    write(&path, "{\"text\": \"hello\"}\n");
+    path
+}
+
+#[test]
+fn missing_or_malformed_config_is_named() {
+    let (tmp, model) = copy_model("llama3-tiny");
+    let data = good_data(tmp.path());
+    let config = model.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+
+    write(&config, "{ not json");
+    assert_clean_error(
+        &eval_error(&model, &data),
+        &["config.json", "not a valid model config"],
+    );
+
+    write(&config, &text.replace("\"hidden_size\": 64,", ""));
+    assert_clean_error(&eval_error(&model, &data), &["config.json", "hidden_size"]);
+
+    write(
+        &config,
+        &text
+            .replace("LlamaForCausalLM", "GPT2LMHeadModel")
+            .replace("\"llama\"", "\"gpt2\""),
+    );
+    assert_clean_error(
+        &eval_error(&model, &data),
+        &["config.json", "GPT2LMHeadModel", "not supported"],
+    );
+
+    write(&config, &text.replace("\"llama3\"", "\"longrope\""));
+    assert_clean_error(
+        &eval_error(&model, &data),
+        &["config.json", "rope_type `longrope`"],
+    );
+
+    std::fs::remove_file(&config).unwrap();
+    assert_clean_error(&eval_error(&model, &data), &["config.json", "not found"]);
+}
+
+/// Rewrites `model.safetensors` through `edit`, which may drop or replace tensors.
+fn rewrite_weights(model: &Path, edit: impl FnOnce(&mut Vec<(String, TensorView<'_>)>)) {
+    let path = model.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, TensorView<'_>)> = file.tensors();
+    edit(&mut tensors);
+    safetensors::serialize_to_file(tensors, None, &path).unwrap();
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named() {
+    let (tmp, model) = copy_model("llama3-tiny");
+    let data = good_data(tmp.path());
+    rewrite_weights(&model, |t| {
+        t.retain(|(name, _)| name != "model.layers.2.mlp.up_proj.weight")
+    });
+    assert_clean_error(
+        &eval_error(&model, &data),
+        &[
+            "model.safetensors",
+            "model.layers.2.mlp.up_proj.weight",
+            "missing",
+        ],
+    );
+
+    let (tmp, model) = copy_model("llama3-tiny");
+    let data = good_data(tmp.path());
+    rewrite_weights(&model, |t| {
+        let (_, view) = t
+            .iter_mut()
+            .find(|(name, _)| name == "model.norm.weight")
+            .unwrap();
+        // Keep the dtype, store only half of the norm weight.
+        let data = &view.data()[..32 * 4];
+        *view = TensorView::new(view.dtype(), vec![32], data).unwrap();
+    });
+    assert_clean_error(
+        &eval_error(&model, &data),
+        &["model.safetensors", "model.norm.weight", "shape [32]"],
+    );
+}
+
+#[test]
+fn truncated_or_corrupt_weights_are_named() {
+    let (tmp, model) = copy_model("llama3-tiny");
+    let data = good_data(tmp.path());
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+
+    std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
+    assert_clean_error(
+        &eval_error(&model, &data),
+        &["model.safetensors", "truncated or corrupt"],
+    );
+
+    let mut corrupt = bytes.clone();
+    corrupt[8..16].copy_from_slice(b"\x00garbage");
+    std::fs::write(&weights, &corrupt).unwrap();
+    assert_clean_error(
+        &eval_error(&model, &data),
+        &["model.safetensors", "truncated or corrupt"],
+    );
+
+    std::fs::write(&weights, b"abc").unwrap();
+    assert_clean_error(
+        &eval_error(&model, &data),
+        &["model.safetensors", "truncated or corrupt"],
+    );
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let (tmp, model) = copy_model("llama32-tied-bf16-sharded");
+    let data = good_data(tmp.path());
+    std::fs::remove_file(model.join("model-00003-of-00005.safetensors")).unwrap();
+    assert_clean_error(
+        &eval_error(&model, &data),
+        &["model-00003-of-00005.safetensors"],
+    );
+}
+
+#[test]
+fn broken_tokenizer_is_named() {
+    let (tmp, model) = copy_model("llama3-tiny");
+    let data = good_data(tmp.path());
+    write(
+        &model.join("tokenizer.json"),
+        "{\"version\": \"1.0\", \"model\": 42}",
+    );
+    assert_clean_error(
+        &eval_error(&model, &data),
+        &["tokenizer.json", "cannot load tokenizer"],
+    );
+}
+
+#[test]
+fn bad_dataset_rows_name_their_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("llama3-tiny").join("hf");
+    let cases = [
+        (
+            "{\"text\": \"ok\"}\n{\"text\": \"fine\"\n",
+            "2",
+            "not valid JSON",
+        ),
+        (
+            "{\"text\": \"ok\"}\n\n{\"prompt\": \"x\"}\n",
+            "3",
+            "no usable field",
+        ),
+        (
+            "{\"input_ids\": [1, 2, 384]}\n",
+            "1",
+            "outside the vocabulary",
+        ),
+        ("{\"input_ids\": [1, 2], \"labels\": [1]}\n", "1", "aligned"),
+        ("[1, 2, 3]\n", "1", "JSON object"),
+        ("{\"text\": 5}\n", "1", "must be a string"),
+    ];
+    for (i, (rows, line, message)) in cases.iter().enumerate() {
+        let data = tmp.path().join(format!("bad{i}.jsonl"));
+        write(&data, rows);
+        let location = format!("bad{i}.jsonl:{line}:");
+        assert_clean_error(&eval_error(&model, &data), &[&location, message]);
+    }
+    let data = tmp.path().join("utf8.jsonl");
+    std::fs::write(&data, b"{\"text\": \"caf\xe9\"}\n").unwrap();
+    assert_clean_error(&eval_error(&model, &data), &["utf8.jsonl:1:", "UTF-8"]);
+}
+
+#[test]
+fn empty_or_missing_dataset_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("llama3-tiny").join("hf");
+    let data = tmp.path().join("empty.jsonl");
+    write(&data, "\n  \n");
+    assert_clean_error(&eval_error(&model, &data), &["empty.jsonl", "no rows"]);
+    assert_clean_error(
+        &eval_error(&model, &tmp.path().join("absent.jsonl")),
+        &["absent.jsonl"],
+    );
+    let all_masked = tmp.path().join("masked.jsonl");
+    write(
+        &all_masked,
+        "{\"input_ids\": [5, 6], \"labels\": [-100, -100]}\n",
+    );
+    assert_clean_error(
+        &eval_error(&model, &all_masked),
+        &["masked.jsonl", "no token has a label"],
+    );
+}
+
+#[test]
+fn missing_model_directory_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = good_data(tmp.path());
+    assert_clean_error(
+        &eval_error(&tmp.path().join("nowhere"), &data),
+        &["nowhere", "not found"],
+    );
+}
