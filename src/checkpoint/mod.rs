@@ -3,8 +3,10 @@
 //! tensors it owns.
 
 mod hf;
+mod synthetic;
 
 pub use hf::SafetensorsWeights;
+pub use synthetic::SyntheticWeights;
 
 use std::path::Path;
 
