@@ -116,3 +116,69 @@ fn logits_loss_and_gradients_match_transformers() {
         );
     }
 }
+
+/// Rewrites `src`'s float32 weights into `dst` as float16 (`as_f16`) or as float32 values
+/// rounded through float16 (`!as_f16`).
+fn write_rounded_weights(src: &std::path::Path, dst: &std::path::Path, as_f16: bool) {
+    use safetensors::tensor::{Dtype, TensorView};
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let converted: Vec<(String, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| half::f16::from_f32(f32::from_le_bytes(b.try_into().unwrap())));
+            let data: Vec<u8> = if as_f16 {
+                values.flat_map(|h| h.to_le_bytes()).collect()
+            } else {
+                values.flat_map(|h| h.to_f32().to_le_bytes()).collect()
+            };
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
+    let dtype = if as_f16 { Dtype::F16 } else { Dtype::F32 };
+    let views: Vec<(String, TensorView<'_>)> = converted
+        .iter()
+        .map(|(name, shape, data)| {
+            (
+                name.clone(),
+                TensorView::new(dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(dst).unwrap();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
+}
+
+#[test]
+fn float16_storage_is_upcast_exactly() {
+    let src = common::fixture("llama3-tiny").join("hf");
+    let tmp = tempfile::tempdir().unwrap();
+    let (half_dir, rounded_dir) = (tmp.path().join("f16"), tmp.path().join("rounded"));
+    write_rounded_weights(&src, &half_dir, true);
+    write_rounded_weights(&src, &rounded_dir, false);
+    let logits = |dir: &std::path::Path| {
+        let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+        let weights = SafetensorsWeights::open(dir).unwrap();
+        let device = Default::default();
+        let model = StageModel::<pp::backend::Cpu>::load(
+            &config,
+            StageSlice::whole(config.num_layers),
+            &weights,
+            &device,
+        )
+        .unwrap();
+        let ids: Vec<u32> = (0..12).map(|i| i * 31 % 384).collect();
+        let inputs = AttentionInputs::new(&config, &TokenLayout::contiguous(2, 6), &device);
+        model
+            .forward(token_tensor(&ids, 2, 6, &device), &inputs)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    assert_eq!(logits(&half_dir), logits(&rounded_dir));
+}
