@@ -3,74 +3,17 @@
 
 mod common;
 
-use burn::tensor::Tensor;
+use common::pipeline::run_pipeline;
 use common::{max_abs, max_abs_diff, Expected, FIXTURES};
-use pp::backend::CpuAutodiff;
 use pp::checkpoint::SafetensorsWeights;
-use pp::model::loss::{cross_entropy_sum, Targets};
 use pp::model::{token_tensor, AttentionInputs, ModelConfig, StageModel, TokenLayout};
 use pp_stages::StageSlice;
-
-type B = CpuAutodiff;
-
-struct Run {
-    logits: Vec<f32>,
-    loss: f32,
-    grads: Vec<(String, Vec<f32>)>,
-}
-
-fn run_fixture(name: &str, expected: &Expected) -> Run {
-    let dir = common::fixture(name).join("hf");
-    let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let weights = SafetensorsWeights::open(&dir).unwrap();
-    let device = Default::default();
-    let model = StageModel::<B>::load(
-        &config,
-        StageSlice::whole(config.num_layers),
-        &weights,
-        &device,
-    )
-    .unwrap();
-    let input_ids = expected.i64("input_ids");
-    let labels = expected.i64("labels");
-    let [batch, seq] = [input_ids.shape[0], input_ids.shape[1]];
-    let ids: Vec<u32> = input_ids.values.iter().map(|&i| i as u32).collect();
-    let inputs = AttentionInputs::new(&config, &TokenLayout::contiguous(batch, seq), &device);
-    let logits = model.forward(token_tensor(&ids, batch, seq, &device), &inputs);
-    let targets = Targets::from_labels(&labels.values, batch, seq);
-    let loss: Tensor<B, 1> = cross_entropy_sum(logits.clone(), &targets) / targets.count as f64;
-    let grads = loss.backward();
-    let logits = logits.into_data().to_vec::<f32>().unwrap();
-    let loss = loss.into_scalar();
-    let mut by_id = burn::optim::GradientsParams::from_grads(grads, &model);
-    let grads = model
-        .named_params()
-        .into_iter()
-        .map(|(name, id)| {
-            let values = by_id
-                .remove::<pp::backend::Cpu, 2>(id)
-                .map(|g| g.into_data().to_vec::<f32>().unwrap())
-                .or_else(|| {
-                    by_id
-                        .remove::<pp::backend::Cpu, 1>(id)
-                        .map(|g| g.into_data().to_vec::<f32>().unwrap())
-                })
-                .unwrap_or_else(|| panic!("no gradient for {name}"));
-            (name, values)
-        })
-        .collect();
-    Run {
-        logits,
-        loss,
-        grads,
-    }
-}
 
 #[test]
 fn logits_loss_and_gradients_match_transformers() {
     for name in FIXTURES {
         let expected = Expected::load(name);
-        let run = run_fixture(name, &expected);
+        let run = run_pipeline(name, &[StageSlice::whole(common::config(name).num_layers)]);
 
         let logits_err = max_abs_diff(&run.logits, &expected.f32("logits").values);
         assert!(logits_err < 1e-4, "{name}: logits differ by {logits_err}");

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths and reading reference tensors.
 #![allow(dead_code)]
 
+pub mod pipeline;
+
 use std::path::PathBuf;
 
 use safetensors::tensor::Dtype;
@@ -18,6 +20,11 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
+}
+
+/// The resolved configuration of a fixture.
+pub fn config(name: &str) -> pp::model::ModelConfig {
+    pp::model::ModelConfig::from_hf_file(&fixture(name).join("hf/config.json")).unwrap()
 }
 
 /// The reference outputs of one fixture (`expected.safetensors`).

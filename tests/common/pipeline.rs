@@ -1,0 +1,116 @@
+//! Runs a fixture's reference batch through a model cut into stage slices, the way pipeline
+//! stages on different devices run it. One slice that owns everything is the whole model.
+
+use burn::module::ParamId;
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use pp::backend::{Cpu, CpuAutodiff};
+use pp::checkpoint::SafetensorsWeights;
+use pp::model::loss::{cross_entropy_sum, Targets};
+use pp::model::{token_tensor, AttentionInputs, ModelConfig, StageModel, TokenLayout};
+use pp_stages::StageSlice;
+
+use super::Expected;
+
+type B = CpuAutodiff;
+
+fn grads_by_name(model: &StageModel<B>, grads: &mut GradientsParams) -> Vec<(String, Vec<f32>)> {
+    let take = |grads: &mut GradientsParams, id: ParamId| {
+        grads
+            .remove::<Cpu, 2>(id)
+            .map(|g| g.into_data().to_vec::<f32>().unwrap())
+            .or_else(|| {
+                grads
+                    .remove::<Cpu, 1>(id)
+                    .map(|g| g.into_data().to_vec::<f32>().unwrap())
+            })
+    };
+    model
+        .named_params()
+        .into_iter()
+        .map(|(name, id)| {
+            let grad = take(grads, id).unwrap_or_else(|| panic!("no gradient for {name}"));
+            (name, grad)
+        })
+        .collect()
+}
+
+/// What a run of the fixture's reference batch produced.
+pub struct PipelineRun {
+    /// `[batch, seq, vocab]` logits, row-major.
+    pub logits: Vec<f32>,
+    /// Mean cross-entropy.
+    pub loss: f32,
+    /// Gradient of every parameter by Hugging Face name (summed over stages).
+    pub grads: Vec<(String, Vec<f32>)>,
+}
+
+/// Runs `slices` as a pipeline on the fixture's reference batch: forward through each stage in
+/// turn, each receiving a detached copy of the previous output as if over the network; backward
+/// from the loss on the last stage, then through each earlier stage with the gradient of the next
+/// stage's input. Gradients of a parameter held by two stages (tied embeddings) are summed.
+pub fn run_pipeline(name: &str, slices: &[StageSlice]) -> PipelineRun {
+    let dir = super::fixture(name).join("hf");
+    let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let weights = SafetensorsWeights::open(&dir).unwrap();
+    let device = Default::default();
+    let stages: Vec<StageModel<B>> = slices
+        .iter()
+        .map(|s| StageModel::load(&config, s.clone(), &weights, &device).unwrap())
+        .collect();
+    let expected = Expected::load(name);
+    let (ids, labels) = (expected.i64("input_ids"), expected.i64("labels"));
+    let [batch, seq] = [ids.shape[0], ids.shape[1]];
+    let ids: Vec<u32> = ids.values.iter().map(|&i| i as u32).collect();
+    let inputs = AttentionInputs::new(&config, &TokenLayout::contiguous(batch, seq), &device);
+    let targets = Targets::from_labels(&labels.values, batch, seq);
+
+    // Forward: each stage receives a detached copy of the previous stage's output, as if it had
+    // come over the network, and marks it as requiring a gradient.
+    let mut stage_inputs: Vec<Option<Tensor<B, 3>>> = Vec::new();
+    let mut stage_outputs: Vec<Tensor<B, 3>> = Vec::new();
+    let mut hidden: Option<Tensor<B, 3>> = None;
+    for stage in &stages {
+        let input = hidden.take().map(|h| h.detach().require_grad());
+        let start = match &input {
+            Some(h) => h.clone(),
+            None => stage.embed(token_tensor(&ids, batch, seq, &device)),
+        };
+        let out = stage.run_layers(start, &inputs);
+        stage_inputs.push(input);
+        hidden = Some(out.clone());
+        stage_outputs.push(out);
+    }
+    let last = stages.last().unwrap();
+    let logits = last.logits(stage_outputs.pop().unwrap());
+    let loss_tensor = cross_entropy_sum(logits.clone(), &targets) / targets.count as f64;
+    let loss = loss_tensor.clone().into_scalar();
+
+    // Backward: the last stage from the loss, every earlier stage from the gradient of the next
+    // stage's input.
+    let mut all: Vec<(String, Vec<f32>)> = Vec::new();
+    let mut backward_from = Some(loss_tensor);
+    for (index, stage) in stages.iter().enumerate().rev() {
+        let grads = backward_from
+            .take()
+            .expect("set by the later stage")
+            .backward();
+        if index > 0 {
+            let incoming = stage_inputs[index].as_ref().unwrap().grad(&grads).unwrap();
+            let previous_output = stage_outputs.pop().unwrap();
+            backward_from = Some((previous_output * Tensor::from_inner(incoming)).sum());
+        }
+        let mut by_id = GradientsParams::from_grads(grads, stage);
+        for (name, grad) in grads_by_name(stage, &mut by_id) {
+            match all.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, sum)) => sum.iter_mut().zip(&grad).for_each(|(s, g)| *s += g),
+                None => all.push((name, grad)),
+            }
+        }
+    }
+    PipelineRun {
+        logits: logits.into_data().to_vec::<f32>().unwrap(),
+        loss,
+        grads: all,
+    }
+}
