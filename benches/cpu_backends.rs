@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use burn::backend::{Autodiff, Flex, NdArray};
-use pp::checkpoint::SyntheticWeights;
+use pp::checkpoint::OwnedWeights;
 use pp::model::loss::{cross_entropy_sum, Targets};
 use pp::model::{token_tensor, AttentionInputs, ModelConfig, StageModel, TokenLayout};
 use pp_stages::StageSlice;
@@ -20,7 +20,7 @@ const STEPS: usize = 5;
 
 fn time_backend<B: burn::tensor::backend::AutodiffBackend>(name: &str, cfg: &ModelConfig) {
     let device = Default::default();
-    let weights = SyntheticWeights::new(cfg, 0);
+    let weights = OwnedWeights::synthetic(cfg, 0);
     let model =
         StageModel::<B>::load(cfg, StageSlice::whole(cfg.num_layers), &weights, &device).unwrap();
     let ids: Vec<u32> = (0..BATCH * SEQ)

@@ -66,6 +66,32 @@ impl DType {
     }
 }
 
+impl DType {
+    /// Appends `bytes` (stored as `self`) to `out`, converted to `to`. Same-dtype casts copy the
+    /// bytes; narrowing rounds to nearest even, as `torch.Tensor.to` does.
+    pub fn cast(self, bytes: &[u8], to: DType, out: &mut Vec<u8>) {
+        if self == to {
+            out.extend_from_slice(bytes);
+            return;
+        }
+        let values = self.to_f32(bytes);
+        out.reserve(values.len() * to.size());
+        match to {
+            DType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+            DType::BF16 => out.extend(
+                values
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()),
+            ),
+            DType::F16 => out.extend(
+                values
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes()),
+            ),
+        }
+    }
+}
+
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -108,6 +134,25 @@ mod tests {
             .flat_map(|v| v.to_le_bytes())
             .collect();
         assert_eq!(DType::F32.to_f32(&bytes), vec![1.5, -2.0]);
+    }
+
+    #[test]
+    fn casts_round_to_nearest_even() {
+        // Both values lie halfway between two bfloat16 neighbours and go to the even one:
+        // 1 + 2^-8 down to 1, 1 + 3·2^-8 up to 1 + 2^-6.
+        let values: Vec<u8> = [1.0f32 + 1.0 / 256.0, 1.0 + 3.0 / 256.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let mut bf16 = Vec::new();
+        DType::F32.cast(&values, DType::BF16, &mut bf16);
+        assert_eq!(DType::BF16.to_f32(&bf16), vec![1.0, 1.015625]);
+        let mut back = Vec::new();
+        DType::BF16.cast(&bf16, DType::F32, &mut back);
+        assert_eq!(DType::F32.to_f32(&back), vec![1.0, 1.015625]);
+        let mut same = Vec::new();
+        DType::F16.cast(&[1, 2, 3, 4], DType::F16, &mut same);
+        assert_eq!(same, vec![1, 2, 3, 4]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod convert;
 pub mod data;
 pub mod dtype;
 pub mod error;

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use pp_stages::PartCosts;
+
 use crate::dtype::DType;
 use crate::model::ModelConfig;
 
@@ -36,19 +38,10 @@ impl MemoryEstimate {
     pub fn new(cfg: &ModelConfig, dtype: DType, seq_len: usize) -> Self {
         let bytes = dtype.size() as u64;
         let params = cfg.num_params();
-        let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
-        let (q, kv) = (
-            (cfg.num_heads * cfg.head_dim) as u64,
-            (cfg.num_kv_heads * cfg.head_dim) as u64,
-        );
-        // What autodiff keeps per token in one layer: the residual and both norms' inputs and
-        // outputs (6h), q/k/v before and after rotation (2(q + 2kv)), the attention output (q),
-        // the MLP's gate, up, activated gate and product (4i) and, for attention, the scores and
-        // probabilities of this token against every key (2 · heads · seq).
-        let per_layer = bytes
-            * (6 * h + 2 * (q + 2 * kv) + q + 4 * i + 2 * cfg.num_heads as u64 * seq_len as u64);
+        let h = cfg.hidden_size as u64;
+        let per_layer = layer_activations_per_token(cfg, dtype, seq_len);
         let layers = cfg.num_layers as u64;
-        let logits = 2 * STATE_BYTES * cfg.vocab_size as u64 * seq_len as u64;
+        let logits = logits_bytes(cfg, seq_len);
         Self {
             seq_len,
             weights: params * bytes,
@@ -77,6 +70,84 @@ impl MemoryEstimate {
             + self.adafactor_state
             + self.checkpointed_activations_per_token * self.seq_len as u64
             + self.largest_transient
+    }
+}
+
+/// What autodiff keeps per token in one layer: the residual and both norms' inputs and outputs
+/// (6h), q/k/v before and after rotation (2(q + 2kv)), the attention output (q), the MLP's gate,
+/// up, activated gate and product (4i) and, for attention, the scores and probabilities of this
+/// token against every key (2 · heads · seq).
+fn layer_activations_per_token(cfg: &ModelConfig, dtype: DType, seq_len: usize) -> u64 {
+    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let (q, kv) = (
+        (cfg.num_heads * cfg.head_dim) as u64,
+        (cfg.num_kv_heads * cfg.head_dim) as u64,
+    );
+    dtype.size() as u64
+        * (6 * h + 2 * (q + 2 * kv) + q + 4 * i + 2 * cfg.num_heads as u64 * seq_len as u64)
+}
+
+/// The float32 logits of one sequence and their log-softmax.
+fn logits_bytes(cfg: &ModelConfig, seq_len: usize) -> u64 {
+    2 * STATE_BYTES * cfg.vocab_size as u64 * seq_len as u64
+}
+
+/// What a pipeline partition balances across stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// The same number of decoder layers per stage.
+    Layers,
+    /// The same number of parameters per stage, the embedding and output matrices included.
+    Params,
+    /// The same estimated training memory per stage: weights, gradients and AdamW state, one
+    /// micro-batch's saved activations, and the head's logits.
+    Memory,
+}
+
+impl std::str::FromStr for Balance {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "layers" => Ok(Balance::Layers),
+            "params" => Ok(Balance::Params),
+            "memory" => Ok(Balance::Memory),
+            other => Err(format!(
+                "unknown balance `{other}` (expected layers, params or memory)"
+            )),
+        }
+    }
+}
+
+/// The cost of each model part under `balance`, for sequences of `seq_len` tokens trained in
+/// `dtype`. The head always counts a full output matrix: with tied embeddings the last stage
+/// holds its own copy as soon as there is more than one stage.
+pub fn part_costs(cfg: &ModelConfig, balance: Balance, dtype: DType, seq_len: usize) -> PartCosts {
+    let layers = cfg.num_layers;
+    let (embedding, layer, head) = (
+        cfg.embedding_params(),
+        cfg.layer_params(),
+        cfg.embedding_params() + cfg.hidden_size as u64,
+    );
+    let (embedding, layer, head) = match balance {
+        Balance::Layers => (0, 1, 0),
+        Balance::Params => (embedding, layer, head),
+        Balance::Memory => {
+            // Weights and gradients in the training dtype, two float32 moments.
+            let per_param = 2 * dtype.size() as u64 + 2 * STATE_BYTES;
+            let seq = seq_len as u64;
+            (
+                embedding * per_param,
+                layer * per_param + layer_activations_per_token(cfg, dtype, seq_len) * seq,
+                head * per_param + logits_bytes(cfg, seq_len),
+            )
+        }
+    };
+    PartCosts {
+        embedding: embedding as f64,
+        layers: vec![layer as f64; layers],
+        head: head as f64,
     }
 }
 
@@ -149,6 +220,21 @@ mod tests {
         // Factored state is tiny next to the weights.
         assert!(m.adafactor_state * 1000 < m.weights);
         assert!(m.adafactor_checkpointed_total() < m.adamw_total());
+    }
+
+    #[test]
+    fn memory_balance_gives_the_ends_fewer_layers() {
+        let cfg = ModelConfig::from_hf_json(LLAMA3_8B).unwrap();
+        let costs = part_costs(&cfg, Balance::Memory, DType::BF16, 4096);
+        // Llama-3-8B's head (output matrix, its state and the logits) outweighs a layer.
+        assert!(costs.head > 1.5 * costs.layers[0]);
+        let p = pp_stages::Partition::balanced(&costs, 4).unwrap();
+        let sizes: Vec<usize> = p.stages().iter().map(|s| s.layers.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 32);
+        assert!(sizes[3] < sizes[1] && sizes[0] < sizes[1], "{sizes:?}");
+        let even = part_costs(&cfg, Balance::Layers, DType::BF16, 4096);
+        let p = pp_stages::Partition::balanced(&even, 4).unwrap();
+        assert!(p.stages().iter().all(|s| s.layers.len() == 8));
     }
 
     #[test]

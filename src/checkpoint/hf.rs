@@ -154,6 +154,14 @@ impl WeightSource for SafetensorsWeights {
         self.location.keys().cloned().collect()
     }
 
+    fn release(&self, name: &str, range: std::ops::Range<usize>) {
+        if let Some(&i) = self.location.get(name) {
+            let file = &self.files[i];
+            let start = 8 + file.header_len + file.tensors[name].2.start + range.start;
+            super::release_pages(&file.map, start..start + range.len());
+        }
+    }
+
     fn file_of(&self, name: &str) -> &Path {
         self.location
             .get(name)

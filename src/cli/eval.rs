@@ -12,7 +12,7 @@ use pp_stages::StageSlice;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory.
+    /// A model directory: Hugging Face or pp native.
     model: PathBuf,
     /// JSONL rows of {"text": ...} or {"input_ids": [...], "labels": [...]}.
     #[arg(long)]

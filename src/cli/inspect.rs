@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use pp::checkpoint::Format;
 use pp::dtype::DType;
 use pp::model::config::RopeScaling;
 use pp::plan::{human_bytes, human_count, MemoryEstimate};
@@ -9,7 +10,7 @@ use serde_json::json;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory.
+    /// A model directory: Hugging Face or pp native.
     model: PathBuf,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -30,8 +31,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or(cfg.max_position_embeddings.min(4096));
     let dtype = args.dtype.unwrap_or(cfg.dtype);
     let memory = MemoryEstimate::new(cfg, dtype, seq_len);
+    let partition = match &files.format {
+        Format::Native(native) => Some(native.partition()),
+        Format::HuggingFace => None,
+    };
     if args.json {
         let report = json!({
+            "format": if partition.is_some() { "native" } else { "huggingface" },
+            "stages": partition.map(|p| p.stages()),
             "architecture": cfg.architecture.hf_class(),
             "parameters": cfg.num_params(),
             "config": cfg,
@@ -51,7 +58,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         RopeScaling::Dynamic { factor } => format!(", dynamic scaling ×{factor}"),
         RopeScaling::Llama3 { factor, .. } => format!(", llama3 scaling ×{factor}"),
     };
+    let format = match partition {
+        Some(p) => format!(
+            "pp native, {} stage(s) split before layers {:?}",
+            p.len(),
+            p.split_points()
+        ),
+        None => "Hugging Face".to_string(),
+    };
     let rows = [
+        ("format", format),
         ("architecture", cfg.architecture.hf_class().to_string()),
         (
             "parameters",

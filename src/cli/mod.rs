@@ -1,5 +1,6 @@
 //! Argument parsing and dispatch; one module per subcommand.
 
+mod convert;
 mod eval;
 mod inspect;
 
@@ -17,6 +18,9 @@ struct Cli {
 enum Command {
     /// Show a model's architecture, size and the memory full fine-tuning needs.
     Inspect(inspect::Args),
+    /// Convert a Hugging Face checkpoint to pp's stage-partitioned format, re-partition one, or
+    /// convert back to Hugging Face.
+    Convert(convert::Args),
     /// Mean token cross-entropy and perplexity of a model on a JSONL dataset.
     Eval(eval::Args),
 }
@@ -26,6 +30,7 @@ pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Inspect(args) => inspect::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Convert(args) => convert::run(args),
     }
 }
 

@@ -164,8 +164,15 @@ impl ModelConfig {
 
     /// Resolves the text of a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> std::result::Result<Self, String> {
-        let hf: HfConfig =
+        let value: Value =
             serde_json::from_str(text).map_err(|e| format!("not a valid model config: {e}"))?;
+        Self::from_hf_value(&value)
+    }
+
+    /// Resolves a parsed Hugging Face `config.json`.
+    pub fn from_hf_value(value: &Value) -> std::result::Result<Self, String> {
+        let hf =
+            HfConfig::deserialize(value).map_err(|e| format!("not a valid model config: {e}"))?;
         hf.resolve()
     }
 

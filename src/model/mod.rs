@@ -4,6 +4,7 @@ pub mod config;
 pub mod context;
 pub mod layers;
 pub mod loss;
+pub mod names;
 pub mod rope;
 pub mod stage;
 

@@ -9,6 +9,7 @@ use pp_stages::StageSlice;
 use super::config::ModelConfig;
 use super::context::AttentionInputs;
 use super::layers::{load_param, DecoderLayer, Linear, RmsNorm};
+use super::names::{EMBED, FINAL_NORM, LM_HEAD};
 use crate::checkpoint::WeightSource;
 use crate::error::{Error, Result};
 
@@ -36,10 +37,6 @@ pub struct StageModel<B: Backend> {
     #[module(skip)]
     config: ModelConfig,
 }
-
-/// Name of the tied embedding / output weight in a Hugging Face checkpoint.
-const EMBED: &str = "model.embed_tokens.weight";
-const LM_HEAD: &str = "lm_head.weight";
 
 impl<B: Backend> StageModel<B> {
     /// Loads the parts of `slice` from `source` onto `device`.
@@ -69,7 +66,7 @@ impl<B: Backend> StageModel<B> {
             .map(|i| DecoderLayer::load(source, i, config, device))
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if slice.head {
-            let norm = RmsNorm::load(source, "model.norm", config, device)?;
+            let norm = RmsNorm::load(source, FINAL_NORM, config, device)?;
             // Tied models store no lm_head; a last stage without the embedding keeps its own copy.
             let lm_head = match (config.tie_word_embeddings, slice.embedding) {
                 (true, true) => None,

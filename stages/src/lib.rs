@@ -6,6 +6,8 @@
 //! of that line. Single-device training is the one-stage case that owns every part.
 #![deny(missing_docs)]
 
+mod partition;
 mod slice;
 
+pub use partition::{PartCosts, Partition, PartitionError};
 pub use slice::{SliceError, StageSlice};

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: fixture paths and reading reference tensors.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod pipeline;
 
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
-//! Weights made up on the spot: a deterministic pseudo-random model of any shape, for
-//! benchmarks at real model shapes without downloading a checkpoint.
+//! Weights held in memory: made up on the spot (a deterministic pseudo-random model of any shape,
+//! for benchmarks at real model shapes without a download) or copied out of another source.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,14 +9,39 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 
-/// Every tensor of a model, held in memory as float32.
-pub struct SyntheticWeights {
-    tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)>,
+/// Tensors held in memory.
+#[derive(Default)]
+pub struct OwnedWeights {
+    tensors: BTreeMap<String, (DType, Vec<usize>, Vec<u8>)>,
 }
 
-impl SyntheticWeights {
-    /// Small random matrices (uniform, std 0.02 like transformers' initializer) and unit norms.
-    pub fn new(cfg: &ModelConfig, seed: u64) -> Self {
+impl OwnedWeights {
+    /// Adds (or replaces) a tensor.
+    pub fn insert(&mut self, name: &str, dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) {
+        self.tensors.insert(name.to_string(), (dtype, shape, bytes));
+    }
+
+    /// Copies the tensors `names` out of `source`, converted to `cast` if given.
+    pub fn copy_from(
+        source: &dyn WeightSource,
+        names: &[String],
+        cast: Option<DType>,
+    ) -> Result<Self> {
+        let mut copy = Self::default();
+        for name in names {
+            let view = source.tensor(name)?;
+            let dtype = cast.unwrap_or(view.dtype);
+            let mut bytes = Vec::with_capacity(view.bytes.len() / view.dtype.size() * dtype.size());
+            view.dtype.cast(view.bytes, dtype, &mut bytes);
+            copy.insert(name, dtype, view.shape.to_vec(), bytes);
+            source.release(name, 0..view.bytes.len());
+        }
+        Ok(copy)
+    }
+
+    /// A random model: small random matrices (uniform, std 0.02 like transformers' initializer)
+    /// and unit norms, float32.
+    pub fn synthetic(cfg: &ModelConfig, seed: u64) -> Self {
         let mut state = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -62,21 +87,21 @@ impl SyntheticWeights {
                 let bytes = (0..n)
                     .flat_map(|_| if is_norm { 1.0f32 } else { next() }.to_le_bytes())
                     .collect();
-                (name, (shape, bytes))
+                (name, (DType::F32, shape, bytes))
             })
             .collect();
         Self { tensors }
     }
 }
 
-impl WeightSource for SyntheticWeights {
+impl WeightSource for OwnedWeights {
     fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
-        let (shape, bytes) = self.tensors.get(name).ok_or_else(|| Error::Checkpoint {
-            path: "<synthetic>".into(),
+        let (dtype, shape, bytes) = self.tensors.get(name).ok_or_else(|| Error::Checkpoint {
+            path: "<memory>".into(),
             message: format!("tensor `{name}` is missing"),
         })?;
         Ok(TensorView {
-            dtype: DType::F32,
+            dtype: *dtype,
             shape,
             bytes,
         })
@@ -87,6 +112,6 @@ impl WeightSource for SyntheticWeights {
     }
 
     fn file_of(&self, _name: &str) -> &Path {
-        Path::new("<synthetic>")
+        Path::new("<memory>")
     }
 }

@@ -1,0 +1,169 @@
+//! `pp convert SOURCE OUT`: Hugging Face ↔ native, and re-partitioning native checkpoints.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use indicatif::{ProgressBar, ProgressStyle};
+use pp::checkpoint::hf_writer::DEFAULT_MAX_SHARD_BYTES;
+use pp::convert::{convert, ConvertOptions, Stages, Target};
+use pp::dtype::DType;
+use pp::plan::{human_bytes, Balance};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum To {
+    /// pp's native format, partitioned into stages.
+    Native,
+    /// A Hugging Face directory (config.json, safetensors shards, tokenizer).
+    Hf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The model to convert: a Hugging Face directory or a native checkpoint.
+    source: PathBuf,
+    /// Where to write the result; must not exist unless --force.
+    out: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = To::Native)]
+    to: To,
+    /// Number of pipeline stages, balanced by --balance [default: a native source keeps its
+    /// partition, a Hugging Face source becomes one stage].
+    #[arg(long, conflicts_with = "split")]
+    stages: Option<usize>,
+    /// Explicit stage boundaries: the layers at which stages 2, 3, ... begin (e.g. 10,20).
+    #[arg(long, value_delimiter = ',')]
+    split: Option<Vec<usize>>,
+    /// What --stages balances: layers, params, or memory (estimated training memory, which
+    /// counts the embedding, the head and its logits).
+    #[arg(long, default_value = "memory", requires = "stages")]
+    balance: Balance,
+    /// Storage dtype of the output [default: unchanged, byte for byte].
+    #[arg(long)]
+    dtype: Option<DType>,
+    /// Largest safetensors shard for --to hf, e.g. 5GB, 500MB or 2GiB.
+    #[arg(long, value_parser = parse_size)]
+    max_shard_size: Option<u64>,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Skip the self-check that runs source and result on a probe input.
+    #[arg(long)]
+    no_verify: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let target = match args.to {
+        To::Native => {
+            if args.max_shard_size.is_some() {
+                bail!("--max-shard-size applies to --to hf only");
+            }
+            Target::Native(match (args.stages, args.split) {
+                (Some(n), _) => Stages::Balanced(n, args.balance),
+                (None, Some(split)) => Stages::Split(split),
+                (None, None) => Stages::Keep,
+            })
+        }
+        To::Hf => {
+            if args.stages.is_some() || args.split.is_some() {
+                bail!("--stages and --split apply to the native format, not --to hf");
+            }
+            Target::HuggingFace {
+                max_shard_bytes: args.max_shard_size.unwrap_or(DEFAULT_MAX_SHARD_BYTES),
+            }
+        }
+    };
+    let options = ConvertOptions {
+        target,
+        dtype: args.dtype,
+        force: args.force,
+        verify: !args.no_verify,
+    };
+    let progress = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes}  {bytes_per_sec}  eta {eta}")
+            .expect("valid progress template"),
+    );
+    let report = convert(&args.source, &args.out, &options, &progress)?;
+    let format = match args.to {
+        To::Native => "pp native",
+        To::Hf => "Hugging Face",
+    };
+    println!(
+        "wrote {} ({format}, {} of tensors)",
+        args.out.display(),
+        human_bytes(report.bytes_written)
+    );
+    if let Some(partition) = &report.partition {
+        for (i, stage) in partition.stages().iter().enumerate() {
+            let mut parts = Vec::new();
+            if stage.embedding {
+                parts.push("embedding".to_string());
+            }
+            match stage.layers.len() {
+                0 => {}
+                1 => parts.push(format!("layer {}", stage.layers.start)),
+                _ => parts.push(format!(
+                    "layers {}-{}",
+                    stage.layers.start,
+                    stage.layers.end - 1
+                )),
+            }
+            if stage.head {
+                parts.push("head".to_string());
+            }
+            println!("  stage {i}: {}", parts.join(" + "));
+        }
+    }
+    match report.verify {
+        Some(v) => println!(
+            "self-check passed: {} parts run on a {}-token probe, max |Δ| {:e}",
+            v.parts, v.probe_tokens, v.max_abs_diff
+        ),
+        None => println!("self-check skipped (--no-verify)"),
+    }
+    Ok(())
+}
+
+/// `5GB` → 5·10⁹, `2GiB` → 2·2³⁰, `1000` → 1000 (transformers' `max_shard_size` units).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like 5GB or 500MB"))?;
+    let scale: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = (number * scale) as u64;
+    if bytes == 0 {
+        return Err("the shard size must be positive".into());
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn parses_shard_sizes() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("GB").is_err());
+        assert!(parse_size("3XB").is_err());
+    }
+}

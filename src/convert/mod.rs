@@ -1,0 +1,395 @@
+//! `pp convert`: Hugging Face → native (partitioned into stages), native → native
+//! (re-partitioned or re-typed) and native → Hugging Face. Tensors stream from the source's
+//! memory maps to the output in bounded chunks, so memory stays flat whatever the model size;
+//! the output appears only once it is complete and has passed the self-check.
+
+mod staging;
+mod verify;
+
+pub use staging::Staging;
+pub use verify::{verify, VerifyReport};
+
+use std::path::Path;
+
+use indicatif::ProgressBar;
+use pp_stages::Partition;
+use serde_json::{json, Value};
+
+use crate::checkpoint::hf_writer::{self, SafetensorsWriter};
+use crate::checkpoint::native::{
+    Manifest, StageFileWriter, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
+};
+use crate::checkpoint::{self, checksum, Format, ModelFiles, TensorSink, TensorSpec, WeightSource};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::names::{Part, EMBED};
+use crate::plan::{part_costs, Balance};
+
+/// Files besides the weights that travel with a model: tokenizer, chat template, generation
+/// defaults. Those present in the source are copied.
+pub const COMPANION_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+];
+
+const GENERATION_CONFIG: &str = "generation_config.json";
+
+/// Elements streamed per chunk: 4M elements is 8–16 MiB, large enough for full-speed I/O.
+const CHUNK_ELEMENTS: usize = 1 << 22;
+
+/// How to divide a native output into stages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stages {
+    /// A native source keeps its partition; a Hugging Face source becomes one stage.
+    Keep,
+    /// Stages starting at these layers (`--split`).
+    Split(Vec<usize>),
+    /// This many stages, balanced by the given measure.
+    Balanced(usize, Balance),
+}
+
+/// The format to write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// `pp`'s native format.
+    Native(Stages),
+    /// A Hugging Face directory with shards of at most this many bytes.
+    HuggingFace {
+        /// Largest shard size in bytes.
+        max_shard_bytes: u64,
+    },
+}
+
+/// What to convert to and how.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Output format.
+    pub target: Target,
+    /// Storage dtype of the output; `None` keeps each tensor's dtype (a byte-exact copy).
+    pub dtype: Option<DType>,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Run the self-check before committing the output.
+    pub verify: bool,
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    /// The partition written (native output only).
+    pub partition: Option<Partition>,
+    /// Tensor bytes written (a tied embedding held by two stages counts twice).
+    pub bytes_written: u64,
+    /// The self-check's result, unless it was skipped.
+    pub verify: Option<VerifyReport>,
+}
+
+/// Converts the model in `source_dir` into `out_dir`. `progress` counts tensor bytes written.
+pub fn convert(
+    source_dir: &Path,
+    out_dir: &Path,
+    options: &ConvertOptions,
+    progress: &ProgressBar,
+) -> Result<ConvertReport> {
+    let source = checkpoint::open(source_dir)?;
+    if same_directory(source_dir, out_dir) {
+        return Err(Error::io(
+            out_dir,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the output directory is the source; choose another",
+            ),
+        ));
+    }
+    let staging = Staging::create(out_dir, options.force)?;
+    let tensors = ordered_tensors(source.weights.as_ref(), options.dtype)?;
+    let total: u64 = tensors.iter().map(TensorSpec::bytes).sum();
+    let (partition, bytes_written) = match &options.target {
+        Target::Native(stages) => {
+            let partition = choose_partition(&source, stages, options.dtype)?;
+            progress.set_length(native_bytes(
+                &tensors,
+                &partition,
+                source.config.tie_word_embeddings,
+            ));
+            let written = write_native(
+                &source,
+                &tensors,
+                &partition,
+                options.dtype,
+                staging.path(),
+                progress,
+            )?;
+            (Some(partition), written)
+        }
+        Target::HuggingFace { max_shard_bytes } => {
+            progress.set_length(total);
+            write_hf(
+                &source,
+                tensors,
+                *max_shard_bytes,
+                options.dtype,
+                staging.path(),
+                progress,
+            )?;
+            (None, total)
+        }
+    };
+    progress.finish_and_clear();
+    let verify = if options.verify {
+        let converted = checkpoint::open(staging.path())?;
+        Some(verify(&source, &converted, options.dtype)?)
+    } else {
+        None
+    };
+    staging.commit()?;
+    Ok(ConvertReport {
+        partition,
+        bytes_written,
+        verify,
+    })
+}
+
+fn same_directory(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Every tensor of the source, embedding first, then layer by layer, then the head, with the
+/// dtype it will be written in.
+fn ordered_tensors(source: &dyn WeightSource, cast: Option<DType>) -> Result<Vec<TensorSpec>> {
+    let mut specs = source
+        .names()
+        .into_iter()
+        .map(|name| {
+            let view = source.tensor(&name)?;
+            Ok(TensorSpec {
+                dtype: cast.unwrap_or(view.dtype),
+                shape: view.shape.to_vec(),
+                name,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rank = |name: &str| match Part::of(name) {
+        Part::Embedding => (0, 0),
+        Part::Layer(i) => (1, i),
+        Part::Head => (2, 0),
+    };
+    specs.sort_by(|a, b| rank(&a.name).cmp(&rank(&b.name)).then(a.name.cmp(&b.name)));
+    Ok(specs)
+}
+
+fn choose_partition(
+    source: &ModelFiles,
+    stages: &Stages,
+    cast: Option<DType>,
+) -> Result<Partition> {
+    let cfg = &source.config;
+    let bad = |message: String| Error::Config {
+        path: source.dir.clone(),
+        message,
+    };
+    match stages {
+        Stages::Keep => match &source.format {
+            Format::Native(native) => Ok(native.partition().clone()),
+            Format::HuggingFace => {
+                Partition::from_split(&[], cfg.num_layers).map_err(|e| bad(e.to_string()))
+            }
+        },
+        Stages::Split(split) => {
+            Partition::from_split(split, cfg.num_layers).map_err(|e| bad(format!("--split: {e}")))
+        }
+        Stages::Balanced(count, balance) => {
+            let seq_len = cfg.max_position_embeddings.min(4096);
+            let costs = part_costs(cfg, *balance, cast.unwrap_or(cfg.dtype), seq_len);
+            Partition::balanced(&costs, *count).map_err(|e| bad(format!("--stages: {e}")))
+        }
+    }
+}
+
+/// The stage files' tensors: each stage's share of `tensors`, in order.
+fn stage_layouts(
+    tensors: &[TensorSpec],
+    partition: &Partition,
+    tied: bool,
+) -> Vec<Vec<TensorSpec>> {
+    let mut layouts = vec![Vec::new(); partition.len()];
+    for spec in tensors {
+        for stage in Part::stages_holding(&spec.name, partition, tied) {
+            layouts[stage].push(spec.clone());
+        }
+    }
+    layouts
+}
+
+fn native_bytes(tensors: &[TensorSpec], partition: &Partition, tied: bool) -> u64 {
+    stage_layouts(tensors, partition, tied)
+        .iter()
+        .flatten()
+        .map(TensorSpec::bytes)
+        .sum()
+}
+
+fn write_native(
+    source: &ModelFiles,
+    tensors: &[TensorSpec],
+    partition: &Partition,
+    cast: Option<DType>,
+    out: &Path,
+    progress: &ProgressBar,
+) -> Result<u64> {
+    let tied = source.config.tie_word_embeddings;
+    let mut stages = Vec::with_capacity(partition.len());
+    let mut written = 0;
+    for (index, layout) in stage_layouts(tensors, partition, tied)
+        .into_iter()
+        .enumerate()
+    {
+        let mut writer = StageFileWriter::create(
+            out,
+            index,
+            partition.stages()[index].clone(),
+            layout.clone(),
+        )?;
+        for spec in &layout {
+            stream_tensor(source.weights.as_ref(), spec, &mut writer, progress)?;
+            written += spec.bytes();
+        }
+        stages.push(writer.finish()?);
+    }
+    let files = copy_companion_files(source, out)?;
+    let dtype = cast.unwrap_or_else(|| {
+        tensors
+            .iter()
+            .find(|t| t.name == EMBED)
+            .map_or(source.config.dtype, |t| t.dtype)
+    });
+    let manifest = Manifest {
+        format: FORMAT_NAME.into(),
+        format_version: FORMAT_VERSION,
+        dtype,
+        tied_embeddings: tied,
+        checksum: checksum::ALGORITHM.into(),
+        config: with_dtype(&source.hf_config, dtype),
+        files,
+        stages,
+    };
+    // The manifest goes last: a directory without one is not a checkpoint.
+    checkpoint::write_json(&out.join(MANIFEST_FILE), &manifest)?;
+    Ok(written)
+}
+
+fn write_hf(
+    source: &ModelFiles,
+    tensors: Vec<TensorSpec>,
+    max_shard_bytes: u64,
+    cast: Option<DType>,
+    out: &Path,
+    progress: &ProgressBar,
+) -> Result<()> {
+    let shards = hf_writer::plan_shards(tensors, max_shard_bytes);
+    for (file, layout) in &shards {
+        let mut writer = SafetensorsWriter::create(&out.join(file), layout.clone())?;
+        for spec in layout {
+            stream_tensor(source.weights.as_ref(), spec, &mut writer, progress)?;
+        }
+        writer.finish()?;
+    }
+    hf_writer::write_index(out, &shards)?;
+    let config = match cast {
+        Some(dtype) => with_dtype(&source.hf_config, dtype),
+        None => source.hf_config.clone(),
+    };
+    checkpoint::write_json(&out.join(checkpoint::HF_CONFIG_FILE), &config)?;
+    let files = copy_companion_files(source, out)?;
+    if !files.iter().any(|f| f == GENERATION_CONFIG) {
+        checkpoint::write_json(
+            &out.join(GENERATION_CONFIG),
+            &generation_config(&source.hf_config),
+        )?;
+    }
+    Ok(())
+}
+
+/// Copies one tensor from `source` into `sink` chunk by chunk, casting on the way, checking the
+/// source's checksum where it has one and releasing each chunk's pages once written.
+fn stream_tensor(
+    source: &dyn WeightSource,
+    spec: &TensorSpec,
+    sink: &mut dyn TensorSink,
+    progress: &ProgressBar,
+) -> Result<()> {
+    let view = source.tensor(&spec.name)?;
+    let mut source_checksum = source
+        .expected_checksum(&spec.name)
+        .map(|_| checksum::Checksum::default());
+    let chunk_bytes = CHUNK_ELEMENTS * view.dtype.size();
+    let mut buffer = Vec::new();
+    sink.begin(&spec.name)?;
+    for (i, chunk) in view.bytes.chunks(chunk_bytes).enumerate() {
+        if let Some(sum) = source_checksum.as_mut() {
+            sum.update(chunk);
+        }
+        if view.dtype == spec.dtype {
+            sink.write(chunk)?;
+        } else {
+            buffer.clear();
+            view.dtype.cast(chunk, spec.dtype, &mut buffer);
+            sink.write(&buffer)?;
+        }
+        let start = i * chunk_bytes;
+        source.release(&spec.name, start..start + chunk.len());
+        progress.inc((chunk.len() / view.dtype.size() * spec.dtype.size()) as u64);
+    }
+    if let Some(sum) = source_checksum {
+        checksum::verify(source, &spec.name, &sum.hex())?;
+    }
+    sink.end()
+}
+
+/// Copies the companion files the source has into `out`; returns their names.
+fn copy_companion_files(source: &ModelFiles, out: &Path) -> Result<Vec<String>> {
+    let mut copied = Vec::new();
+    for name in COMPANION_FILES {
+        let from = source.dir.join(name);
+        if from.is_file() {
+            let to = out.join(name);
+            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+            copied.push(name.to_string());
+        }
+    }
+    Ok(copied)
+}
+
+/// `config` with its dtype field (`torch_dtype` in transformers 4, `dtype` in 5) set to `dtype`.
+fn with_dtype(config: &Value, dtype: DType) -> Value {
+    let mut config = config.clone();
+    if let Some(fields) = config.as_object_mut() {
+        let key = if fields.contains_key("dtype") && !fields.contains_key("torch_dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        fields.insert(key.into(), dtype.torch_name().into());
+    }
+    config
+}
+
+/// The generation defaults transformers derives from a model config when none were saved.
+fn generation_config(config: &Value) -> Value {
+    let mut generation = json!({"_from_model_config": true});
+    for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        if let Some(value) = config.get(key).filter(|v| !v.is_null()) {
+            generation[key] = value.clone();
+        }
+    }
+    generation
+}
