@@ -70,25 +70,44 @@ impl DType {
     /// Appends `bytes` (stored as `self`) to `out`, converted to `to`. Same-dtype casts copy the
     /// bytes; narrowing rounds to nearest even, as `torch.Tensor.to` does.
     pub fn cast(self, bytes: &[u8], to: DType, out: &mut Vec<u8>) {
-        if self == to {
-            out.extend_from_slice(bytes);
-            return;
+        use half::{bf16, f16};
+        let start = out.len();
+        out.resize(start + bytes.len() / self.size() * to.size(), 0);
+        let dst = &mut out[start..];
+        // One monomorphic loop per pair, so each compiles to a tight (often vectorised) loop.
+        match (self, to) {
+            _ if self == to => dst.copy_from_slice(bytes),
+            (DType::BF16, DType::F32) => map_elements(bytes, dst, |b: [u8; 2]| {
+                bf16::from_le_bytes(b).to_f32().to_le_bytes()
+            }),
+            (DType::F16, DType::F32) => map_elements(bytes, dst, |b: [u8; 2]| {
+                f16::from_le_bytes(b).to_f32().to_le_bytes()
+            }),
+            (DType::F32, DType::BF16) => map_elements(bytes, dst, |b: [u8; 4]| {
+                bf16::from_f32(f32::from_le_bytes(b)).to_le_bytes()
+            }),
+            (DType::F32, DType::F16) => map_elements(bytes, dst, |b: [u8; 4]| {
+                f16::from_f32(f32::from_le_bytes(b)).to_le_bytes()
+            }),
+            (DType::BF16, DType::F16) => map_elements(bytes, dst, |b: [u8; 2]| {
+                f16::from_f32(bf16::from_le_bytes(b).to_f32()).to_le_bytes()
+            }),
+            (DType::F16, DType::BF16) => map_elements(bytes, dst, |b: [u8; 2]| {
+                bf16::from_f32(f16::from_le_bytes(b).to_f32()).to_le_bytes()
+            }),
+            _ => unreachable!("every pair of distinct dtypes is listed"),
         }
-        let values = self.to_f32(bytes);
-        out.reserve(values.len() * to.size());
-        match to {
-            DType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
-            DType::BF16 => out.extend(
-                values
-                    .iter()
-                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()),
-            ),
-            DType::F16 => out.extend(
-                values
-                    .iter()
-                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes()),
-            ),
-        }
+    }
+}
+
+/// Applies `f` to every `S`-byte element of `src`, writing `D`-byte elements to `dst`.
+fn map_elements<const S: usize, const D: usize>(
+    src: &[u8],
+    dst: &mut [u8],
+    f: impl Fn([u8; S]) -> [u8; D],
+) {
+    for (from, to) in src.chunks_exact(S).zip(dst.chunks_exact_mut(D)) {
+        to.copy_from_slice(&f(from.try_into().expect("S bytes")));
     }
 }
 

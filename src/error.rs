@@ -48,6 +48,9 @@ pub enum Error {
         /// What is wrong with the row.
         message: String,
     },
+    /// The user pressed Ctrl-C; the operation stopped and cleaned up.
+    #[error("interrupted")]
+    Interrupted,
     /// A dataset as a whole is not usable (for example, it has no rows).
     #[error("{path}: {message}")]
     DatasetFile {

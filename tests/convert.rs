@@ -176,6 +176,9 @@ fn a_stage_maps_only_its_own_file() {
     .unwrap();
     let missing = checkpoint.weights(&[0]).err().unwrap().to_string();
     assert!(missing.contains("stage-000.bin"), "{missing}");
+    // That machine can still describe the model: inspect reads only the manifest.
+    let inspect = stdout(&pp(&["inspect", arg(&native)]));
+    assert!(inspect.contains("3 stage(s)"), "{inspect}");
 }
 
 #[test]
@@ -380,8 +383,10 @@ fn stage_file_from_another_checkpoint_is_refused() {
         .len()
         .into();
     std::fs::write(&manifest_path, manifest.to_string()).unwrap();
-    let result = pp(&["inspect", arg(&first)]);
+    let out = first.with_file_name("out");
+    let result = pp(&["convert", arg(&first), arg(&out), "--to", "hf"]);
     assert_clean_error(&result, &["stage-000.bin", "does not match"]);
+    assert_nothing_written(&out);
 }
 
 #[test]
@@ -471,10 +476,12 @@ fn self_check_catches_a_changed_weight() {
     bytes[7] ^= 0x01;
     changed.insert(name, view.dtype, view.shape.to_vec(), bytes);
     let converted = checkpoint::ModelFiles {
-        dir: PathBuf::from("converted"),
-        format: checkpoint::Format::HuggingFace,
-        hf_config: source.hf_config.clone(),
-        config: source.config.clone(),
+        info: checkpoint::ModelInfo {
+            dir: PathBuf::from("converted"),
+            format: checkpoint::Format::HuggingFace,
+            hf_config: source.info.hf_config.clone(),
+            config: source.info.config.clone(),
+        },
         weights: Box::new(changed),
     };
     let error = pp::convert::verify(&source, &converted, None)

@@ -111,8 +111,8 @@ pub enum Format {
     Native(Box<NativeCheckpoint>),
 }
 
-/// A model directory opened for reading: its configuration and weights.
-pub struct ModelFiles {
+/// What a model directory holds, read from its `config.json` or `manifest.json` alone.
+pub struct ModelInfo {
     /// The directory.
     pub dir: PathBuf,
     /// Which format it is in.
@@ -121,6 +121,12 @@ pub struct ModelFiles {
     pub hf_config: Value,
     /// The resolved model configuration.
     pub config: crate::model::ModelConfig,
+}
+
+/// A model directory opened for reading: what it is, and its weights.
+pub struct ModelFiles {
+    /// Format and configuration.
+    pub info: ModelInfo,
     /// The tensors (every stage's, for a native checkpoint).
     pub weights: Box<dyn WeightSource>,
 }
@@ -128,9 +134,10 @@ pub struct ModelFiles {
 /// The configuration file of a Hugging Face model directory.
 pub const HF_CONFIG_FILE: &str = "config.json";
 
-/// Opens a model directory in either format: native when it holds a `manifest.json`, Hugging
-/// Face otherwise.
-pub fn open(dir: &Path) -> Result<ModelFiles> {
+/// Reads what a model directory is without touching its weights: native when it holds a
+/// `manifest.json`, Hugging Face otherwise. A pipeline machine that holds one stage file of a
+/// native checkpoint can describe it.
+pub fn describe(dir: &Path) -> Result<ModelInfo> {
     if !dir.is_dir() {
         return Err(Error::io(
             dir,
@@ -139,13 +146,11 @@ pub fn open(dir: &Path) -> Result<ModelFiles> {
     }
     if dir.join(native::MANIFEST_FILE).exists() {
         let checkpoint = NativeCheckpoint::open(dir)?;
-        let weights = checkpoint.all_weights()?;
-        return Ok(ModelFiles {
+        return Ok(ModelInfo {
             dir: dir.to_path_buf(),
             hf_config: checkpoint.manifest().config.clone(),
             config: checkpoint.config().clone(),
             format: Format::Native(Box::new(checkpoint)),
-            weights: Box::new(weights),
         });
     }
     let config_path = dir.join(HF_CONFIG_FILE);
@@ -165,14 +170,22 @@ pub fn open(dir: &Path) -> Result<ModelFiles> {
     let hf_config: Value = serde_json::from_str(&text)
         .map_err(|e| config_error(format!("not a valid model config: {e}")))?;
     let config = crate::model::ModelConfig::from_hf_value(&hf_config).map_err(config_error)?;
-    let weights = SafetensorsWeights::open(dir)?;
-    Ok(ModelFiles {
+    Ok(ModelInfo {
         dir: dir.to_path_buf(),
         format: Format::HuggingFace,
         hf_config,
         config,
-        weights: Box::new(weights),
     })
+}
+
+/// Opens a model directory in either format, with every tensor mapped.
+pub fn open(dir: &Path) -> Result<ModelFiles> {
+    let info = describe(dir)?;
+    let weights: Box<dyn WeightSource> = match &info.format {
+        Format::Native(checkpoint) => Box::new(checkpoint.all_weights()?),
+        Format::HuggingFace => Box::new(SafetensorsWeights::open(dir)?),
+    };
+    Ok(ModelFiles { info, weights })
 }
 
 /// Writes `value` as pretty-printed JSON and syncs it to disk.

@@ -34,7 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let files = pp::checkpoint::open(&args.model)?;
-    let cfg = &files.config;
+    let cfg = &files.info.config;
     let max_len = args
         .max_len
         .unwrap_or(cfg.max_position_embeddings.min(2048));

@@ -24,14 +24,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let files = pp::checkpoint::open(&args.model)?;
-    let cfg = &files.config;
+    let info = pp::checkpoint::describe(&args.model)?;
+    let cfg = &info.config;
     let seq_len = args
         .seq_len
         .unwrap_or(cfg.max_position_embeddings.min(4096));
     let dtype = args.dtype.unwrap_or(cfg.dtype);
     let memory = MemoryEstimate::new(cfg, dtype, seq_len);
-    let partition = match &files.format {
+    let partition = match &info.format {
         Format::Native(native) => Some(native.partition()),
         Format::HuggingFace => None,
     };

@@ -42,6 +42,11 @@ const GENERATION_CONFIG: &str = "generation_config.json";
 
 /// Elements streamed per chunk: 4M elements is 8–16 MiB, large enough for full-speed I/O.
 const CHUNK_ELEMENTS: usize = 1 << 22;
+/// Streamed source pages are released from the resident set in batches of this many bytes (and
+/// at the end of each tensor): each release costs a system call and a TLB flush, so releasing
+/// every chunk made conversion measurably slower (`docs/performance.md`), while this bounds the
+/// resident source pages to 128 MiB.
+const RELEASE_BYTES: usize = 128 << 20;
 
 /// How to divide a native output into stages.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,7 +121,7 @@ pub fn convert(
             progress.set_length(native_bytes(
                 &tensors,
                 &partition,
-                source.config.tie_word_embeddings,
+                source.info.config.tie_word_embeddings,
             ));
             let written = write_native(
                 &source,
@@ -192,13 +197,13 @@ fn choose_partition(
     stages: &Stages,
     cast: Option<DType>,
 ) -> Result<Partition> {
-    let cfg = &source.config;
+    let cfg = &source.info.config;
     let bad = |message: String| Error::Config {
-        path: source.dir.clone(),
+        path: source.info.dir.clone(),
         message,
     };
     match stages {
-        Stages::Keep => match &source.format {
+        Stages::Keep => match &source.info.format {
             Format::Native(native) => Ok(native.partition().clone()),
             Format::HuggingFace => {
                 Partition::from_split(&[], cfg.num_layers).map_err(|e| bad(e.to_string()))
@@ -246,7 +251,7 @@ fn write_native(
     out: &Path,
     progress: &ProgressBar,
 ) -> Result<u64> {
-    let tied = source.config.tie_word_embeddings;
+    let tied = source.info.config.tie_word_embeddings;
     let mut stages = Vec::with_capacity(partition.len());
     let mut written = 0;
     for (index, layout) in stage_layouts(tensors, partition, tied)
@@ -270,7 +275,7 @@ fn write_native(
         tensors
             .iter()
             .find(|t| t.name == EMBED)
-            .map_or(source.config.dtype, |t| t.dtype)
+            .map_or(source.info.config.dtype, |t| t.dtype)
     });
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
@@ -278,7 +283,7 @@ fn write_native(
         dtype,
         tied_embeddings: tied,
         checksum: checksum::ALGORITHM.into(),
-        config: with_dtype(&source.hf_config, dtype),
+        config: with_dtype(&source.info.hf_config, dtype),
         files,
         stages,
     };
@@ -305,15 +310,15 @@ fn write_hf(
     }
     hf_writer::write_index(out, &shards)?;
     let config = match cast {
-        Some(dtype) => with_dtype(&source.hf_config, dtype),
-        None => source.hf_config.clone(),
+        Some(dtype) => with_dtype(&source.info.hf_config, dtype),
+        None => source.info.hf_config.clone(),
     };
     checkpoint::write_json(&out.join(checkpoint::HF_CONFIG_FILE), &config)?;
     let files = copy_companion_files(source, out)?;
     if !files.iter().any(|f| f == GENERATION_CONFIG) {
         checkpoint::write_json(
             &out.join(GENERATION_CONFIG),
-            &generation_config(&source.hf_config),
+            &generation_config(&source.info.hf_config),
         )?;
     }
     Ok(())
@@ -333,8 +338,10 @@ fn stream_tensor(
         .map(|_| checksum::Checksum::default());
     let chunk_bytes = CHUNK_ELEMENTS * view.dtype.size();
     let mut buffer = Vec::new();
+    let mut released = 0;
     sink.begin(&spec.name)?;
     for (i, chunk) in view.bytes.chunks(chunk_bytes).enumerate() {
+        crate::interrupt::check()?;
         if let Some(sum) = source_checksum.as_mut() {
             sum.update(chunk);
         }
@@ -345,8 +352,11 @@ fn stream_tensor(
             view.dtype.cast(chunk, spec.dtype, &mut buffer);
             sink.write(&buffer)?;
         }
-        let start = i * chunk_bytes;
-        source.release(&spec.name, start..start + chunk.len());
+        let end = i * chunk_bytes + chunk.len();
+        if end - released >= RELEASE_BYTES || end == view.bytes.len() {
+            source.release(&spec.name, released..end);
+            released = end;
+        }
         progress.inc((chunk.len() / view.dtype.size() * spec.dtype.size()) as u64);
     }
     if let Some(sum) = source_checksum {
@@ -359,7 +369,7 @@ fn stream_tensor(
 fn copy_companion_files(source: &ModelFiles, out: &Path) -> Result<Vec<String>> {
     let mut copied = Vec::new();
     for name in COMPANION_FILES {
-        let from = source.dir.join(name);
+        let from = source.info.dir.join(name);
         if from.is_file() {
             let to = out.join(name);
             std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;

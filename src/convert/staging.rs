@@ -36,7 +36,9 @@ impl Staging {
             .to_string_lossy();
         let parent = parent_of(target);
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let temp = parent.join(format!(".{name}.pp-partial-{}", std::process::id()));
+        let prefix = format!(".{name}.pp-partial-");
+        remove_abandoned(&parent, &prefix);
+        let temp = parent.join(format!("{prefix}{}", std::process::id()));
         if temp.exists() {
             std::fs::remove_dir_all(&temp).map_err(|e| Error::io(&temp, e))?;
         }
@@ -87,6 +89,28 @@ impl Drop for Staging {
     }
 }
 
+/// Removes partial outputs left by conversions that were killed outright (no chance to clean
+/// up): directories named `prefix` + the PID of a process that no longer runs.
+fn remove_abandoned(parent: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid).exists() || !Path::new("/proc/self").exists();
+        if pid.parse::<u32>().is_ok() && !alive {
+            tracing::info!(
+                "removing {}, left by an interrupted run",
+                entry.path().display()
+            );
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -124,6 +148,12 @@ mod tests {
         std::fs::write(staging.path().join("b"), b"2").unwrap();
         staging.commit().unwrap();
         assert!(!target.join("a").exists() && target.join("b").exists());
+
+        // A partial output of a process that no longer runs is cleared by the next run.
+        let dead = root.path().join(".out.pp-partial-4000000000");
+        std::fs::create_dir(&dead).unwrap();
+        Staging::create(&target, true).unwrap();
+        assert!(!dead.exists());
 
         // Abandoned: nothing is left beside the target.
         let staging = Staging::create(&root.path().join("other"), false).unwrap();
