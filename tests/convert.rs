@@ -356,6 +356,10 @@ fn corrupt_tensor_bytes_fail_the_checksum() {
     let convert = pp(&["convert", arg(&native), arg(&out), "--to", "hf"]);
     assert_clean_error(&convert, &["stage-001.bin", "checksum mismatch"]);
     assert_nothing_written(&out);
+    // Re-partitioning checks the output's checksum against the source's.
+    let repartition = pp(&["convert", arg(&native), arg(&out), "--stages", "1"]);
+    assert_clean_error(&repartition, &["stage-001.bin", "checksum mismatch"]);
+    assert_nothing_written(&out);
 }
 
 #[test]

@@ -142,10 +142,10 @@ impl TensorSink for SafetensorsWriter {
         self.put(bytes)
     }
 
-    fn end(&mut self) -> Result<()> {
+    fn end(&mut self) -> Result<Option<String>> {
         assert_eq!(self.remaining, 0, "tensor written in full");
         self.next += 1;
-        Ok(())
+        Ok(None)
     }
 }
 

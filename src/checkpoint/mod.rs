@@ -63,8 +63,12 @@ pub trait TensorSink {
     fn begin(&mut self, name: &str) -> Result<()>;
     /// Appends bytes of the current tensor.
     fn write(&mut self, bytes: &[u8]) -> Result<()>;
-    /// Ends the current tensor.
-    fn end(&mut self) -> Result<()>;
+    /// Ends the current tensor; returns the checksum of its bytes if the sink computes one.
+    fn end(&mut self) -> Result<Option<String>>;
+    /// Whether [`end`](Self::end) returns checksums.
+    fn computes_checksums(&self) -> bool {
+        false
+    }
 }
 
 /// Where a model's tensors come from (a Hugging Face checkpoint, or `pp`'s native format).

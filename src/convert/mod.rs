@@ -325,7 +325,8 @@ fn write_hf(
 }
 
 /// Copies one tensor from `source` into `sink` chunk by chunk, casting on the way, checking the
-/// source's checksum where it has one and releasing each chunk's pages once written.
+/// source's checksum where it has one and releasing the source pages once written. An uncast
+/// tensor's output checksum is its source checksum, so a sink that computes one checks it too.
 fn stream_tensor(
     source: &dyn WeightSource,
     spec: &TensorSpec,
@@ -333,8 +334,11 @@ fn stream_tensor(
     progress: &ProgressBar,
 ) -> Result<()> {
     let view = source.tensor(&spec.name)?;
+    let cast = view.dtype != spec.dtype;
+    let reuse_sink_checksum = !cast && sink.computes_checksums();
     let mut source_checksum = source
         .expected_checksum(&spec.name)
+        .filter(|_| !reuse_sink_checksum)
         .map(|_| checksum::Checksum::default());
     let chunk_bytes = CHUNK_ELEMENTS * view.dtype.size();
     let mut buffer = Vec::new();
@@ -345,7 +349,7 @@ fn stream_tensor(
         if let Some(sum) = source_checksum.as_mut() {
             sum.update(chunk);
         }
-        if view.dtype == spec.dtype {
+        if !cast {
             sink.write(chunk)?;
         } else {
             buffer.clear();
@@ -359,10 +363,16 @@ fn stream_tensor(
         }
         progress.inc((chunk.len() / view.dtype.size() * spec.dtype.size()) as u64);
     }
-    if let Some(sum) = source_checksum {
-        checksum::verify(source, &spec.name, &sum.hex())?;
+    let written = sink.end()?;
+    let source_sum = if reuse_sink_checksum {
+        written
+    } else {
+        source_checksum.map(|sum| sum.hex())
+    };
+    match source_sum {
+        Some(sum) => checksum::verify(source, &spec.name, &sum),
+        None => Ok(()),
     }
-    sink.end()
 }
 
 /// Copies the companion files the source has into `out`; returns their names.

@@ -233,6 +233,10 @@ impl StageFileWriter {
 }
 
 impl TensorSink for StageFileWriter {
+    fn computes_checksums(&self) -> bool {
+        true
+    }
+
     fn begin(&mut self, name: &str) -> Result<()> {
         let entry = &self.tensors[self.next];
         assert_eq!(entry.name, name, "tensors are written in layout order");
@@ -250,8 +254,8 @@ impl TensorSink for StageFileWriter {
         self.put(bytes)
     }
 
-    fn end(&mut self) -> Result<()> {
-        let checksum = self.current.take().expect("end() after begin()");
+    fn end(&mut self) -> Result<Option<String>> {
+        let checksum = self.current.take().expect("end() after begin()").hex();
         let entry = &mut self.tensors[self.next];
         assert_eq!(
             self.position,
@@ -259,8 +263,8 @@ impl TensorSink for StageFileWriter {
             "tensor `{}` written with the wrong length",
             entry.name
         );
-        entry.checksum = checksum.hex();
+        entry.checksum = checksum.clone();
         self.next += 1;
-        Ok(())
+        Ok(Some(checksum))
     }
 }
