@@ -15,5 +15,6 @@ pub mod interrupt;
 pub mod model;
 pub mod plan;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

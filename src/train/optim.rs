@@ -1,0 +1,238 @@
+//! Optimizers that step one parameter at a time, so that a stage can step its own parameters —
+//! and, with optimizer-in-backward, a layer's parameters as soon as their gradients are complete.
+//! State is keyed by Hugging Face parameter name, so it survives re-partitioning and resumption.
+//!
+//! `AdamW` follows `torch.optim.AdamW`; `Adafactor` follows `transformers.optimization.Adafactor`
+//! with `beta1=None, scale_parameter=False, relative_step=False, warmup_init=False`.
+
+use std::collections::HashMap;
+
+use burn::module::{ModuleMapper, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+
+/// Which update rule, with its hyperparameters (the learning rate is given per step).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Optimizer {
+    /// Adam with decoupled weight decay.
+    AdamW {
+        /// Decay rates of the first and second moments.
+        betas: (f64, f64),
+        /// Added to the denominator.
+        eps: f64,
+        /// Decoupled weight decay (multiplied by the learning rate).
+        weight_decay: f64,
+    },
+    /// Adafactor: a factored second moment for matrices, no first moment, update clipping.
+    Adafactor {
+        /// Added to the squared gradient, and the floor of the parameter scale (unused here).
+        eps: (f64, f64),
+        /// Updates whose RMS exceeds this are scaled down to it.
+        clip_threshold: f64,
+        /// The second-moment decay is `1 - step^decay_rate`.
+        decay_rate: f64,
+        /// Weight decay (multiplied by the learning rate).
+        weight_decay: f64,
+    },
+    /// Stochastic gradient descent, with optional momentum.
+    Sgd {
+        /// Momentum factor (0 disables it).
+        momentum: f64,
+        /// L2 penalty added to the gradient.
+        weight_decay: f64,
+    },
+}
+
+/// The state of one parameter.
+#[derive(Debug, Clone)]
+pub struct ParamState<B: Backend> {
+    /// Steps taken.
+    pub step: u64,
+    /// The rule's tensors (AdamW: first and second moment; factored Adafactor: row and column
+    /// statistics as `[rows, 1]` and `[1, cols]`; unfactored Adafactor: second moment; SGD:
+    /// momentum buffer, if any).
+    pub tensors: Vec<Tensor<B, 2>>,
+}
+
+impl Optimizer {
+    /// Steps `param` with `grad` at learning rate `lr`, both viewed as `[rows, cols]` matrices
+    /// (a vector is `[1, n]`). `factored` says whether the parameter is a matrix for Adafactor.
+    pub fn step<B: Backend>(
+        &self,
+        state: &mut Option<ParamState<B>>,
+        param: Tensor<B, 2>,
+        grad: Tensor<B, 2>,
+        factored: bool,
+        lr: f64,
+    ) -> Tensor<B, 2> {
+        let state = state.get_or_insert_with(|| ParamState {
+            step: 0,
+            tensors: Vec::new(),
+        });
+        state.step += 1;
+        let t = state.step as f64;
+        match *self {
+            Optimizer::AdamW {
+                betas: (b1, b2),
+                eps,
+                weight_decay,
+            } => {
+                if state.tensors.is_empty() {
+                    state.tensors = vec![grad.zeros_like(), grad.zeros_like()];
+                }
+                let param = param * (1.0 - lr * weight_decay);
+                let m = state.tensors[0].clone() * b1 + grad.clone() * (1.0 - b1);
+                let v = state.tensors[1].clone() * b2 + grad.square() * (1.0 - b2);
+                let step_size = lr / (1.0 - b1.powf(t));
+                let denom = v.clone().sqrt() / (1.0 - b2.powf(t)).sqrt() + eps;
+                let updated = param - m.clone() / denom * step_size;
+                state.tensors = vec![m, v];
+                updated
+            }
+            Optimizer::Adafactor {
+                eps: (eps1, _),
+                clip_threshold,
+                decay_rate,
+                weight_decay,
+            } => {
+                let beta2 = 1.0 - t.powf(decay_rate);
+                let squared = grad.clone().square() + eps1;
+                let update = if factored {
+                    if state.tensors.is_empty() {
+                        let [rows, cols] = grad.dims();
+                        let device = grad.device();
+                        state.tensors = vec![
+                            Tensor::zeros([rows, 1], &device),
+                            Tensor::zeros([1, cols], &device),
+                        ];
+                    }
+                    let row = state.tensors[0].clone() * beta2
+                        + squared.clone().mean_dim(1) * (1.0 - beta2);
+                    let col =
+                        state.tensors[1].clone() * beta2 + squared.mean_dim(0) * (1.0 - beta2);
+                    // The rank-1 estimate of the second moment is row · col / mean(row).
+                    let row_factor = (row.clone() / row.clone().mean().unsqueeze::<2>())
+                        .sqrt()
+                        .recip();
+                    let col_factor = col.clone().sqrt().recip();
+                    state.tensors = vec![row, col];
+                    row_factor * col_factor * grad
+                } else {
+                    if state.tensors.is_empty() {
+                        state.tensors = vec![grad.zeros_like()];
+                    }
+                    let v = state.tensors[0].clone() * beta2 + squared * (1.0 - beta2);
+                    state.tensors = vec![v.clone()];
+                    v.sqrt().recip() * grad
+                };
+                let numel = update.shape().num_elements() as f64;
+                let rms = (update.clone().square().sum() / numel).sqrt();
+                let scale = (rms / clip_threshold).clamp_min(1.0).unsqueeze::<2>();
+                let update = update / scale * lr;
+                let param = if weight_decay != 0.0 {
+                    param.clone() - param * (weight_decay * lr)
+                } else {
+                    param
+                };
+                param - update
+            }
+            Optimizer::Sgd {
+                momentum,
+                weight_decay,
+            } => {
+                let grad = if weight_decay != 0.0 {
+                    grad + param.clone() * weight_decay
+                } else {
+                    grad
+                };
+                let direction = if momentum != 0.0 {
+                    let buffer = match state.tensors.pop() {
+                        Some(buffer) => buffer * momentum + grad,
+                        None => grad,
+                    };
+                    state.tensors = vec![buffer.clone()];
+                    buffer
+                } else {
+                    grad
+                };
+                param - direction * lr
+            }
+        }
+    }
+}
+
+/// Optimizer state of every parameter a stage owns, by Hugging Face name.
+pub type OptimizerState<B> = HashMap<String, Option<ParamState<B>>>;
+
+/// Steps every parameter of a module that has a gradient: `model.map(&mut stepper)`.
+pub struct Stepper<'a, B: AutodiffBackend> {
+    /// The update rule.
+    pub optimizer: &'a Optimizer,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Gradients by parameter; each is consumed.
+    pub grads: &'a mut GradientsParams,
+    /// Parameter names, from `StageModel::named_params`.
+    pub names: &'a HashMap<ParamId, String>,
+    /// State by name; updated in place.
+    pub state: &'a mut OptimizerState<B::InnerBackend>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Stepper<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let (Some(name), Some(grad)) = (
+            self.names.get(&id),
+            self.grads.remove::<B::InnerBackend, D>(id),
+        ) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let dims = tensor.dims();
+        let cols = dims[D - 1];
+        let rows = dims.iter().product::<usize>() / cols.max(1);
+        let as_matrix = |t: Tensor<B::InnerBackend, D>| t.reshape([rows, cols]);
+        let updated = self.optimizer.step(
+            self.state.entry(name.clone()).or_default(),
+            as_matrix(tensor.inner()),
+            as_matrix(grad),
+            D >= 2,
+            self.lr,
+        );
+        let updated = Tensor::from_inner(updated.reshape(dims)).require_grad();
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+
+    fn values(t: Tensor<Cpu, 2>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn sgd_with_momentum_follows_torch() {
+        // torch.optim.SGD(momentum=0.9, weight_decay=0.1): buf = g + wd·p on the first step,
+        // then buf = 0.9·buf + (g + wd·p); p -= lr·buf.
+        let device = Default::default();
+        let sgd = Optimizer::Sgd {
+            momentum: 0.9,
+            weight_decay: 0.1,
+        };
+        let mut state = None;
+        let grad = || Tensor::<Cpu, 2>::from_floats([[1.0, -2.0]], &device);
+        let p = Tensor::<Cpu, 2>::from_floats([[1.0, 1.0]], &device);
+        let p = sgd.step(&mut state, p, grad(), false, 0.5);
+        // buf = [1.1, -1.9]; p = [1 - 0.55, 1 + 0.95]
+        assert_eq!(values(p.clone()), vec![0.45, 1.95]);
+        let p = sgd.step(&mut state, p, grad(), false, 0.5);
+        // buf = 0.9·[1.1, -1.9] + [1.045, -1.805] = [2.035, -3.515]
+        let got = values(p);
+        assert!((got[0] - (0.45 - 0.5 * 2.035)).abs() < 1e-6, "{got:?}");
+        assert!((got[1] - (1.95 + 0.5 * 3.515)).abs() < 1e-6, "{got:?}");
+        assert_eq!(state.unwrap().step, 2);
+    }
+}
