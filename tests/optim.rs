@@ -10,7 +10,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use common::{fixture, Expected, FIXTURES};
-use pp::backend::{Cpu, CpuAutodiff};
+use pp::backend::CpuAutodiff;
 use pp::checkpoint::SafetensorsWeights;
 use pp::model::loss::{cross_entropy_sum, Targets};
 use pp::model::{token_tensor, AttentionInputs, ModelConfig, StageModel, TokenLayout};
@@ -33,18 +33,8 @@ impl ModuleVisitor<B> for Values {
 struct Run {
     /// The loss before each step.
     losses: Vec<f32>,
-    /// The first step's gradients, by Hugging Face name.
-    first_grads: HashMap<String, Vec<f32>>,
     /// The parameters after the third step, by Hugging Face name.
     params: HashMap<String, Vec<f32>>,
-}
-
-fn grad_values(grads: &GradientsParams, id: ParamId) -> Option<Vec<f32>> {
-    let values = |data: burn::tensor::TensorData| data.to_vec::<f32>().unwrap();
-    grads
-        .get::<Cpu, 2>(id)
-        .map(|g| values(g.into_data()))
-        .or_else(|| grads.get::<Cpu, 1>(id).map(|g| values(g.into_data())))
 }
 
 fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
@@ -79,17 +69,11 @@ fn three_steps(name: &str, optimizer: &Optimizer, lr: f64) -> Run {
         .collect();
     let mut state = OptimizerState::default();
     let mut losses = Vec::new();
-    let mut first_grads = HashMap::new();
-    for step in 0..3 {
+    for _ in 0..3 {
         let logits = model.forward(token_tensor(&ids, batch, seq, &device), &inputs);
         let loss = cross_entropy_sum(logits, &targets) / targets.count as f64;
         losses.push(loss.clone().into_scalar());
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        if step == 0 {
-            for (id, name) in &names {
-                first_grads.insert(name.clone(), grad_values(&grads, *id).unwrap());
-            }
-        }
         model = model.map(&mut Stepper {
             optimizer,
             lr,
@@ -104,21 +88,13 @@ fn three_steps(name: &str, optimizer: &Optimizer, lr: f64) -> Run {
         .iter()
         .map(|(id, name)| (name.clone(), values.0[id].clone()))
         .collect();
-    Run {
-        losses,
-        first_grads,
-        params,
-    }
+    Run { losses, params }
 }
 
 fn check(optimizer_name: &str, optimizer: &Optimizer, lr: f64) {
     for name in FIXTURES {
         let expected = Expected::load(name);
-        let Run {
-            losses,
-            first_grads,
-            params,
-        } = three_steps(name, optimizer, lr);
+        let Run { losses, params } = three_steps(name, optimizer, lr);
         let want_losses = expected.f32(&format!("{optimizer_name}.losses")).values;
         for (step, (got, want)) in losses.iter().zip(&want_losses).enumerate() {
             assert!(
@@ -133,24 +109,18 @@ fn check(optimizer_name: &str, optimizer: &Optimizer, lr: f64) {
             .filter_map(|n| n.strip_prefix(&prefix).map(str::to_string))
             .collect();
         assert_eq!(tracked.len(), 4, "{name}: tracked parameters");
-        // The parameters must agree to 1e-5 (relative L2 over the tensor), or — where our
-        // gradient already differs from transformers' by more than that — to no worse than the
-        // gradient does: the optimizer must not amplify a disagreement it is handed. (Measured:
-        // the q/k projections of the tied bf16 fixture have gradients 3–7e-5 off, every other
-        // parameter of every fixture 1e-6 or better.)
-        // Element by element the bound is looser: where a gradient is as small as AdamW's eps
-        // (1e-8), 1e-10 summation-order differences move that element's update by a few percent
-        // of a step (measured: 2.6e-6 on one q_proj element, 4e-5 of the tensor's largest value).
+        // The parameters must agree to 1e-5 (relative L2 over the tensor). Element by element
+        // the bound is looser: where a gradient is as small as AdamW's eps (1e-8), 1e-10
+        // summation-order differences between our backward and PyTorch's move that element's
+        // update by a few percent of a step (measured: 2.6e-6 on one q_proj element, 4e-5 of the
+        // tensor's largest value).
         for param in tracked {
             let want = expected.f32(&format!("{prefix}{param}")).values;
             let got = &params[&param];
-            let reference_grad = expected.f32(&format!("grad.{param}")).values;
-            let grad_error = relative_l2(&first_grads[&param], &reference_grad);
             let relative = relative_l2(got, &want);
             assert!(
-                relative <= 1e-5_f64.max(grad_error),
-                "{name} {optimizer_name}: {param} off by {relative:e} (relative L2; gradient \
-                 off by {grad_error:e})"
+                relative <= 1e-5,
+                "{name} {optimizer_name}: {param} off by {relative:e} (relative L2)"
             );
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = common::max_abs_diff(got, &want);

@@ -2,6 +2,7 @@
 //! `rotate_half` layout in which a head's first and second halves form the rotated pairs).
 
 use super::config::{ModelConfig, RopeScaling};
+use crate::dtype::DType;
 
 /// Inverse frequencies for one head, and how they change with sequence length.
 #[derive(Debug, Clone)]
@@ -10,6 +11,10 @@ pub struct RotaryEmbedding {
     theta: f64,
     scaling: RopeScaling,
     max_position_embeddings: usize,
+    /// transformers keeps the inverse frequencies in a buffer that is cast with the model, so a
+    /// bfloat16 or float16 model computes RoPE from frequencies rounded to that dtype (and a
+    /// model upcast afterwards keeps the rounded values). `pp` rounds them the same way.
+    buffer_dtype: DType,
 }
 
 impl RotaryEmbedding {
@@ -20,6 +25,7 @@ impl RotaryEmbedding {
             theta: cfg.rope.theta,
             scaling: cfg.rope.scaling.clone(),
             max_position_embeddings: cfg.max_position_embeddings,
+            buffer_dtype: cfg.dtype,
         }
     }
 
@@ -40,7 +46,7 @@ impl RotaryEmbedding {
             .step_by(2)
             .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
             .collect();
-        match self.scaling {
+        let scaled: Vec<f32> = match self.scaling {
             RopeScaling::Default | RopeScaling::Dynamic { .. } => plain,
             RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor as f32).collect(),
             RopeScaling::Llama3 {
@@ -72,7 +78,11 @@ impl RotaryEmbedding {
                     })
                     .collect()
             }
-        }
+        };
+        let bytes: Vec<u8> = scaled.iter().flat_map(|f| f.to_le_bytes()).collect();
+        let mut rounded = Vec::with_capacity(bytes.len());
+        DType::F32.cast(&bytes, self.buffer_dtype, &mut rounded);
+        self.buffer_dtype.to_f32(&rounded)
     }
 
     /// Cosine and sine tables `[positions.len(), head_dim]`, row-major, for the given positions
@@ -106,6 +116,7 @@ mod tests {
             theta: 10_000.0,
             scaling,
             max_position_embeddings: 16,
+            buffer_dtype: DType::F32,
         }
     }
 
@@ -140,6 +151,20 @@ mod tests {
         let r = rope(RopeScaling::Dynamic { factor: 2.0 });
         assert_eq!(r.inv_freq(16), rope(RopeScaling::Default).inv_freq(16));
         assert!(r.inv_freq(64)[3] < r.inv_freq(16)[3]);
+    }
+
+    #[test]
+    fn half_precision_models_round_frequencies_like_their_buffer() {
+        let f32_freqs = rope(RopeScaling::Default).inv_freq(4);
+        let bf16_freqs = RotaryEmbedding {
+            buffer_dtype: DType::BF16,
+            ..rope(RopeScaling::Default)
+        }
+        .inv_freq(4);
+        for (a, b) in f32_freqs.iter().zip(&bf16_freqs) {
+            assert_eq!(*b, half::bf16::from_f32(*a).to_f32());
+        }
+        assert_ne!(f32_freqs, bf16_freqs);
     }
 
     #[test]
