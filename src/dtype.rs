@@ -67,6 +67,15 @@ impl DType {
 }
 
 impl DType {
+    /// `value` rounded to this dtype (round to nearest even), as a float32.
+    pub fn round(self, value: f32) -> f32 {
+        match self {
+            DType::F32 => value,
+            DType::BF16 => half::bf16::from_f32(value).to_f32(),
+            DType::F16 => half::f16::from_f32(value).to_f32(),
+        }
+    }
+
     /// Appends `bytes` (stored as `self`) to `out`, converted to `to`. Same-dtype casts copy the
     /// bytes; narrowing rounds to nearest even, as `torch.Tensor.to` does.
     pub fn cast(self, bytes: &[u8], to: DType, out: &mut Vec<u8>) {

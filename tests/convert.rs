@@ -45,6 +45,17 @@ fn manifest(dir: &Path) -> Value {
     json(&dir.join("manifest.json"))
 }
 
+/// `name` converted to the native format (with `flags`) in a temporary directory, as `native`.
+fn native_copy(name: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let native = tmp.path().join("native");
+    let source = hf(name);
+    let mut args = vec!["convert", arg(&source), arg(&native)];
+    args.extend_from_slice(flags);
+    stdout(&pp(&args));
+    (tmp, native)
+}
+
 fn layer_ranges(dir: &Path) -> Vec<(u64, u64)> {
     manifest(dir)["stages"]
         .as_array()
@@ -63,16 +74,8 @@ fn layer_ranges(dir: &Path) -> Vec<(u64, u64)> {
 #[test]
 fn round_trip_through_native_is_byte_exact_on_every_fixture() {
     for name in FIXTURES {
-        let tmp = tempfile::tempdir().unwrap();
-        let native = tmp.path().join("native");
+        let (tmp, native) = native_copy(name, &["--stages", "2"]);
         let back = tmp.path().join("back");
-        stdout(&pp(&[
-            "convert",
-            arg(&hf(name)),
-            arg(&native),
-            "--stages",
-            "2",
-        ]));
         let out = stdout(&pp(&["convert", arg(&native), arg(&back), "--to", "hf"]));
         assert!(out.contains("self-check passed"), "{out}");
 
@@ -105,16 +108,7 @@ fn round_trip_through_native_is_byte_exact_on_every_fixture() {
 
 #[test]
 fn tied_embedding_is_held_by_first_and_last_stage() {
-    let tmp = tempfile::tempdir().unwrap();
-    let native = tmp.path().join("native");
-    let source = hf("llama32-tied-bf16-sharded");
-    stdout(&pp(&[
-        "convert",
-        arg(&source),
-        arg(&native),
-        "--split",
-        "1,2",
-    ]));
+    let (_tmp, native) = native_copy("llama32-tied-bf16-sharded", &["--split", "1,2"]);
     let manifest = manifest(&native);
     assert_eq!(manifest["tied_embeddings"], true);
     let holders: Vec<usize> = manifest["stages"]
@@ -147,15 +141,7 @@ fn tied_embedding_is_held_by_first_and_last_stage() {
 
 #[test]
 fn a_stage_maps_only_its_own_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let native = tmp.path().join("native");
-    stdout(&pp(&[
-        "convert",
-        arg(&hf("llama3-tiny")),
-        arg(&native),
-        "--split",
-        "1,3",
-    ]));
+    let (_tmp, native) = native_copy("llama3-tiny", &["--split", "1,3"]);
     assert_eq!(layer_ranges(&native), vec![(0, 1), (1, 3), (3, 4)]);
     std::fs::remove_file(native.join("stage-000.bin")).unwrap();
     std::fs::remove_file(native.join("stage-002.bin")).unwrap();
@@ -183,22 +169,12 @@ fn a_stage_maps_only_its_own_file() {
 
 #[test]
 fn native_checkpoints_repartition_without_hugging_face() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (two, three, one) = (
-        tmp.path().join("two"),
-        tmp.path().join("three"),
-        tmp.path().join("one"),
+    let (tmp, two) = native_copy(
+        "mistral-tiny-swa",
+        &["--stages", "2", "--balance", "layers"],
     );
+    let (three, one) = (tmp.path().join("three"), tmp.path().join("one"));
     let source = hf("mistral-tiny-swa");
-    stdout(&pp(&[
-        "convert",
-        arg(&source),
-        arg(&two),
-        "--stages",
-        "2",
-        "--balance",
-        "layers",
-    ]));
     // Ties go to the split that gives earlier stages fewer layers.
     assert_eq!(layer_ranges(&two), vec![(0, 1), (1, 3)]);
     stdout(&pp(&["convert", arg(&two), arg(&three), "--stages", "3"]));
@@ -289,16 +265,8 @@ fn small_shards_are_indexed() {
 
 #[test]
 fn eval_and_inspect_read_the_native_format() {
-    let tmp = tempfile::tempdir().unwrap();
-    let native = tmp.path().join("native");
+    let (_tmp, native) = native_copy("llama3-tiny", &["--stages", "2"]);
     let source = hf("llama3-tiny");
-    stdout(&pp(&[
-        "convert",
-        arg(&source),
-        arg(&native),
-        "--stages",
-        "2",
-    ]));
     let data = fixture("eval-sample.jsonl");
     let eval = |model: &Path| stdout(&pp(&["eval", arg(model), "--data", arg(&data), "--json"]));
     assert_eq!(eval(&native), eval(&source));
@@ -309,20 +277,6 @@ fn eval_and_inspect_read_the_native_format() {
     assert_eq!(native_report["parameters"], hf_report["parameters"]);
     assert_eq!(native_report["format"], "native");
     assert_eq!(native_report["stages"].as_array().unwrap().len(), 2);
-}
-
-/// A native copy of `name` in a temporary directory.
-fn native_copy(name: &str, stages: &str) -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let native = tmp.path().join("native");
-    stdout(&pp(&[
-        "convert",
-        arg(&hf(name)),
-        arg(&native),
-        "--stages",
-        stages,
-    ]));
-    (tmp, native)
 }
 
 /// Asserts a failed conversion left neither the output nor a partial directory behind.
@@ -340,7 +294,7 @@ fn assert_nothing_written(out: &Path) {
 
 #[test]
 fn corrupt_tensor_bytes_fail_the_checksum() {
-    let (tmp, native) = native_copy("llama3-tiny", "2");
+    let (tmp, native) = native_copy("llama3-tiny", &["--stages", "2"]);
     let stage = native.join("stage-001.bin");
     let mut bytes = std::fs::read(&stage).unwrap();
     let last = bytes.len() - 3;
@@ -364,7 +318,7 @@ fn corrupt_tensor_bytes_fail_the_checksum() {
 
 #[test]
 fn truncated_stage_file_is_named() {
-    let (tmp, native) = native_copy("llama3-tiny", "2");
+    let (tmp, native) = native_copy("llama3-tiny", &["--stages", "2"]);
     let stage = native.join("stage-000.bin");
     let bytes = std::fs::read(&stage).unwrap();
     std::fs::write(&stage, &bytes[..bytes.len() / 2]).unwrap();
@@ -376,8 +330,8 @@ fn truncated_stage_file_is_named() {
 
 #[test]
 fn stage_file_from_another_checkpoint_is_refused() {
-    let (_a, first) = native_copy("llama3-tiny", "2");
-    let (_b, second) = native_copy("llama3-tiny", "3");
+    let (_a, first) = native_copy("llama3-tiny", &["--stages", "2"]);
+    let (_b, second) = native_copy("llama3-tiny", &["--stages", "3"]);
     // Same size is not enough: the header must match the manifest.
     std::fs::copy(second.join("stage-000.bin"), first.join("stage-000.bin")).unwrap();
     let manifest_path = first.join("manifest.json");
@@ -395,7 +349,7 @@ fn stage_file_from_another_checkpoint_is_refused() {
 
 #[test]
 fn unknown_format_version_and_corrupt_manifest_are_named() {
-    let (_tmp, native) = native_copy("llama3-tiny", "1");
+    let (_tmp, native) = native_copy("llama3-tiny", &["--stages", "1"]);
     let path = native.join("manifest.json");
     let mut newer = manifest(&native);
     newer["format_version"] = 99.into();

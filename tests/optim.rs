@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
-use common::{fixture, Expected, FIXTURES};
+use common::pipeline::{fixture_model, ReferenceBatch};
+use common::{Expected, FIXTURES};
 use pp::backend::CpuAutodiff;
-use pp::checkpoint::SafetensorsWeights;
-use pp::model::loss::{cross_entropy_sum, Targets};
-use pp::model::{token_tensor, AttentionInputs, ModelConfig, StageModel, TokenLayout};
+use pp::model::loss::cross_entropy_sum;
+use pp::model::StageModel;
 use pp::train::optim::{Optimizer, OptimizerState, Stepper};
 use pp_stages::StageSlice;
 
@@ -45,23 +45,12 @@ fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
 
 /// Three steps of `optimizer` on the fixture's reference batch.
 fn three_steps(name: &str, optimizer: &Optimizer, lr: f64) -> Run {
-    let dir = fixture(name).join("hf");
-    let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let weights = SafetensorsWeights::open(&dir).unwrap();
-    let device = Default::default();
-    let mut model: StageModel<B> = StageModel::load(
-        &config,
-        StageSlice::whole(config.num_layers),
-        &weights,
-        &device,
-    )
-    .unwrap();
-    let expected = Expected::load(name);
-    let (ids, labels) = (expected.i64("input_ids"), expected.i64("labels"));
-    let [batch, seq] = [ids.shape[0], ids.shape[1]];
-    let ids: Vec<u32> = ids.values.iter().map(|&i| i as u32).collect();
-    let inputs = AttentionInputs::new(&config, &TokenLayout::contiguous(batch, seq), &device);
-    let targets = Targets::from_labels(&labels.values, batch, seq);
+    let (config, weights) = fixture_model(name);
+    let whole = StageSlice::whole(config.num_layers);
+    let mut model: StageModel<B> =
+        StageModel::load(&config, whole, &weights, &Default::default()).unwrap();
+    let reference = ReferenceBatch::load(name, &config);
+    let targets = &reference.targets;
     let names: HashMap<ParamId, String> = model
         .named_params()
         .into_iter()
@@ -70,8 +59,8 @@ fn three_steps(name: &str, optimizer: &Optimizer, lr: f64) -> Run {
     let mut state = OptimizerState::default();
     let mut losses = Vec::new();
     for _ in 0..3 {
-        let logits = model.forward(token_tensor(&ids, batch, seq, &device), &inputs);
-        let loss = cross_entropy_sum(logits, &targets) / targets.count as f64;
+        let logits = model.forward(reference.tokens(), &reference.inputs);
+        let loss = cross_entropy_sum(logits, targets) / targets.count as f64;
         losses.push(loss.clone().into_scalar());
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         model = model.map(&mut Stepper {

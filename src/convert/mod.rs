@@ -114,27 +114,26 @@ pub fn convert(
     }
     let staging = Staging::create(out_dir, options.force)?;
     let tensors = ordered_tensors(source.weights.as_ref(), options.dtype)?;
-    let total: u64 = tensors.iter().map(TensorSpec::bytes).sum();
     let (partition, bytes_written) = match &options.target {
         Target::Native(stages) => {
             let partition = choose_partition(&source, stages, options.dtype)?;
-            progress.set_length(native_bytes(
-                &tensors,
-                &partition,
-                source.info.config.tie_word_embeddings,
-            ));
-            let written = write_native(
+            let layouts =
+                stage_layouts(&tensors, &partition, source.info.config.tie_word_embeddings);
+            let bytes = layouts.iter().flatten().map(TensorSpec::bytes).sum();
+            progress.set_length(bytes);
+            write_native(
                 &source,
-                &tensors,
+                layouts,
                 &partition,
                 options.dtype,
                 staging.path(),
                 progress,
             )?;
-            (Some(partition), written)
+            (Some(partition), bytes)
         }
         Target::HuggingFace { max_shard_bytes } => {
-            progress.set_length(total);
+            let bytes = tensors.iter().map(TensorSpec::bytes).sum();
+            progress.set_length(bytes);
             write_hf(
                 &source,
                 tensors,
@@ -143,7 +142,7 @@ pub fn convert(
                 staging.path(),
                 progress,
             )?;
-            (None, total)
+            (None, bytes)
         }
     };
     progress.finish_and_clear();
@@ -235,44 +234,27 @@ fn stage_layouts(
     layouts
 }
 
-fn native_bytes(tensors: &[TensorSpec], partition: &Partition, tied: bool) -> u64 {
-    stage_layouts(tensors, partition, tied)
-        .iter()
-        .flatten()
-        .map(TensorSpec::bytes)
-        .sum()
-}
-
 fn write_native(
     source: &ModelFiles,
-    tensors: &[TensorSpec],
+    layouts: Vec<Vec<TensorSpec>>,
     partition: &Partition,
     cast: Option<DType>,
     out: &Path,
     progress: &ProgressBar,
-) -> Result<u64> {
-    let tied = source.info.config.tie_word_embeddings;
+) -> Result<()> {
     let mut stages = Vec::with_capacity(partition.len());
-    let mut written = 0;
-    for (index, layout) in stage_layouts(tensors, partition, tied)
-        .into_iter()
-        .enumerate()
-    {
-        let mut writer = StageFileWriter::create(
-            out,
-            index,
-            partition.stages()[index].clone(),
-            layout.clone(),
-        )?;
+    for (index, layout) in layouts.into_iter().enumerate() {
+        let slice = partition.stages()[index].clone();
+        let mut writer = StageFileWriter::create(out, index, slice, layout.clone())?;
         for spec in &layout {
             stream_tensor(source.weights.as_ref(), spec, &mut writer, progress)?;
-            written += spec.bytes();
         }
         stages.push(writer.finish()?);
     }
     let files = copy_companion_files(source, out)?;
     let dtype = cast.unwrap_or_else(|| {
-        tensors
+        stages[0]
+            .tensors
             .iter()
             .find(|t| t.name == EMBED)
             .map_or(source.info.config.dtype, |t| t.dtype)
@@ -281,15 +263,14 @@ fn write_native(
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
         dtype,
-        tied_embeddings: tied,
+        tied_embeddings: source.info.config.tie_word_embeddings,
         checksum: checksum::ALGORITHM.into(),
         config: with_dtype(&source.info.hf_config, dtype),
         files,
         stages,
     };
     // The manifest goes last: a directory without one is not a checkpoint.
-    checkpoint::write_json(&out.join(MANIFEST_FILE), &manifest)?;
-    Ok(written)
+    checkpoint::write_json(&out.join(MANIFEST_FILE), &manifest)
 }
 
 fn write_hf(

@@ -83,8 +83,8 @@ pub fn verify(
         // One model in memory at a time: the source's part runs, is dropped, then the
         // converted part runs on the same input.
         let input = hidden.take();
-        let run = |weights: &dyn WeightSource, config: &ModelConfig| -> Result<Tensor<Cpu, 3>> {
-            let model = StageModel::<Cpu>::load(config, slice.clone(), weights, &device)?;
+        let run = |weights: &dyn WeightSource| -> Result<Tensor<Cpu, 3>> {
+            let model = StageModel::<Cpu>::load(cfg, slice.clone(), weights, &device)?;
             Ok(match (part, input.clone()) {
                 (Part::Embedding, _) => model.embed(token_tensor(&ids, 1, PROBE_TOKENS, &device)),
                 (Part::Layer(_), Some(h)) => model.run_layers(h, &inputs),
@@ -93,7 +93,7 @@ pub fn verify(
             })
         };
         let want = match cast {
-            None => run(source.weights.as_ref(), cfg)?,
+            None => run(source.weights.as_ref())?,
             Some(_) => {
                 // The source's weights rounded as the conversion rounded them.
                 let mut names: Vec<String> = source_names
@@ -104,13 +104,16 @@ pub fn verify(
                 if part == Part::Head && cfg.tie_word_embeddings {
                     names.push(EMBED.to_string());
                 }
-                run(
-                    &OwnedWeights::copy_from(source.weights.as_ref(), &names, cast)?,
-                    cfg,
-                )?
+                run(&OwnedWeights::copy_from(
+                    source.weights.as_ref(),
+                    &names,
+                    cast,
+                )?)?
             }
         };
-        let got = run(converted.weights.as_ref(), &converted.info.config)?;
+        // The configs are equal but for the dtype, checked above; the probe's rotary tables
+        // (`inputs`) are the source's for both.
+        let got = run(converted.weights.as_ref())?;
         let scale: f32 = want.clone().abs().max().into_scalar();
         let diff: f32 = (want.clone() - got).abs().max().into_scalar();
         // Identical weights through identical kernels give identical outputs; the slack only

@@ -79,10 +79,10 @@ impl RotaryEmbedding {
                     .collect()
             }
         };
-        let bytes: Vec<u8> = scaled.iter().flat_map(|f| f.to_le_bytes()).collect();
-        let mut rounded = Vec::with_capacity(bytes.len());
-        DType::F32.cast(&bytes, self.buffer_dtype, &mut rounded);
-        self.buffer_dtype.to_f32(&rounded)
+        scaled
+            .into_iter()
+            .map(|f| self.buffer_dtype.round(f))
+            .collect()
     }
 
     /// Cosine and sine tables `[positions.len(), head_dim]`, row-major, for the given positions

@@ -3,7 +3,7 @@
 
 use burn::module::ParamId;
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use pp::backend::{Cpu, CpuAutodiff};
 use pp::checkpoint::SafetensorsWeights;
 use pp::model::loss::{cross_entropy_sum, Targets};
@@ -13,6 +13,43 @@ use pp_stages::StageSlice;
 use super::Expected;
 
 type B = CpuAutodiff;
+
+/// A fixture's configuration and weights.
+pub fn fixture_model(name: &str) -> (ModelConfig, SafetensorsWeights) {
+    let dir = super::fixture(name).join("hf");
+    let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    (config, SafetensorsWeights::open(&dir).unwrap())
+}
+
+/// A fixture's reference batch (`expected.safetensors`), ready to feed to a model.
+pub struct ReferenceBatch {
+    pub batch: usize,
+    pub seq: usize,
+    ids: Vec<u32>,
+    pub inputs: AttentionInputs<B>,
+    pub targets: Targets,
+}
+
+impl ReferenceBatch {
+    pub fn load(name: &str, config: &ModelConfig) -> Self {
+        let expected = Expected::load(name);
+        let (ids, labels) = (expected.i64("input_ids"), expected.i64("labels"));
+        let [batch, seq] = [ids.shape[0], ids.shape[1]];
+        let layout = TokenLayout::contiguous(batch, seq);
+        Self {
+            batch,
+            seq,
+            ids: ids.values.iter().map(|&i| i as u32).collect(),
+            inputs: AttentionInputs::new(config, &layout, &Default::default()),
+            targets: Targets::from_labels(&labels.values, batch, seq),
+        }
+    }
+
+    /// The token ids as a `[batch, seq]` tensor.
+    pub fn tokens(&self) -> Tensor<B, 2, Int> {
+        token_tensor(&self.ids, self.batch, self.seq, &Default::default())
+    }
+}
 
 fn grads_by_name(model: &StageModel<B>, grads: &mut GradientsParams) -> Vec<(String, Vec<f32>)> {
     let take = |grads: &mut GradientsParams, id: ParamId| {
@@ -50,20 +87,14 @@ pub struct PipelineRun {
 /// from the loss on the last stage, then through each earlier stage with the gradient of the next
 /// stage's input. Gradients of a parameter held by two stages (tied embeddings) are summed.
 pub fn run_pipeline(name: &str, slices: &[StageSlice]) -> PipelineRun {
-    let dir = super::fixture(name).join("hf");
-    let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let weights = SafetensorsWeights::open(&dir).unwrap();
+    let (config, weights) = fixture_model(name);
     let device = Default::default();
     let stages: Vec<StageModel<B>> = slices
         .iter()
         .map(|s| StageModel::load(&config, s.clone(), &weights, &device).unwrap())
         .collect();
-    let expected = Expected::load(name);
-    let (ids, labels) = (expected.i64("input_ids"), expected.i64("labels"));
-    let [batch, seq] = [ids.shape[0], ids.shape[1]];
-    let ids: Vec<u32> = ids.values.iter().map(|&i| i as u32).collect();
-    let inputs = AttentionInputs::new(&config, &TokenLayout::contiguous(batch, seq), &device);
-    let targets = Targets::from_labels(&labels.values, batch, seq);
+    let reference = ReferenceBatch::load(name, &config);
+    let (inputs, targets) = (&reference.inputs, &reference.targets);
 
     // Forward: each stage receives a detached copy of the previous stage's output, as if it had
     // come over the network, and marks it as requiring a gradient.
@@ -74,16 +105,16 @@ pub fn run_pipeline(name: &str, slices: &[StageSlice]) -> PipelineRun {
         let input = hidden.take().map(|h| h.detach().require_grad());
         let start = match &input {
             Some(h) => h.clone(),
-            None => stage.embed(token_tensor(&ids, batch, seq, &device)),
+            None => stage.embed(reference.tokens()),
         };
-        let out = stage.run_layers(start, &inputs);
+        let out = stage.run_layers(start, inputs);
         stage_inputs.push(input);
         hidden = Some(out.clone());
         stage_outputs.push(out);
     }
     let last = stages.last().unwrap();
     let logits = last.logits(stage_outputs.pop().unwrap());
-    let loss_tensor = cross_entropy_sum(logits.clone(), &targets) / targets.count as f64;
+    let loss_tensor = cross_entropy_sum(logits.clone(), targets) / targets.count as f64;
     let loss = loss_tensor.clone().into_scalar();
 
     // Backward: the last stage from the loss, every earlier stage from the gradient of the next
