@@ -111,6 +111,25 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with the byte range of `text` each token came from (special tokens
+    /// written in the text cover their own bytes).
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: format!("cannot encode text: {e}"),
+            })?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+    }
+
+    /// The id of the end-of-sequence token named by `tokenizer_config.json`'s `eos_token`.
+    pub fn eos_id(&self) -> Option<u32> {
+        let text = self.special_tokens.get("eos_token")?.as_str()?;
+        self.inner.token_to_id(text)
+    }
+
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner

@@ -4,80 +4,22 @@
 
 mod common;
 
-use std::collections::HashMap;
-
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
-use common::pipeline::{fixture_model, ReferenceBatch};
+use common::training::{relative_l2, train_steps, Run};
 use common::{Expected, FIXTURES};
-use pp::backend::CpuAutodiff;
-use pp::model::loss::cross_entropy_sum;
-use pp::model::StageModel;
-use pp::train::optim::{Optimizer, OptimizerState, Stepper};
-use pp_stages::StageSlice;
+use pp::train::optim::Optimizer;
+use pp::train::runtime::MemorySavers;
 
-type B = CpuAutodiff;
-
-/// Collects every float parameter's values by id.
-struct Values(HashMap<ParamId, Vec<f32>>);
-
-impl ModuleVisitor<B> for Values {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let values = param.val().into_data().to_vec::<f32>().unwrap();
-        self.0.insert(param.id, values);
-    }
-}
-
-/// What three steps on a fixture's batch gave.
-struct Run {
-    /// The loss before each step.
-    losses: Vec<f32>,
-    /// The parameters after the third step, by Hugging Face name.
-    params: HashMap<String, Vec<f32>>,
-}
-
-fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
-    let norm =
-        |v: &mut dyn Iterator<Item = f32>| v.map(|x| f64::from(x).powi(2)).sum::<f64>().sqrt();
-    norm(&mut got.iter().zip(want).map(|(a, b)| a - b)) / norm(&mut want.iter().copied())
-}
-
-/// Three steps of `optimizer` on the fixture's reference batch.
+/// Three steps of `optimizer` on the fixture's reference batch, as one micro-batch.
 fn three_steps(name: &str, optimizer: &Optimizer, lr: f64) -> Run {
-    let (config, weights) = fixture_model(name);
-    let whole = StageSlice::whole(config.num_layers);
-    let mut model: StageModel<B> =
-        StageModel::load(&config, whole, &weights, &Default::default()).unwrap();
-    let reference = ReferenceBatch::load(name, &config);
-    let targets = &reference.targets;
-    let names: HashMap<ParamId, String> = model
-        .named_params()
-        .into_iter()
-        .map(|(n, id)| (id, n))
-        .collect();
-    let mut state = OptimizerState::default();
-    let mut losses = Vec::new();
-    for _ in 0..3 {
-        let logits = model.forward(reference.tokens(), &reference.inputs);
-        let loss = cross_entropy_sum(logits, targets) / targets.count as f64;
-        losses.push(loss.clone().into_scalar());
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = model.map(&mut Stepper {
-            optimizer,
-            lr,
-            grads: &mut grads,
-            names: &names,
-            state: &mut state,
-        });
-    }
-    let mut values = Values(HashMap::new());
-    model.visit(&mut values);
-    let params = names
-        .iter()
-        .map(|(id, name)| (name.clone(), values.0[id].clone()))
-        .collect();
-    Run { losses, params }
+    train_steps(
+        name,
+        optimizer,
+        lr,
+        3,
+        usize::MAX,
+        MemorySavers::default(),
+        None,
+    )
 }
 
 fn check(optimizer_name: &str, optimizer: &Optimizer, lr: f64) {
@@ -87,7 +29,7 @@ fn check(optimizer_name: &str, optimizer: &Optimizer, lr: f64) {
         let want_losses = expected.f32(&format!("{optimizer_name}.losses")).values;
         for (step, (got, want)) in losses.iter().zip(&want_losses).enumerate() {
             assert!(
-                (got - want).abs() <= 1e-5 * want.abs(),
+                (got - f64::from(*want)).abs() <= 1e-5 * f64::from(want.abs()),
                 "{name} {optimizer_name}: loss before step {step}: {got} vs {want}"
             );
         }

@@ -14,7 +14,8 @@ use pp_stages::StageSlice;
 pub struct Args {
     /// A model directory: Hugging Face or pp native.
     model: PathBuf,
-    /// JSONL rows of {"text": ...} or {"input_ids": [...], "labels": [...]}.
+    /// JSONL rows: {"text"}, {"prompt", "completion"}, {"messages"} or {"input_ids", "labels"};
+    /// every token is scored.
     #[arg(long)]
     data: PathBuf,
     /// Longest sequence fed to the model; longer rows are scored in windows
@@ -47,7 +48,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let examples = pp::data::read_jsonl(&args.data, tokenizer.as_ref(), cfg.vocab_size)?;
+    let examples = pp::data::read_jsonl(
+        &args.data,
+        &pp::data::RowOptions::plain(tokenizer.as_ref(), cfg.vocab_size),
+    )?;
     let device = Default::default();
     let model = StageModel::<Cpu>::load(
         cfg,

@@ -1,7 +1,7 @@
 //! What every layer of one forward pass shares: rotary tables for each token's position and
 //! the attention mask. Built once per micro-batch from a [`TokenLayout`] and reused by all layers.
 
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, Tensor, TensorData};
 
 use super::config::ModelConfig;
@@ -78,6 +78,15 @@ impl<B: Backend> AttentionInputs<B> {
             cos: table(cos),
             sin: table(sin),
             mask: Tensor::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device),
+        }
+    }
+
+    /// The same tables on the autodiff backend over `B` (constants: nothing flows back to them).
+    pub fn to_autodiff<A: AutodiffBackend<InnerBackend = B>>(&self) -> AttentionInputs<A> {
+        AttentionInputs {
+            cos: Tensor::from_inner(self.cos.clone()),
+            sin: Tensor::from_inner(self.sin.clone()),
+            mask: Tensor::from_inner(self.mask.clone()),
         }
     }
 

@@ -1,7 +1,7 @@
 //! A contiguous slice of the decoder — embedding, a run of layers, the head — that one pipeline
 //! stage owns. The whole model is the slice that owns everything.
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use pp_stages::StageSlice;
@@ -9,7 +9,7 @@ use pp_stages::StageSlice;
 use super::config::ModelConfig;
 use super::context::AttentionInputs;
 use super::layers::{load_param, DecoderLayer, Linear, RmsNorm};
-use super::names::{EMBED, FINAL_NORM, LM_HEAD};
+use super::names::{Part, EMBED, FINAL_NORM, LM_HEAD};
 use crate::checkpoint::WeightSource;
 use crate::error::{Error, Result};
 
@@ -140,6 +140,49 @@ impl<B: Backend> StageModel<B> {
         inputs: &AttentionInputs<B>,
     ) -> Tensor<B, 3> {
         self.logits(self.run_layers(self.embed(input_ids), inputs))
+    }
+
+    /// The parts this stage runs, in forward order (layers numbered as in the whole model).
+    pub fn parts(&self) -> Vec<Part> {
+        let embedding = self.slice.embedding.then_some(Part::Embedding);
+        let layers = self.slice.layers.clone().map(Part::Layer);
+        let head = self.slice.head.then_some(Part::Head);
+        embedding.into_iter().chain(layers).chain(head).collect()
+    }
+
+    /// Visits the parameters `part` uses. The head of a tied model without its own output
+    /// weight uses the embedding table.
+    pub fn visit_part<V: ModuleVisitor<B>>(&self, part: Part, visitor: &mut V) {
+        match part {
+            Part::Embedding => self.embed_tokens.visit(visitor),
+            Part::Layer(i) => self.layers[i - self.slice.layers.start].visit(visitor),
+            Part::Head => {
+                self.norm.visit(visitor);
+                match &self.lm_head {
+                    Some(head) => head.visit(visitor),
+                    None => self.embed_tokens.visit(visitor),
+                }
+            }
+        }
+    }
+
+    /// Maps the parameters `part` uses (see [`visit_part`](Self::visit_part)).
+    pub fn map_part<M: ModuleMapper<B>>(&mut self, part: Part, mapper: &mut M) {
+        match part {
+            Part::Embedding => self.embed_tokens = self.embed_tokens.take().map(|m| m.map(mapper)),
+            Part::Layer(i) => {
+                let local = i - self.slice.layers.start;
+                self.layers[local] = self.layers[local].clone().map(mapper);
+            }
+            Part::Head => {
+                self.norm = self.norm.take().map(|m| m.map(mapper));
+                if self.lm_head.is_some() {
+                    self.lm_head = self.lm_head.take().map(|m| m.map(mapper));
+                } else {
+                    self.embed_tokens = self.embed_tokens.take().map(|m| m.map(mapper));
+                }
+            }
+        }
     }
 
     /// Every parameter with its Hugging Face name, in module order.

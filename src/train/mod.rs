@@ -1,3 +1,4 @@
-//! Training: optimizers (and, as the training issue lands, data, schedules and checkpoints).
+//! Training: the stage runtime, optimizers, learning-rate schedules and the training loop.
 
 pub mod optim;
+pub mod runtime;

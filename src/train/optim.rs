@@ -5,12 +5,14 @@
 //! `AdamW` follows `torch.optim.AdamW`; `Adafactor` follows `transformers.optimization.Adafactor`
 //! with `beta1=None, scale_parameter=False, relative_step=False, warmup_init=False`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use burn::module::{ModuleMapper, Param, ParamId};
-use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
+
+use super::runtime::{as_matrix, GradStore};
+use crate::dtype::DType;
 
 /// Which update rule, with its hyperparameters (the learning rate is given per step).
 #[derive(Debug, Clone, PartialEq)]
@@ -165,43 +167,73 @@ impl Optimizer {
 /// Optimizer state of every parameter a stage owns, by Hugging Face name.
 pub type OptimizerState<B> = HashMap<String, Option<ParamState<B>>>;
 
-/// Steps every parameter of a module that has a gradient: `model.map(&mut stepper)`.
+/// Steps the parameters of a module that have an accumulated gradient: `part.map(&mut stepper)`.
 pub struct Stepper<'a, B: AutodiffBackend> {
     /// The update rule.
     pub optimizer: &'a Optimizer,
     /// Learning rate of this step.
     pub lr: f64,
-    /// Gradients by parameter; each is consumed.
-    pub grads: &'a mut GradientsParams,
+    /// Gradients are multiplied by this first (global-norm clipping).
+    pub grad_scale: f64,
+    /// Gradients by parameter name; each stepped one is removed.
+    pub grads: &'a mut GradStore<B::InnerBackend>,
     /// Parameter names, from `StageModel::named_params`.
     pub names: &'a HashMap<ParamId, String>,
+    /// Step only these parameters, if given.
+    pub only: Option<&'a HashSet<String>>,
     /// State by name; updated in place.
     pub state: &'a mut OptimizerState<B::InnerBackend>,
+    /// The dtype the weights are kept in: bf16 weights are rounded after each update.
+    pub weight_dtype: DType,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Stepper<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
-        let (Some(name), Some(grad)) = (
-            self.names.get(&id),
-            self.grads.remove::<B::InnerBackend, D>(id),
-        ) else {
+        let name = &self.names[&id];
+        let wanted = self.only.is_none_or(|only| only.contains(name));
+        let grad = if wanted {
+            self.grads.remove(name)
+        } else {
+            None
+        };
+        let Some(grad) = grad else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
+        let grad = if self.grad_scale == 1.0 {
+            grad
+        } else {
+            grad * self.grad_scale
+        };
         let dims = tensor.dims();
-        let cols = dims[D - 1];
-        let rows = dims.iter().product::<usize>() / cols.max(1);
-        let as_matrix = |t: Tensor<B::InnerBackend, D>| t.reshape([rows, cols]);
         let updated = self.optimizer.step(
             self.state.entry(name.clone()).or_default(),
             as_matrix(tensor.inner()),
-            as_matrix(grad),
+            grad,
             D >= 2,
             self.lr,
         );
+        let updated = round_to(updated, self.weight_dtype);
         let updated = Tensor::from_inner(updated.reshape(dims)).require_grad();
         Param::from_mapped_value(id, updated, mapper)
     }
+}
+
+/// Rounds float32 values to `dtype` (round to nearest even), keeping them in float32.
+fn round_to<B: Backend>(t: Tensor<B, 2>, dtype: DType) -> Tensor<B, 2> {
+    if dtype == DType::F32 {
+        return t;
+    }
+    let device = t.device();
+    let shape = t.dims();
+    let values: Vec<f32> = t
+        .into_data()
+        .to_vec::<f32>()
+        .expect("float32 weights")
+        .into_iter()
+        .map(|v| dtype.round(v))
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), &device)
 }
 
 #[cfg(test)]

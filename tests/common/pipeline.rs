@@ -6,6 +6,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor};
 use pp::backend::{Cpu, CpuAutodiff};
 use pp::checkpoint::SafetensorsWeights;
+use pp::data::Sequence;
 use pp::model::loss::{cross_entropy_sum, Targets};
 use pp::model::{token_tensor, AttentionInputs, ModelConfig, StageModel, TokenLayout};
 use pp_stages::StageSlice;
@@ -26,6 +27,7 @@ pub struct ReferenceBatch {
     pub batch: usize,
     pub seq: usize,
     ids: Vec<u32>,
+    labels: Vec<i64>,
     pub inputs: AttentionInputs<B>,
     pub targets: Targets,
 }
@@ -40,9 +42,23 @@ impl ReferenceBatch {
             batch,
             seq,
             ids: ids.values.iter().map(|&i| i as u32).collect(),
+            labels: labels.values.clone(),
             inputs: AttentionInputs::new(config, &layout, &Default::default()),
             targets: Targets::from_labels(&labels.values, batch, seq),
         }
+    }
+
+    /// The batch's rows as training sequences.
+    pub fn sequences(&self) -> Vec<Sequence> {
+        self.ids
+            .chunks(self.seq)
+            .zip(self.labels.chunks(self.seq))
+            .map(|(ids, labels)| Sequence {
+                input_ids: ids.to_vec(),
+                labels: labels.to_vec(),
+                documents: vec![self.seq],
+            })
+            .collect()
     }
 
     /// The token ids as a `[batch, seq]` tensor.

@@ -1,0 +1,459 @@
+//! The stage runtime: forward and backward of one stage's parts (embedding, layers, head), one
+//! micro-batch at a time, with gradients accumulated per parameter and the optimizer stepping
+//! the stage's own parameters. Single-device training is the stage that owns every part.
+//!
+//! Each part runs as its own small graph: its input is a fresh leaf, so the backward pass goes
+//! part by part from the last to the first, carrying the gradient of each part's input down to
+//! the part before. That one mechanism gives the memory savers:
+//! - plain: each part's graph is kept from forward to backward;
+//! - `checkpoint_activations`: forward runs without a graph and keeps only each part's input;
+//!   backward recomputes the part from it;
+//! - `offload_activations`: those inputs wait in host memory;
+//! - `optimizer_in_backward`: a part's parameters are stepped as soon as backward has passed
+//!   the last part that uses them, and their gradients freed, so at most one part's gradients
+//!   exist at a time.
+
+use std::collections::{HashMap, HashSet};
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+
+use super::optim::{Optimizer, OptimizerState, Stepper};
+use crate::data::MicroBatch;
+use crate::dtype::DType;
+use crate::model::loss::{cross_entropy_sum, Targets};
+use crate::model::names::Part;
+use crate::model::{token_tensor, AttentionInputs, StageModel};
+
+/// Which memory savers are on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemorySavers {
+    /// Keep only each part's input; recompute the part in backward.
+    pub checkpoint_activations: bool,
+    /// Keep those inputs in host memory (implies checkpointing).
+    pub offload_activations: bool,
+    /// Step each part's parameters during backward and free their gradients at once.
+    pub optimizer_in_backward: bool,
+}
+
+/// Gradients accumulated per parameter name, each viewed as a `[rows, cols]` matrix.
+pub type GradStore<B> = HashMap<String, Tensor<B, 2>>;
+
+/// What flows between parts: token ids into the embedding, hidden states elsewhere.
+enum Activation<B: Backend> {
+    Tokens(Tensor<B, 2, Int>),
+    Hidden(Tensor<B, 3>),
+}
+
+/// What a part produces: hidden states, or the summed loss of the micro-batch (head).
+enum PartOutput<B: Backend> {
+    Hidden(Tensor<B, 3>),
+    Loss(Tensor<B, 1>),
+}
+
+/// What a part keeps between its forward and backward.
+enum Saved<B: AutodiffBackend> {
+    /// The part's graph: its input leaf (none for token ids) and its output.
+    Graph {
+        input: Option<Tensor<B, 3>>,
+        output: PartOutput<B>,
+    },
+    /// The part's input, on the device, to recompute from.
+    Input(Activation<B::InnerBackend>),
+    /// A hidden-state input in host memory.
+    Host(TensorData),
+}
+
+/// One micro-batch in flight: what its parts need again in backward.
+struct InFlight<B: AutodiffBackend> {
+    attention: AttentionInputs<B::InnerBackend>,
+    targets: Targets,
+    saved: Vec<Saved<B>>,
+}
+
+/// What the stage's forward pass produced.
+pub enum StageOutput<B: Backend> {
+    /// Hidden states for the next stage.
+    Hidden(Tensor<B, 3>),
+    /// The micro-batch's summed loss and its number of scored tokens (last stage).
+    Loss {
+        /// Summed cross-entropy (nats).
+        sum: f64,
+        /// Scored tokens.
+        tokens: usize,
+    },
+}
+
+/// Runs one stage's parts and owns its optimizer state.
+pub struct StageRunner<B: AutodiffBackend> {
+    model: StageModel<B>,
+    /// The same parameters without autodiff, for forward passes that build no graph; rebuilt
+    /// after each step.
+    inner: Option<StageModel<B::InnerBackend>>,
+    parts: Vec<Part>,
+    names: HashMap<ParamId, String>,
+    /// For each part, the parameters whose last contribution in backward comes from it.
+    completes: HashMap<usize, HashSet<String>>,
+    savers: MemorySavers,
+    optimizer: Optimizer,
+    state: OptimizerState<B::InnerBackend>,
+    grads: GradStore<B::InnerBackend>,
+    /// Sum of squared gradients already stepped in backward (optimizer-in-backward).
+    stepped_sum_squares: f64,
+    /// Learning rate for steps taken inside backward.
+    lr: f64,
+    /// Parameters are rounded to this dtype after each step (bf16 training on f32 compute).
+    weight_dtype: DType,
+    in_flight: HashMap<usize, InFlight<B>>,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> StageRunner<B> {
+    /// A runner for `model`, with fresh optimizer state.
+    pub fn new(
+        model: StageModel<B>,
+        optimizer: Optimizer,
+        savers: MemorySavers,
+        weight_dtype: DType,
+        device: B::Device,
+    ) -> Self {
+        let parts = model.parts();
+        let names: HashMap<ParamId, String> = model
+            .named_params()
+            .into_iter()
+            .map(|(name, id)| (id, name))
+            .collect();
+        // Backward visits parts last to first, so a parameter is complete at the first part
+        // (in forward order) that uses it: the tied embedding at the embedding, not the head.
+        let mut completes: HashMap<usize, HashSet<String>> = HashMap::new();
+        let mut seen = HashSet::new();
+        for (index, &part) in parts.iter().enumerate() {
+            let mut ids = IdCollector(Vec::new());
+            model.visit_part(part, &mut ids);
+            for id in ids.0 {
+                let name = names[&id].clone();
+                if seen.insert(name.clone()) {
+                    completes.entry(index).or_default().insert(name);
+                }
+            }
+        }
+        Self {
+            model,
+            inner: None,
+            parts,
+            names,
+            completes,
+            savers,
+            optimizer,
+            state: OptimizerState::new(),
+            grads: GradStore::new(),
+            stepped_sum_squares: 0.0,
+            lr: 0.0,
+            weight_dtype,
+            in_flight: HashMap::new(),
+            device,
+        }
+    }
+
+    /// The model with its current weights.
+    pub fn model(&self) -> &StageModel<B> {
+        &self.model
+    }
+
+    /// The optimizer state, by parameter name.
+    pub fn optimizer_state(&self) -> &OptimizerState<B::InnerBackend> {
+        &self.state
+    }
+
+    /// Replaces the optimizer state (resuming).
+    pub fn set_optimizer_state(&mut self, state: OptimizerState<B::InnerBackend>) {
+        self.state = state;
+    }
+
+    /// The learning rate of the next step (used during backward with optimizer-in-backward).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn inner_model(&mut self) -> &StageModel<B::InnerBackend> {
+        self.inner.get_or_insert_with(|| self.model.valid())
+    }
+
+    /// Runs the stage forward on micro-batch `id`: from `batch`'s tokens on the first stage,
+    /// else from `input`, the previous stage's hidden states.
+    pub fn forward(
+        &mut self,
+        id: usize,
+        batch: &MicroBatch,
+        input: Option<Tensor<B::InnerBackend, 3>>,
+    ) -> StageOutput<B::InnerBackend> {
+        let [rows, seq] = [batch.layout.batch, batch.layout.seq];
+        let attention = AttentionInputs::new(self.model.config(), &batch.layout, &self.device);
+        let mut x = Some(match input {
+            Some(hidden) => Activation::Hidden(hidden),
+            None => Activation::Tokens(token_tensor(&batch.input_ids, rows, seq, &self.device)),
+        });
+        let recompute = self.savers.checkpoint_activations || self.savers.offload_activations;
+        let mut saved = Vec::with_capacity(self.parts.len());
+        let mut loss = None;
+        for part in self.parts.clone() {
+            let input = x.take().expect("each part feeds the next");
+            let out = if recompute {
+                let out = run_part(self.inner_model(), part, &input, &attention, &batch.targets);
+                saved.push(match input {
+                    Activation::Hidden(h) if self.savers.offload_activations => {
+                        Saved::Host(h.into_data())
+                    }
+                    other => Saved::Input(other),
+                });
+                out
+            } else {
+                let leaf = lift(&input);
+                let out = run_part(
+                    &self.model,
+                    part,
+                    &leaf,
+                    &attention.to_autodiff(),
+                    &batch.targets,
+                );
+                let value = detach(&out);
+                saved.push(Saved::Graph {
+                    input: match leaf {
+                        Activation::Hidden(h) => Some(h),
+                        Activation::Tokens(_) => None,
+                    },
+                    output: out,
+                });
+                value
+            };
+            match out {
+                PartOutput::Hidden(h) => x = Some(Activation::Hidden(h)),
+                PartOutput::Loss(sum) => loss = Some(sum),
+            }
+        }
+        self.in_flight.insert(
+            id,
+            InFlight {
+                attention,
+                targets: batch.targets.clone(),
+                saved,
+            },
+        );
+        match (loss, x) {
+            (Some(sum), _) => StageOutput::Loss {
+                sum: f64::from(sum.into_scalar().elem::<f32>()),
+                tokens: batch.targets.count,
+            },
+            (None, Some(Activation::Hidden(h))) => StageOutput::Hidden(h),
+            _ => unreachable!("a stage ends with hidden states or the loss"),
+        }
+    }
+
+    /// Backward of micro-batch `id`. The last stage starts from its loss scaled by
+    /// `loss_scale` (one over the step's scored tokens, for a token-weighted mean); other stages
+    /// from `grad_output`, the gradient of their output. Returns the gradient of the stage's
+    /// input (none on the first stage). `last` says this is the step's last micro-batch, after
+    /// which optimizer-in-backward steps each part as backward leaves it.
+    pub fn backward(
+        &mut self,
+        id: usize,
+        grad_output: Option<Tensor<B::InnerBackend, 3>>,
+        loss_scale: f64,
+        last: bool,
+    ) -> Option<Tensor<B::InnerBackend, 3>> {
+        let InFlight {
+            attention,
+            targets,
+            mut saved,
+        } = self
+            .in_flight
+            .remove(&id)
+            .expect("backward follows the micro-batch's forward");
+        let mut grad = grad_output;
+        for index in (0..self.parts.len()).rev() {
+            let part = self.parts[index];
+            let (input, output) = match saved.pop().expect("one saved entry per part") {
+                Saved::Graph { input, output } => (input, output),
+                Saved::Input(activation) => self.recompute(part, activation, &attention, &targets),
+                Saved::Host(data) => {
+                    let hidden = Tensor::from_data(data, &self.device);
+                    self.recompute(part, Activation::Hidden(hidden), &attention, &targets)
+                }
+            };
+            let mut grads = match output {
+                PartOutput::Loss(loss) => (loss * loss_scale).backward(),
+                PartOutput::Hidden(out) => {
+                    let upstream = grad.take().expect("a gradient for the stage's output");
+                    (out * Tensor::from_inner(upstream)).sum().backward()
+                }
+            };
+            grad = input.and_then(|leaf| leaf.grad(&grads));
+            let mut collector = GradCollector {
+                names: &self.names,
+                grads: &mut grads,
+                store: &mut self.grads,
+            };
+            self.model.visit_part(part, &mut collector);
+            if last && self.savers.optimizer_in_backward {
+                if let Some(complete) = self.completes.get(&index).cloned() {
+                    self.stepped_sum_squares += sum_squares(&self.grads, Some(&complete));
+                    self.apply(part, Some(&complete), 1.0);
+                }
+            }
+        }
+        grad
+    }
+
+    fn recompute(
+        &self,
+        part: Part,
+        input: Activation<B::InnerBackend>,
+        attention: &AttentionInputs<B::InnerBackend>,
+        targets: &Targets,
+    ) -> (Option<Tensor<B, 3>>, PartOutput<B>) {
+        let leaf = lift(&input);
+        let output = run_part(&self.model, part, &leaf, &attention.to_autodiff(), targets);
+        let input = match leaf {
+            Activation::Hidden(h) => Some(h),
+            Activation::Tokens(_) => None,
+        };
+        (input, output)
+    }
+
+    /// Sum of the squares of the stage's accumulated gradients (for the global norm; with
+    /// optimizer-in-backward, of the gradients it stepped).
+    pub fn grad_sum_squares(&self) -> f64 {
+        self.stepped_sum_squares + sum_squares(&self.grads, None)
+    }
+
+    /// Steps every parameter with an accumulated gradient, scaled by `grad_scale` (clipping),
+    /// and clears the gradients. With optimizer-in-backward the parameters were stepped during
+    /// backward and this only resets the count.
+    pub fn step(&mut self, grad_scale: f64) {
+        for part in self.parts.clone() {
+            self.apply(part, None, grad_scale);
+        }
+        self.grads.clear();
+        self.stepped_sum_squares = 0.0;
+    }
+
+    fn apply(&mut self, part: Part, only: Option<&HashSet<String>>, grad_scale: f64) {
+        let mut stepper = Stepper {
+            optimizer: &self.optimizer,
+            lr: self.lr,
+            grad_scale,
+            grads: &mut self.grads,
+            names: &self.names,
+            only,
+            state: &mut self.state,
+            weight_dtype: self.weight_dtype,
+        };
+        self.model.map_part(part, &mut stepper);
+        self.inner = None;
+    }
+
+    /// Summed loss and scored tokens of `batch` without building a graph (validation). Only for
+    /// a stage that owns the whole model.
+    pub fn evaluate(&mut self, batch: &MicroBatch) -> (f64, usize) {
+        let [rows, seq] = [batch.layout.batch, batch.layout.seq];
+        let attention = AttentionInputs::new(self.model.config(), &batch.layout, &self.device);
+        let ids = token_tensor(&batch.input_ids, rows, seq, &self.device);
+        let model = self.inner_model();
+        let logits = model.forward(ids, &attention);
+        let sum: f32 = cross_entropy_sum(logits, &batch.targets)
+            .into_scalar()
+            .elem();
+        (f64::from(sum), batch.targets.count)
+    }
+}
+
+/// Runs one part of `model` on `input`.
+fn run_part<BB: Backend>(
+    model: &StageModel<BB>,
+    part: Part,
+    input: &Activation<BB>,
+    attention: &AttentionInputs<BB>,
+    targets: &Targets,
+) -> PartOutput<BB> {
+    let hidden = |input: &Activation<BB>| match input {
+        Activation::Hidden(h) => h.clone(),
+        Activation::Tokens(_) => unreachable!("only the embedding takes token ids"),
+    };
+    match part {
+        Part::Embedding => match input {
+            Activation::Tokens(ids) => PartOutput::Hidden(model.embed(ids.clone())),
+            Activation::Hidden(_) => unreachable!("the embedding takes token ids"),
+        },
+        Part::Layer(i) => {
+            let layer = &model.layers[i - model.slice().layers.start];
+            PartOutput::Hidden(layer.forward(hidden(input), attention))
+        }
+        Part::Head => PartOutput::Loss(cross_entropy_sum(model.logits(hidden(input)), targets)),
+    }
+}
+
+/// The input of a part as a leaf of a new graph on the autodiff backend.
+fn lift<B: AutodiffBackend>(input: &Activation<B::InnerBackend>) -> Activation<B> {
+    match input {
+        Activation::Tokens(ids) => Activation::Tokens(Tensor::from_inner(ids.clone())),
+        Activation::Hidden(h) => Activation::Hidden(Tensor::from_inner(h.clone()).require_grad()),
+    }
+}
+
+/// A part's output as a plain value for the next part.
+fn detach<B: AutodiffBackend>(output: &PartOutput<B>) -> PartOutput<B::InnerBackend> {
+    match output {
+        PartOutput::Hidden(h) => PartOutput::Hidden(h.clone().inner()),
+        PartOutput::Loss(l) => PartOutput::Loss(l.clone().inner()),
+    }
+}
+
+/// Sum of squares of the gradients in `store` (only those named in `only`, if given).
+fn sum_squares<B: Backend>(store: &GradStore<B>, only: Option<&HashSet<String>>) -> f64 {
+    store
+        .iter()
+        .filter(|(name, _)| only.is_none_or(|set| set.contains(*name)))
+        .map(|(_, g)| f64::from(g.clone().square().sum().into_scalar().elem::<f32>()))
+        .sum()
+}
+
+/// Views a tensor as `[rows, cols]`, its last dimension as columns (a vector is one row).
+pub(crate) fn as_matrix<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 2> {
+    let dims = t.dims();
+    let cols = dims[D - 1];
+    let rows = dims.iter().product::<usize>() / cols.max(1);
+    t.reshape([rows, cols])
+}
+
+/// Moves each parameter's gradient out of a backward pass into the store, adding it to what
+/// earlier micro-batches (or the other use of a tied weight) left there.
+struct GradCollector<'a, B: AutodiffBackend> {
+    names: &'a HashMap<ParamId, String>,
+    grads: &'a mut B::Gradients,
+    store: &'a mut GradStore<B::InnerBackend>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(grad) = param.val().grad_remove(self.grads) else {
+            return;
+        };
+        let grad = as_matrix(grad);
+        let name = &self.names[&param.id];
+        let total = match self.store.remove(name) {
+            Some(earlier) => earlier + grad,
+            None => grad,
+        };
+        self.store.insert(name.clone(), total);
+    }
+}
+
+/// Collects parameter ids.
+struct IdCollector(Vec<ParamId>);
+
+impl<B: Backend> ModuleVisitor<B> for IdCollector {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0.push(param.id);
+    }
+}

@@ -1,0 +1,105 @@
+//! Training steps on a fixture's reference batch through the stage runtime.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::Tensor;
+use pp::backend::CpuAutodiff;
+use pp::data::MicroBatch;
+use pp::dtype::DType;
+use pp::model::StageModel;
+use pp::train::optim::Optimizer;
+use pp::train::runtime::{MemorySavers, StageOutput, StageRunner};
+use pp_stages::StageSlice;
+
+use super::pipeline::{fixture_model, ReferenceBatch};
+
+type B = CpuAutodiff;
+
+/// What some steps on a fixture's batch gave.
+pub struct Run {
+    /// The loss before each step.
+    pub losses: Vec<f64>,
+    /// The parameters after the last step, by Hugging Face name.
+    pub params: HashMap<String, Vec<f32>>,
+}
+
+/// Collects every float parameter's values by id.
+struct Values(HashMap<ParamId, Vec<f32>>);
+
+impl ModuleVisitor<B> for Values {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let values = param.val().into_data().to_vec::<f32>().unwrap();
+        self.0.insert(param.id, values);
+    }
+}
+
+/// Every parameter of `model` by Hugging Face name.
+pub fn param_values(model: &StageModel<B>) -> HashMap<String, Vec<f32>> {
+    let mut values = Values(HashMap::new());
+    model.visit(&mut values);
+    model
+        .named_params()
+        .into_iter()
+        .map(|(name, id)| (name, values.0[&id].clone()))
+        .collect()
+}
+
+/// `steps` optimizer steps on the fixture's reference batch, its rows split into micro-batches
+/// of `micro_batch` rows, with the given memory savers and global-norm clipping.
+pub fn train_steps(
+    name: &str,
+    optimizer: &Optimizer,
+    lr: f64,
+    steps: usize,
+    micro_batch: usize,
+    savers: MemorySavers,
+    max_grad_norm: Option<f64>,
+) -> Run {
+    let (config, weights) = fixture_model(name);
+    let device = Default::default();
+    let whole = StageSlice::whole(config.num_layers);
+    let model: StageModel<B> = StageModel::load(&config, whole, &weights, &device).unwrap();
+    let mut runner = StageRunner::new(model, optimizer.clone(), savers, DType::F32, device);
+    let reference = ReferenceBatch::load(name, &config);
+    let sequences = reference.sequences();
+    let refs: Vec<_> = sequences.iter().collect();
+    let micro_batches: Vec<MicroBatch> = refs
+        .chunks(micro_batch)
+        .map(|rows| MicroBatch::new(rows, 0))
+        .collect();
+    let tokens: usize = micro_batches.iter().map(|m| m.targets.count).sum();
+    let mut losses = Vec::new();
+    for _ in 0..steps {
+        runner.set_lr(lr);
+        let mut sum = 0.0;
+        for (i, batch) in micro_batches.iter().enumerate() {
+            match runner.forward(i, batch, None) {
+                StageOutput::Loss { sum: s, .. } => sum += s,
+                StageOutput::Hidden(_) => panic!("a whole model ends with the loss"),
+            }
+            let last = i + 1 == micro_batches.len();
+            assert!(runner
+                .backward(i, None, 1.0 / tokens as f64, last)
+                .is_none());
+        }
+        losses.push(sum / tokens as f64);
+        let norm = runner.grad_sum_squares().sqrt();
+        let scale = match max_grad_norm {
+            Some(max) if norm > max => max / (norm + 1e-6),
+            _ => 1.0,
+        };
+        runner.step(scale);
+    }
+    Run {
+        losses,
+        params: param_values(runner.model()),
+    }
+}
+
+/// Relative L2 distance of `got` from `want`.
+pub fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
+    let norm =
+        |v: &mut dyn Iterator<Item = f32>| v.map(|x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    norm(&mut got.iter().zip(want).map(|(a, b)| a - b)) / norm(&mut want.iter().copied())
+}
