@@ -48,6 +48,12 @@ pub enum Error {
         /// What is wrong with the row.
         message: String,
     },
+    /// A command-line option, or a combination of them, that cannot work.
+    #[error("{0}")]
+    Usage(String),
+    /// Training cannot go on (for example, the loss diverged).
+    #[error("{0}")]
+    Training(String),
     /// The user pressed Ctrl-C; the operation stopped and cleaned up.
     #[error("interrupted")]
     Interrupted,

@@ -3,6 +3,7 @@
 mod convert;
 mod eval;
 mod inspect;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,8 @@ enum Command {
     Convert(convert::Args),
     /// Mean token cross-entropy and perplexity of a model on a JSONL dataset.
     Eval(eval::Args),
+    /// Fine-tune a model on a JSONL dataset.
+    Train(train::Args),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -31,6 +34,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Train(args) => train::run(args),
     }
 }
 

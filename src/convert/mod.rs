@@ -19,7 +19,9 @@ use crate::checkpoint::hf_writer::{self, SafetensorsWriter};
 use crate::checkpoint::native::{
     Manifest, StageFileWriter, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
 };
-use crate::checkpoint::{self, checksum, Format, ModelFiles, TensorSink, TensorSpec, WeightSource};
+use crate::checkpoint::{
+    self, checksum, Format, ModelFiles, ModelInfo, TensorSink, TensorSpec, WeightSource,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::names::{Part, EMBED};
@@ -122,7 +124,8 @@ pub fn convert(
             let bytes = layouts.iter().flatten().map(TensorSpec::bytes).sum();
             progress.set_length(bytes);
             write_native(
-                &source,
+                source.weights.as_ref(),
+                &source.info,
                 layouts,
                 &partition,
                 options.dtype,
@@ -234,8 +237,30 @@ fn stage_layouts(
     layouts
 }
 
+/// Writes `weights` (every tensor of the model described by `info`) as a native checkpoint
+/// with `partition` into `out`, an empty directory; used for trained weights.
+pub fn write_native_model(
+    weights: &dyn WeightSource,
+    info: &ModelInfo,
+    partition: &Partition,
+    out: &Path,
+) -> Result<()> {
+    let tensors = ordered_tensors(weights, None)?;
+    let layouts = stage_layouts(&tensors, partition, info.config.tie_word_embeddings);
+    write_native(
+        weights,
+        info,
+        layouts,
+        partition,
+        None,
+        out,
+        &ProgressBar::hidden(),
+    )
+}
+
 fn write_native(
-    source: &ModelFiles,
+    weights: &dyn WeightSource,
+    info: &ModelInfo,
     layouts: Vec<Vec<TensorSpec>>,
     partition: &Partition,
     cast: Option<DType>,
@@ -247,25 +272,25 @@ fn write_native(
         let slice = partition.stages()[index].clone();
         let mut writer = StageFileWriter::create(out, index, slice, layout.clone())?;
         for spec in &layout {
-            stream_tensor(source.weights.as_ref(), spec, &mut writer, progress)?;
+            stream_tensor(weights, spec, &mut writer, progress)?;
         }
         stages.push(writer.finish()?);
     }
-    let files = copy_companion_files(source, out)?;
+    let files = copy_companion_files(info, out)?;
     let dtype = cast.unwrap_or_else(|| {
         stages[0]
             .tensors
             .iter()
             .find(|t| t.name == EMBED)
-            .map_or(source.info.config.dtype, |t| t.dtype)
+            .map_or(info.config.dtype, |t| t.dtype)
     });
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
         dtype,
-        tied_embeddings: source.info.config.tie_word_embeddings,
+        tied_embeddings: info.config.tie_word_embeddings,
         checksum: checksum::ALGORITHM.into(),
-        config: with_dtype(&source.info.hf_config, dtype),
+        config: with_dtype(&info.hf_config, dtype),
         files,
         stages,
     };
@@ -295,7 +320,7 @@ fn write_hf(
         None => source.info.hf_config.clone(),
     };
     checkpoint::write_json(&out.join(checkpoint::HF_CONFIG_FILE), &config)?;
-    let files = copy_companion_files(source, out)?;
+    let files = copy_companion_files(&source.info, out)?;
     if !files.iter().any(|f| f == GENERATION_CONFIG) {
         checkpoint::write_json(
             &out.join(GENERATION_CONFIG),
@@ -357,10 +382,10 @@ fn stream_tensor(
 }
 
 /// Copies the companion files the source has into `out`; returns their names.
-fn copy_companion_files(source: &ModelFiles, out: &Path) -> Result<Vec<String>> {
+fn copy_companion_files(info: &ModelInfo, out: &Path) -> Result<Vec<String>> {
     let mut copied = Vec::new();
     for name in COMPANION_FILES {
-        let from = source.info.dir.join(name);
+        let from = info.dir.join(name);
         if from.is_file() {
             let to = out.join(name);
             std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;

@@ -1,4 +1,13 @@
-//! Training: the stage runtime, optimizers, learning-rate schedules and the training loop.
+//! Training: the stage runtime, optimizers, learning-rate schedules, checkpoints, metrics and
+//! the training loop.
 
+pub mod checkpoint;
+pub mod metrics;
 pub mod optim;
 pub mod runtime;
+pub mod schedule;
+pub mod trainer;
+
+pub use trainer::{
+    train, Length, Observer, Resume, StepReport, TrainOptions, TrainReport, Validation,
+};

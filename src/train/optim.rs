@@ -236,6 +236,19 @@ fn round_to<B: Backend>(t: Tensor<B, 2>, dtype: DType) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(values, shape), &device)
 }
 
+/// Rounds every parameter to a dtype: weights loaded from a float32 checkpoint for bf16
+/// training start from bf16 values.
+pub struct Rounder(pub DType);
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Rounder {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let dims = tensor.dims();
+        let rounded = round_to(as_matrix(tensor.inner()), self.0).reshape(dims);
+        Param::from_mapped_value(id, Tensor::from_inner(rounded).require_grad(), mapper)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,245 @@
+//! Training checkpoints: `OUT/checkpoints/step-N/` holds the weights as a native checkpoint
+//! (loadable by every `pp` command), each stage's optimizer state as
+//! `optimizer-NNN.safetensors` (tensor `NAME#k` is state tensor `k` of parameter `NAME`), and
+//! `trainer.json` with the step and everything needed to continue exactly. Each is written
+//! into a staging directory and renamed into place, so a crash mid-save leaves the previous
+//! checkpoints as they were.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use pp_stages::Partition;
+use serde::{Deserialize, Serialize};
+
+use super::optim::{OptimizerState, ParamState};
+use crate::checkpoint::hf_writer::SafetensorsWriter;
+use crate::checkpoint::{ModelInfo, OwnedWeights, TensorSink, TensorSpec};
+use crate::convert::{write_native_model, Staging};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::StageModel;
+
+/// The file that marks a directory as a training checkpoint.
+pub const TRAINER_FILE: &str = "trainer.json";
+
+/// Where a run stands: enough to continue it so that it behaves as if never stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The run's total steps.
+    pub total_steps: u64,
+    /// Which optimizer wrote the state (`adamw`, `adafactor`, `sgd`).
+    pub optimizer: String,
+    /// Dtype of the trained weights.
+    pub dtype: DType,
+    /// Rows per step: with the step, it fixes the position in the data.
+    pub batch_size: usize,
+    /// The data order's seed (`null` without shuffling). The order of each epoch is drawn
+    /// from it and the epoch alone, so it is the whole random state of a run.
+    pub shuffle_seed: Option<u64>,
+    /// Number of training sequences and a checksum of them: a resumed run must see the same
+    /// data for its steps to line up.
+    pub data_sequences: usize,
+    /// xxh3 of the training sequences' tokens and labels.
+    pub data_checksum: String,
+    /// Best validation loss so far, for early stopping.
+    pub best_val_loss: Option<f64>,
+    /// Evaluations since the best one.
+    pub evals_without_improvement: u32,
+    /// Scored tokens trained on so far.
+    pub tokens_seen: u64,
+}
+
+/// The directory of the checkpoint after `step` under `checkpoints`.
+pub fn step_dir(checkpoints: &Path, step: u64) -> PathBuf {
+    checkpoints.join(format!("step-{step}"))
+}
+
+/// Saved checkpoints under `checkpoints`, oldest first, by step.
+pub fn list(checkpoints: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(checkpoints) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let step = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            path.join(TRAINER_FILE).is_file().then_some((step, path))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Removes all but the newest `keep` checkpoints.
+pub fn prune(checkpoints: &Path, keep: usize) -> Result<()> {
+    let found = list(checkpoints);
+    for (_, path) in found.iter().take(found.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// Writes the checkpoint of a whole model held by one runner: weights in `dtype` with
+/// `partition`, the optimizer state of each stage of the partition, and `state`.
+pub fn save<B: AutodiffBackend>(
+    dir: &Path,
+    model: &StageModel<B>,
+    optimizer_state: &OptimizerState<B::InnerBackend>,
+    info: &ModelInfo,
+    partition: &Partition,
+    dtype: DType,
+    state: &TrainerState,
+) -> Result<()> {
+    let staging = Staging::create(dir, true)?;
+    write_native_model(&weights_of(model, dtype), info, partition, staging.path())?;
+    write_optimizer_state(&staging.path().join(optimizer_file(0)), optimizer_state)?;
+    crate::checkpoint::write_json(&staging.path().join(TRAINER_FILE), state)?;
+    staging.commit()
+}
+
+/// Reads `trainer.json` of the checkpoint in `dir`.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(TRAINER_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path,
+        message: format!("not a valid trainer state: {e}"),
+    })
+}
+
+/// Reads the optimizer state of stage `stage` of the checkpoint in `dir`, taken `step` steps.
+/// `shapes` gives each parameter's `[rows, cols]`, to refuse state of another model.
+pub fn read_optimizer_state<B: Backend>(
+    dir: &Path,
+    stage: usize,
+    step: u64,
+    shapes: &HashMap<String, [usize; 2]>,
+    device: &B::Device,
+) -> Result<OptimizerState<B>> {
+    let path = dir.join(optimizer_file(stage));
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let bad = |message: String| Error::Checkpoint {
+        path: path.clone(),
+        message,
+    };
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a valid optimizer state file: {e}")))?;
+    let mut tensors: HashMap<String, Vec<(usize, Tensor<B, 2>)>> = HashMap::new();
+    for (key, view) in file.tensors() {
+        let (name, index) = key
+            .rsplit_once('#')
+            .and_then(|(n, k)| Some((n.to_string(), k.parse::<usize>().ok()?)))
+            .ok_or_else(|| bad(format!("unexpected tensor `{key}`")))?;
+        let Some(&[rows, cols]) = shapes.get(&name) else {
+            return Err(bad(format!(
+                "state for `{name}`, which this model does not have: the checkpoint belongs \
+                 to another model"
+            )));
+        };
+        let shape = view.shape();
+        let fits = shape.len() == 2
+            && (shape[0] == rows || shape[0] == 1)
+            && (shape[1] == cols || shape[1] == 1);
+        if !fits || view.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!(
+                "state `{key}` is {:?} {shape:?}, which does not fit parameter `{name}` \
+                 [{rows}, {cols}]: the checkpoint belongs to another model",
+                view.dtype()
+            )));
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        let tensor = Tensor::from_data(TensorData::new(values, [shape[0], shape[1]]), device);
+        tensors.entry(name).or_default().push((index, tensor));
+    }
+    Ok(tensors
+        .into_iter()
+        .map(|(name, mut list)| {
+            list.sort_by_key(|(index, _)| *index);
+            let tensors = list.into_iter().map(|(_, t)| t).collect();
+            (name, Some(ParamState { step, tensors }))
+        })
+        .collect())
+}
+
+fn optimizer_file(stage: usize) -> String {
+    format!("optimizer-{stage:03}.safetensors")
+}
+
+fn write_optimizer_state<B: Backend>(path: &Path, state: &OptimizerState<B>) -> Result<()> {
+    let mut entries: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
+    let mut names: Vec<&String> = state.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(param) = &state[name] else { continue };
+        for (k, tensor) in param.tensors.iter().enumerate() {
+            let shape = tensor.dims().to_vec();
+            let values = tensor.to_data().to_vec::<f32>().expect("float32 state");
+            entries.push((format!("{name}#{k}"), values, shape));
+        }
+    }
+    let specs = entries
+        .iter()
+        .map(|(name, _, shape)| TensorSpec {
+            name: name.clone(),
+            dtype: DType::F32,
+            shape: shape.clone(),
+        })
+        .collect();
+    let mut writer = SafetensorsWriter::create(path, specs)?;
+    for (name, values, _) in &entries {
+        writer.begin(name)?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        writer.write(&bytes)?;
+        writer.end()?;
+    }
+    writer.finish()
+}
+
+/// The model's parameters by Hugging Face name, stored in `dtype`.
+pub(crate) fn weights_of<B: Backend>(model: &StageModel<B>, dtype: DType) -> OwnedWeights {
+    let names: HashMap<_, _> = model
+        .named_params()
+        .into_iter()
+        .map(|(name, id)| (id, name))
+        .collect();
+    let mut collector = WeightCollector {
+        names,
+        dtype,
+        weights: OwnedWeights::default(),
+    };
+    model.visit(&mut collector);
+    collector.weights
+}
+
+struct WeightCollector {
+    names: HashMap<burn::module::ParamId, String>,
+    dtype: DType,
+    weights: OwnedWeights,
+}
+
+impl<B: Backend> ModuleVisitor<B> for WeightCollector {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let tensor = param.val();
+        let shape = tensor.dims().to_vec();
+        let values = tensor.into_data().to_vec::<f32>().expect("float32 weights");
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut bytes = Vec::with_capacity(values.len() * self.dtype.size());
+        DType::F32.cast(&raw, self.dtype, &mut bytes);
+        self.weights
+            .insert(&self.names[&param.id], self.dtype, shape, bytes);
+    }
+}

@@ -1,0 +1,585 @@
+//! The training loop on one device: data to steps, steps through the stage runtime, with
+//! validation, early stopping, checkpoints, resumption and Ctrl-C handled between steps.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+use pp_stages::{Partition, StageSlice};
+
+use super::checkpoint::{self, TrainerState};
+use super::metrics::MetricsLog;
+use super::optim::{Optimizer, Rounder};
+use super::runtime::{as_matrix, MemorySavers, StageOutput, StageRunner};
+use super::schedule::LrSchedule;
+use crate::checkpoint::{checksum::Checksum, Format, ModelInfo};
+use crate::data::{
+    read_jsonl, split_validation, LossOn, MicroBatch, RowOptions, RowTemplate, SequenceOptions,
+    SequenceSet,
+};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::{ModelConfig, StageModel};
+use crate::tokenizer::{Tokenizer, TOKENIZER_FILE};
+
+/// Where validation data comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Validation {
+    /// No validation.
+    None,
+    /// A separate JSONL file.
+    File(PathBuf),
+    /// This fraction of the training rows, held out.
+    Split(f64),
+}
+
+/// How long to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    /// This many optimizer steps.
+    Steps(u64),
+    /// This many passes over the training data.
+    Epochs(u64),
+}
+
+/// Which checkpoint to continue from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    /// The newest under `OUT_DIR/checkpoints`.
+    Latest,
+    /// This checkpoint directory.
+    Path(PathBuf),
+}
+
+/// Everything a training run needs.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// The model to start from (Hugging Face or native).
+    pub model_dir: PathBuf,
+    /// Training data (JSONL).
+    pub data: PathBuf,
+    /// Where checkpoints, the final model and metrics go.
+    pub out_dir: PathBuf,
+    /// Validation data.
+    pub validation: Validation,
+    /// Which tokens are scored.
+    pub loss_on: LossOn,
+    /// A template for rows of other shapes.
+    pub template: Option<RowTemplate>,
+    /// Truncation and packing.
+    pub sequences: SequenceOptions,
+    /// Seed of the data order, or `None` to keep file order.
+    pub shuffle_seed: Option<u64>,
+    /// Dtype of the trained weights.
+    pub dtype: DType,
+    /// The update rule.
+    pub optimizer: Optimizer,
+    /// Peak learning rate, decay, floor and warmup (its `total_steps` is filled in).
+    pub schedule: LrSchedule,
+    /// How long to train.
+    pub length: Length,
+    /// Rows per optimizer step.
+    pub batch_size: usize,
+    /// Rows per forward/backward pass.
+    pub micro_batch_size: usize,
+    /// Global gradient-norm clipping threshold.
+    pub max_grad_norm: Option<f64>,
+    /// Memory savers.
+    pub savers: MemorySavers,
+    /// Save a checkpoint every this many steps.
+    pub save_every: Option<u64>,
+    /// Keep only this many checkpoints.
+    pub keep: Option<usize>,
+    /// Continue from a checkpoint.
+    pub resume: Option<Resume>,
+    /// Validate every this many steps (and at the start and the end).
+    pub eval_every: Option<u64>,
+    /// Stop after this many validations without a new best loss.
+    pub early_stopping_patience: Option<u32>,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    /// Steps completed, this one included.
+    pub step: u64,
+    /// Steps in the run.
+    pub total_steps: u64,
+    /// Token-weighted mean loss of the step.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Input tokens (padding excluded) per second of the step.
+    pub tokens_per_s: f64,
+    /// Pass over the data the step belongs to (0-based).
+    pub epoch: u64,
+}
+
+/// What the run reports to its user as it goes.
+pub trait Observer {
+    /// Training starts at `start_step` of `total_steps`.
+    fn started(&mut self, start_step: u64, total_steps: u64);
+    /// A step finished.
+    fn step(&mut self, report: &StepReport);
+    /// A line worth showing (validation results, checkpoints, early stopping).
+    fn note(&mut self, message: &str);
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// Steps completed.
+    pub steps: u64,
+    /// Loss of the last step.
+    pub last_loss: Option<f64>,
+    /// Validation loss before training (or at the resumed step) and at the end.
+    pub val_loss: Option<(f64, f64)>,
+    /// Whether early stopping ended the run.
+    pub stopped_early: bool,
+    /// The final model.
+    pub final_dir: PathBuf,
+}
+
+/// Trains on `device` as `options` say.
+pub fn train<B: AutodiffBackend>(
+    options: &TrainOptions,
+    device: B::Device,
+    observer: &mut dyn Observer,
+) -> Result<TrainReport> {
+    check_options(options)?;
+    let model = crate::checkpoint::open(&options.model_dir)?;
+    let mut config = model.info.config.clone();
+    // RoPE's frequencies follow the training dtype, as transformers' buffer follows the dtype
+    // a model is loaded in.
+    config.dtype = options.dtype;
+    let tokenizer = options
+        .model_dir
+        .join(TOKENIZER_FILE)
+        .exists()
+        .then(|| Tokenizer::load(&options.model_dir))
+        .transpose()?;
+    let (train_set, val_set) = load_data(options, &config, tokenizer.as_ref())?;
+    let per_epoch = train_set.steps_per_epoch(options.batch_size);
+    let total_steps = match options.length {
+        Length::Steps(n) => n,
+        Length::Epochs(n) => n * per_epoch,
+    };
+    let schedule = LrSchedule {
+        total_steps,
+        ..options.schedule
+    };
+    let data_checksum = fingerprint(&train_set);
+
+    std::fs::create_dir_all(&options.out_dir).map_err(|e| Error::io(&options.out_dir, e))?;
+    let checkpoints = options.out_dir.join("checkpoints");
+    let resumed = match &options.resume {
+        None => None,
+        Some(resume) => Some(open_resume(resume, &checkpoints, options, &config)?),
+    };
+    let weights_dir = resumed.as_ref().map_or(&options.model_dir, |(dir, _)| dir);
+    let weights = crate::checkpoint::open(weights_dir)?;
+    let whole = StageSlice::whole(config.num_layers);
+    let mut stage = StageModel::<B>::load(&config, whole, weights.weights.as_ref(), &device)?;
+    if options.dtype != DType::F32 {
+        stage = stage.map(&mut Rounder(options.dtype));
+    }
+    let shapes = param_shapes(&stage);
+    let mut runner = StageRunner::new(
+        stage,
+        options.optimizer.clone(),
+        options.savers,
+        options.dtype,
+        device.clone(),
+    );
+    let mut state = TrainerState {
+        step: 0,
+        total_steps,
+        optimizer: optimizer_name(&options.optimizer).into(),
+        dtype: options.dtype,
+        batch_size: options.batch_size,
+        shuffle_seed: options.shuffle_seed,
+        data_sequences: train_set.len(),
+        data_checksum,
+        best_val_loss: None,
+        evals_without_improvement: 0,
+        tokens_seen: 0,
+    };
+    if let Some((dir, saved)) = resumed {
+        runner.set_optimizer_state(checkpoint::read_optimizer_state(
+            &dir, 0, saved.step, &shapes, &device,
+        )?);
+        observer.note(&format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            saved.step
+        ));
+        state = TrainerState {
+            total_steps,
+            ..saved
+        };
+    }
+
+    let mut metrics = MetricsLog::open(&options.out_dir)?;
+    let partition = output_partition(&model.info)?;
+    let pad_id = config
+        .pad_token_id
+        .or(config.eos_token_ids.first().copied())
+        .unwrap_or(0);
+    let validate = |runner: &mut StageRunner<B>| -> Option<f64> {
+        let set = val_set.as_ref()?;
+        let rows: Vec<_> = set.all().collect();
+        let (mut sum, mut tokens) = (0.0, 0usize);
+        for chunk in rows.chunks(options.micro_batch_size) {
+            let (s, t) = runner.evaluate(&MicroBatch::new(chunk, pad_id));
+            sum += s;
+            tokens += t;
+        }
+        Some(sum / tokens.max(1) as f64)
+    };
+    let record_validation = |metrics: &mut MetricsLog, observer: &mut dyn Observer, step, loss| {
+        observer.note(&format!(
+            "step {step}: validation loss {loss:.4}, perplexity {:.3}",
+            f64::exp(loss)
+        ));
+        metrics.record(
+            step,
+            &[("val/loss", loss), ("val/perplexity", f64::exp(loss))],
+        )
+    };
+
+    let first_val = validate(&mut runner);
+    if let Some(loss) = first_val {
+        record_validation(&mut metrics, observer, state.step, loss)?;
+    }
+    let mut last_val = first_val;
+    let mut last_loss = None;
+    let mut stopped_early = false;
+    observer.started(state.step, total_steps);
+    while state.step < total_steps {
+        let started = Instant::now();
+        let lr = schedule.lr(state.step);
+        runner.set_lr(lr);
+        let (epoch, rows) = train_set.step(state.step, options.batch_size, options.shuffle_seed);
+        let scored: usize = rows.iter().map(|s| s.scored_tokens()).sum();
+        let input_tokens: usize = rows.iter().map(|s| s.input_ids.len()).sum();
+        let chunks: Vec<_> = rows.chunks(options.micro_batch_size).collect();
+        let mut loss_sum = 0.0;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let batch = MicroBatch::new(chunk, pad_id);
+            if let StageOutput::Loss { sum, .. } = runner.forward(i, &batch, None) {
+                loss_sum += sum;
+            }
+            runner.backward(i, None, 1.0 / scored as f64, i + 1 == chunks.len());
+        }
+        let grad_norm = runner.grad_sum_squares().sqrt();
+        let clip = match options.max_grad_norm {
+            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+            _ => 1.0,
+        };
+        let loss = loss_sum / scored as f64;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(Error::Training(format!(
+                "the loss diverged at step {} (loss {loss}, gradient norm {grad_norm}); \
+                 lower --lr or keep --max-grad-norm on",
+                state.step + 1
+            )));
+        }
+        runner.step(clip);
+        state.step += 1;
+        state.tokens_seen += scored as u64;
+        last_loss = Some(loss);
+        let report = StepReport {
+            step: state.step,
+            total_steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: input_tokens as f64 / started.elapsed().as_secs_f64(),
+            epoch,
+        };
+        metrics.record(
+            state.step,
+            &[
+                ("train/loss", loss),
+                ("train/lr", lr),
+                ("train/grad_norm", grad_norm),
+                ("train/tokens_per_s", report.tokens_per_s),
+                ("train/epoch", epoch as f64),
+            ],
+        )?;
+        observer.step(&report);
+
+        let finished = state.step == total_steps;
+        let eval_due = options.eval_every.is_some_and(|n| state.step % n == 0) || finished;
+        if eval_due {
+            if let Some(loss) = validate(&mut runner) {
+                record_validation(&mut metrics, observer, state.step, loss)?;
+                last_val = Some(loss);
+                if state.best_val_loss.is_none_or(|best| loss < best) {
+                    state.best_val_loss = Some(loss);
+                    state.evals_without_improvement = 0;
+                } else {
+                    state.evals_without_improvement += 1;
+                }
+                if options
+                    .early_stopping_patience
+                    .is_some_and(|p| state.evals_without_improvement >= p)
+                {
+                    observer.note(&format!(
+                        "early stopping at step {}: no better validation loss in {} evaluations",
+                        state.step, state.evals_without_improvement
+                    ));
+                    stopped_early = true;
+                }
+            }
+        }
+        let interrupted = crate::interrupt::check().is_err();
+        let save_due = options.save_every.is_some_and(|n| state.step % n == 0);
+        if save_due || interrupted {
+            let dir = checkpoint::step_dir(&checkpoints, state.step);
+            checkpoint::save(
+                &dir,
+                runner.model(),
+                runner.optimizer_state(),
+                &model.info,
+                &partition,
+                options.dtype,
+                &state,
+            )?;
+            if let Some(keep) = options.keep {
+                checkpoint::prune(&checkpoints, keep)?;
+            }
+            observer.note(&format!("saved checkpoint {}", dir.display()));
+        }
+        if interrupted {
+            observer.note(&format!(
+                "interrupted after step {}; continue with --resume",
+                state.step
+            ));
+            return Err(Error::Interrupted);
+        }
+        if stopped_early {
+            break;
+        }
+    }
+    let final_dir = options.out_dir.join("final");
+    let staging = crate::convert::Staging::create(&final_dir, true)?;
+    crate::convert::write_native_model(
+        &checkpoint::weights_of(runner.model(), options.dtype),
+        &model.info,
+        &partition,
+        staging.path(),
+    )?;
+    staging.commit()?;
+    observer.note(&format!("final model written to {}", final_dir.display()));
+    Ok(TrainReport {
+        steps: state.step,
+        last_loss,
+        val_loss: first_val.zip(last_val),
+        stopped_early,
+        final_dir,
+    })
+}
+
+fn check_options(options: &TrainOptions) -> Result<()> {
+    let bad = |message: &str| Err(Error::Usage(message.into()));
+    if options.batch_size == 0 || options.micro_batch_size == 0 {
+        return bad("--batch-size and --micro-batch-size must be at least 1");
+    }
+    if options.micro_batch_size > options.batch_size {
+        return bad("--micro-batch-size cannot exceed --batch-size");
+    }
+    if options.sequences.max_len < 2 {
+        return bad("--max-len must be at least 2 (a token and the one it predicts)");
+    }
+    if matches!(options.length, Length::Steps(0) | Length::Epochs(0)) {
+        return bad("--steps and --epochs must be at least 1");
+    }
+    if options.savers.optimizer_in_backward {
+        if options.max_grad_norm.is_some() {
+            return bad(
+                "--optimizer-in-backward steps each layer before the global gradient norm is \
+                 known, so it cannot clip by it: pass --max-grad-norm 0",
+            );
+        }
+        if options.micro_batch_size != options.batch_size {
+            return bad(
+                "--optimizer-in-backward steps each layer during the backward pass, so a step \
+                 cannot accumulate several micro-batches: make --micro-batch-size equal \
+                 --batch-size",
+            );
+        }
+    }
+    if let Validation::Split(fraction) = options.validation {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return bad("--val-split must be between 0 and 1");
+        }
+    }
+    Ok(())
+}
+
+fn load_data(
+    options: &TrainOptions,
+    config: &ModelConfig,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<(SequenceSet, Option<SequenceSet>)> {
+    let rows = RowOptions {
+        tokenizer,
+        vocab_size: config.vocab_size,
+        loss_on: options.loss_on,
+        template: options.template.as_ref(),
+        append_eos: tokenizer
+            .and_then(Tokenizer::eos_id)
+            .or(config.eos_token_ids.first().copied()),
+    };
+    let train = read_jsonl(&options.data, &rows)?;
+    let (train, val, val_path) = match &options.validation {
+        Validation::None => (train, None, None),
+        Validation::File(path) => (train, Some(read_jsonl(path, &rows)?), Some(path.as_path())),
+        Validation::Split(fraction) => {
+            if train.len() < 2 {
+                return Err(crate::data::dataset_error(
+                    &options.data,
+                    "--val-split needs at least two rows".into(),
+                ));
+            }
+            let seed = options.shuffle_seed.unwrap_or(0);
+            let (train, val) = split_validation(train, *fraction, seed);
+            (train, Some(val), Some(options.data.as_path()))
+        }
+    };
+    let train = SequenceSet::build(train, options.sequences, &options.data)?;
+    let val = match (val, val_path) {
+        (Some(rows), Some(path)) => Some(SequenceSet::build(rows, options.sequences, path)?),
+        _ => None,
+    };
+    Ok((train, val))
+}
+
+/// A checksum of the training sequences, so that a resumed run can tell it sees the same data.
+fn fingerprint(set: &SequenceSet) -> String {
+    let mut sum = Checksum::default();
+    for sequence in set.all() {
+        let ids: Vec<u8> = sequence
+            .input_ids
+            .iter()
+            .flat_map(|i| i.to_le_bytes())
+            .collect();
+        let labels: Vec<u8> = sequence
+            .labels
+            .iter()
+            .flat_map(|l| l.to_le_bytes())
+            .collect();
+        sum.update(&ids);
+        sum.update(&labels);
+    }
+    sum.hex()
+}
+
+/// The checkpoint to resume and its state, refused when it cannot continue this run.
+fn open_resume(
+    resume: &Resume,
+    checkpoints: &Path,
+    options: &TrainOptions,
+    config: &ModelConfig,
+) -> Result<(PathBuf, TrainerState)> {
+    let dir = match resume {
+        Resume::Path(path) => path.clone(),
+        Resume::Latest => checkpoint::list(checkpoints)
+            .pop()
+            .map(|(_, path)| path)
+            .ok_or_else(|| {
+                Error::io(
+                    checkpoints,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no checkpoint to resume from",
+                    ),
+                )
+            })?,
+    };
+    let saved = checkpoint::read_state(&dir)?;
+    let incompatible = |message: String| Error::Checkpoint {
+        path: dir.clone(),
+        message: format!("cannot resume: {message}"),
+    };
+    let info = crate::checkpoint::describe(&dir)?;
+    let same_model = |a: &ModelConfig, b: &ModelConfig| {
+        ModelConfig {
+            dtype: a.dtype,
+            ..b.clone()
+        } == *a
+    };
+    if !same_model(&info.config, config) {
+        return Err(incompatible(format!(
+            "it holds a different model than {} (hidden size {}, {} layers, vocabulary {})",
+            options.model_dir.display(),
+            info.config.hidden_size,
+            info.config.num_layers,
+            info.config.vocab_size
+        )));
+    }
+    let optimizer = optimizer_name(&options.optimizer);
+    if saved.optimizer != optimizer {
+        return Err(incompatible(format!(
+            "it was trained with --optimizer {}, this run uses {optimizer}",
+            saved.optimizer
+        )));
+    }
+    if saved.dtype != options.dtype {
+        return Err(incompatible(format!(
+            "it was trained in {}, this run uses --dtype {}",
+            saved.dtype, options.dtype
+        )));
+    }
+    if saved.batch_size != options.batch_size || saved.shuffle_seed != options.shuffle_seed {
+        return Err(incompatible(
+            "--batch-size, --seed or --no-shuffle differ from the checkpoint's run, so the data \
+             would not continue where it stopped"
+                .into(),
+        ));
+    }
+    Ok((dir, saved))
+}
+
+/// The partition the outputs are written with: a native source's, else one stage.
+fn output_partition(info: &ModelInfo) -> Result<Partition> {
+    match &info.format {
+        Format::Native(native) => Ok(native.partition().clone()),
+        Format::HuggingFace => {
+            Partition::from_split(&[], info.config.num_layers).map_err(|e| Error::Config {
+                path: info.dir.clone(),
+                message: e.to_string(),
+            })
+        }
+    }
+}
+
+fn param_shapes<B: AutodiffBackend>(model: &StageModel<B>) -> HashMap<String, [usize; 2]> {
+    struct Shapes(HashMap<ParamId, [usize; 2]>);
+    impl<B: Backend> ModuleVisitor<B> for Shapes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.insert(param.id, as_matrix(param.val()).dims());
+        }
+    }
+    let mut shapes = Shapes(HashMap::new());
+    model.visit(&mut shapes);
+    model
+        .named_params()
+        .into_iter()
+        .map(|(name, id)| (name, shapes.0[&id]))
+        .collect()
+}
+
+fn optimizer_name(optimizer: &Optimizer) -> &'static str {
+    match optimizer {
+        Optimizer::AdamW { .. } => "adamw",
+        Optimizer::Adafactor { .. } => "adafactor",
+        Optimizer::Sgd { .. } => "sgd",
+    }
+}
