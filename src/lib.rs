@@ -11,6 +11,7 @@ pub mod data;
 pub mod dtype;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod interrupt;
 pub mod model;
 pub mod plan;

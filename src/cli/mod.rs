@@ -2,6 +2,7 @@
 
 mod convert;
 mod eval;
+mod generate;
 mod inspect;
 mod train;
 
@@ -24,6 +25,8 @@ enum Command {
     Convert(convert::Args),
     /// Mean token cross-entropy and perplexity of a model on a JSONL dataset.
     Eval(eval::Args),
+    /// Greedy answers from a model, to a prompt or to each row of a JSONL file.
+    Generate(generate::Args),
     /// Fine-tune a model on a JSONL dataset.
     Train(train::Args),
 }
@@ -35,6 +38,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Train(args) => train::run(args),
+        Command::Generate(args) => generate::run(args),
     }
 }
 

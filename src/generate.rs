@@ -1,0 +1,61 @@
+//! Greedy text generation, to look at what a trained model answers. Each new token re-runs the
+//! whole sequence (no key/value cache): simple and exact, and fast enough for small models and
+//! short answers; serving is where a cache belongs.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ElementConversion;
+
+use crate::error::Result;
+use crate::model::{token_tensor, AttentionInputs, StageModel, TokenLayout};
+use crate::tokenizer::Tokenizer;
+
+/// When to stop.
+#[derive(Debug, Clone)]
+pub struct GenerationOptions {
+    /// At most this many new tokens.
+    pub max_new_tokens: usize,
+    /// Stop after any of these tokens (not included in the output).
+    pub stop_tokens: Vec<u32>,
+    /// Stop when the text ends with any of these strings (cut from the output).
+    pub stop_strings: Vec<String>,
+}
+
+/// Continues `prompt` (token ids) greedily and returns the new text.
+pub fn generate<B: Backend>(
+    model: &StageModel<B>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    options: &GenerationOptions,
+    device: &B::Device,
+) -> Result<String> {
+    let context = model.config().max_position_embeddings;
+    let mut ids = prompt.to_vec();
+    let mut new = Vec::new();
+    let mut text = String::new();
+    while new.len() < options.max_new_tokens && ids.len() < context {
+        let seq = ids.len();
+        let inputs = AttentionInputs::new(model.config(), &TokenLayout::contiguous(1, seq), device);
+        let logits = model.forward(token_tensor(&ids, 1, seq, device), &inputs);
+        let vocab = logits.dims()[2];
+        let last = logits
+            .slice([0..1, seq - 1..seq, 0..vocab])
+            .reshape([vocab]);
+        let next = last.argmax(0).into_scalar().elem::<i64>() as u32;
+        if options.stop_tokens.contains(&next) {
+            break;
+        }
+        ids.push(next);
+        new.push(next);
+        text = tokenizer.decode(&new, false)?;
+        if let Some(cut) = options
+            .stop_strings
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(cut);
+            break;
+        }
+    }
+    Ok(text)
+}
