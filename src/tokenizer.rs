@@ -16,6 +16,9 @@ pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 /// The chat template in transformers 5 checkpoints.
 pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
+/// Start and end byte of a token in the text it was encoded from.
+pub type ByteRange = (usize, usize);
+
 /// A model's tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -113,7 +116,7 @@ impl Tokenizer {
 
     /// Token ids of `text` with the byte range of `text` each token came from (special tokens
     /// written in the text cover their own bytes).
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>)> {
         let encoding = self
             .inner
             .encode(text, false)

@@ -28,7 +28,7 @@ enum Command {
     /// Greedy answers from a model, to a prompt or to each row of a JSONL file.
     Generate(generate::Args),
     /// Fine-tune a model on a JSONL dataset.
-    Train(train::Args),
+    Train(Box<train::Args>),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -37,7 +37,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Convert(args) => convert::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
     }
 }

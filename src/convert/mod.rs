@@ -130,7 +130,10 @@ pub fn convert(
                 &partition,
                 options.dtype,
                 staging.path(),
-                progress,
+                &Streaming {
+                    progress,
+                    interruptible: true,
+                },
             )?;
             (Some(partition), bytes)
         }
@@ -254,8 +257,18 @@ pub fn write_native_model(
         partition,
         None,
         out,
-        &ProgressBar::hidden(),
+        // A checkpoint being saved because of Ctrl-C must finish.
+        &Streaming {
+            progress: &ProgressBar::hidden(),
+            interruptible: false,
+        },
     )
+}
+
+/// How tensors are streamed: what shows progress, and whether Ctrl-C stops the copy.
+struct Streaming<'a> {
+    progress: &'a ProgressBar,
+    interruptible: bool,
 }
 
 fn write_native(
@@ -265,14 +278,14 @@ fn write_native(
     partition: &Partition,
     cast: Option<DType>,
     out: &Path,
-    progress: &ProgressBar,
+    streaming: &Streaming<'_>,
 ) -> Result<()> {
     let mut stages = Vec::with_capacity(partition.len());
     for (index, layout) in layouts.into_iter().enumerate() {
         let slice = partition.stages()[index].clone();
         let mut writer = StageFileWriter::create(out, index, slice, layout.clone())?;
         for spec in &layout {
-            stream_tensor(weights, spec, &mut writer, progress)?;
+            stream_tensor(weights, spec, &mut writer, streaming)?;
         }
         stages.push(writer.finish()?);
     }
@@ -307,10 +320,14 @@ fn write_hf(
     progress: &ProgressBar,
 ) -> Result<()> {
     let shards = hf_writer::plan_shards(tensors, max_shard_bytes);
+    let streaming = Streaming {
+        progress,
+        interruptible: true,
+    };
     for (file, layout) in &shards {
         let mut writer = SafetensorsWriter::create(&out.join(file), layout.clone())?;
         for spec in layout {
-            stream_tensor(source.weights.as_ref(), spec, &mut writer, progress)?;
+            stream_tensor(source.weights.as_ref(), spec, &mut writer, &streaming)?;
         }
         writer.finish()?;
     }
@@ -337,8 +354,12 @@ fn stream_tensor(
     source: &dyn WeightSource,
     spec: &TensorSpec,
     sink: &mut dyn TensorSink,
-    progress: &ProgressBar,
+    streaming: &Streaming<'_>,
 ) -> Result<()> {
+    let Streaming {
+        progress,
+        interruptible,
+    } = *streaming;
     let view = source.tensor(&spec.name)?;
     let cast = view.dtype != spec.dtype;
     let reuse_sink_checksum = !cast && sink.computes_checksums();
@@ -351,7 +372,9 @@ fn stream_tensor(
     let mut released = 0;
     sink.begin(&spec.name)?;
     for (i, chunk) in view.bytes.chunks(chunk_bytes).enumerate() {
-        crate::interrupt::check()?;
+        if interruptible {
+            crate::interrupt::check()?;
+        }
         if let Some(sum) = source_checksum.as_mut() {
             sum.update(chunk);
         }

@@ -315,7 +315,10 @@ pub fn train<B: AutodiffBackend>(
         observer.step(&report);
 
         let finished = state.step == total_steps;
-        let eval_due = options.eval_every.is_some_and(|n| state.step % n == 0) || finished;
+        let eval_due = options
+            .eval_every
+            .is_some_and(|n| state.step.is_multiple_of(n))
+            || finished;
         if eval_due {
             if let Some(loss) = validate(&mut runner) {
                 record_validation(&mut metrics, observer, state.step, loss)?;
@@ -339,7 +342,9 @@ pub fn train<B: AutodiffBackend>(
             }
         }
         let interrupted = crate::interrupt::check().is_err();
-        let save_due = options.save_every.is_some_and(|n| state.step % n == 0);
+        let save_due = options
+            .save_every
+            .is_some_and(|n| state.step.is_multiple_of(n));
         if save_due || interrupted {
             let dir = checkpoint::step_dir(&checkpoints, state.step);
             checkpoint::save(

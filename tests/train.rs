@@ -1,0 +1,437 @@
+//! `pp train` end to end on the tiny fixture: checkpoints and exact resumption, Ctrl-C, config
+//! files, metrics, early stopping, and a clear error for each kind of bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cli::{assert_clean_error, copy_model, pp, stdout};
+use common::fixture;
+use serde_json::Value;
+
+fn model() -> String {
+    fixture("llama3-tiny").join("hf").display().to_string()
+}
+
+/// The demo's held-out rows: 200 chat rows, small enough for quick runs.
+fn chat_data() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs/data/tool-calls/val.jsonl")
+        .display()
+        .to_string()
+}
+
+fn train(out: &Path, extra: &[&str]) -> std::process::Output {
+    let data = chat_data();
+    let out = out.display().to_string();
+    let mut args = vec![
+        "train",
+        &model(),
+        "--data",
+        &data,
+        "--out",
+        &out,
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--lr-schedule",
+        "cosine",
+        "--warmup-steps",
+        "2",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    pp(&refs)
+}
+
+/// `(step, loss)` of every training step in `OUT/metrics.jsonl`.
+fn train_losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("train_loss")?.as_f64()?)))
+        .collect()
+}
+
+fn stage_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("stage-000.bin")).unwrap()
+}
+
+#[test]
+fn resuming_a_checkpoint_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
+    stdout(&train(&whole, &["--steps", "6", "--save-every", "3"]));
+    let checkpoint = whole.join("checkpoints/step-3");
+    assert!(checkpoint.join("optimizer-000.safetensors").is_file());
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("trainer.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"], 3);
+
+    let from = checkpoint.display().to_string();
+    stdout(&train(&resumed, &["--steps", "6", "--resume", &from]));
+    let (all, after) = (train_losses(&whole), train_losses(&resumed));
+    assert_eq!(after.iter().map(|s| s.0).collect::<Vec<_>>(), vec![4, 5, 6]);
+    assert_eq!(
+        &all[3..],
+        &after[..],
+        "losses after resuming equal the uninterrupted run's"
+    );
+    assert!(all[5].1 < all[0].1, "training lowered the loss: {all:?}");
+    assert_eq!(
+        stage_bytes(&whole.join("final")),
+        stage_bytes(&resumed.join("final")),
+        "identical final weights"
+    );
+    // The checkpoint is a model every command reads.
+    let eval = pp(&["eval", &from, "--data", &chat_data(), "--json"]);
+    assert!(stdout(&eval).contains("\"loss\""));
+}
+
+#[test]
+fn keep_removes_older_checkpoints_and_resume_picks_the_newest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    stdout(&train(
+        &out,
+        &["--steps", "4", "--save-every", "1", "--keep", "2"],
+    ));
+    let mut names: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["step-3", "step-4"]);
+    // A save that died half-way (its process gone) is not a checkpoint, and is cleaned up.
+    let partial = out.join("checkpoints/.step-5.pp-partial-999999999");
+    std::fs::create_dir(&partial).unwrap();
+    let more = train(
+        &out,
+        &[
+            "--steps",
+            "6",
+            "--resume",
+            "--save-every",
+            "1",
+            "--keep",
+            "2",
+        ],
+    );
+    assert!(stdout(&more).contains("trained 6 steps"));
+    assert_eq!(train_losses(&out).last().unwrap().0, 6);
+    assert!(!partial.exists());
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_pp"))
+        .args(["train", &model(), "--data", &chat_data(), "--out"])
+        .arg(&out)
+        .args(["--batch-size", "2", "--steps", "100000"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !out.join("metrics.jsonl").exists()
+        || train_losses(&out).len() < 2 && started.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("continue with --resume"), "{stderr}");
+    let saved = train_losses(&out).last().unwrap().0;
+    assert!(out
+        .join(format!("checkpoints/step-{saved}/trainer.json"))
+        .is_file());
+    assert!(
+        !out.join("final").exists(),
+        "an interrupted run writes no final model"
+    );
+}
+
+#[test]
+fn config_file_with_flags_overriding_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 50\nbatch_size = 2\n\
+             optimizer = \"adafactor\"\nlr = 1e-2\ncheckpoint_activations = true\n",
+            model(),
+            chat_data(),
+            out.display().to_string()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let run = pp(&["train", "--config", &config, "--steps", "2", "--json"]);
+    let report: Value = serde_json::from_str(stdout(&run).trim()).unwrap();
+    assert_eq!(report["steps"], 2, "the flag overrides the file");
+    assert!(out.join("final/manifest.json").is_file());
+
+    std::fs::write(tmp.path().join("bad.toml"), "step = 3\n").unwrap();
+    let bad = tmp.path().join("bad.toml").display().to_string();
+    assert_clean_error(
+        &pp(&["train", "--config", &bad]),
+        &["bad.toml", "unknown setting `step`"],
+    );
+}
+
+#[test]
+fn metrics_are_written_as_jsonl_and_tensorboard_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let run = train(
+        &out,
+        &["--steps", "4", "--val-split", "0.1", "--eval-every", "2"],
+    );
+    stdout(&run);
+    let events = std::fs::read_dir(out.join("tensorboard"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let scalars = pp::train::metrics::read_scalars(&events).unwrap();
+    let losses: Vec<(i64, f32)> = scalars
+        .iter()
+        .filter(|(_, tag, _)| tag == "train/loss")
+        .map(|(step, _, v)| (*step, *v))
+        .collect();
+    let jsonl = train_losses(&out);
+    assert_eq!(losses.len(), 4);
+    for ((step, loss), (jstep, jloss)) in losses.iter().zip(&jsonl) {
+        assert_eq!(*step as u64, *jstep);
+        assert_eq!(*loss, *jloss as f32);
+    }
+    let val_steps: Vec<i64> = scalars
+        .iter()
+        .filter(|(_, tag, _)| tag == "val/perplexity")
+        .map(|(step, _, _)| *step)
+        .collect();
+    assert_eq!(val_steps, vec![0, 2, 4]);
+}
+
+#[test]
+fn early_stopping_ends_a_run_that_stopped_improving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    // With a zero learning rate the validation loss never improves on the first evaluation.
+    let run = pp(&[
+        "train",
+        &model(),
+        "--data",
+        &chat_data(),
+        "--out",
+        &out.display().to_string(),
+        "--batch-size",
+        "2",
+        "--steps",
+        "50",
+        "--lr",
+        "0",
+        "--val-split",
+        "0.05",
+        "--eval-every",
+        "1",
+        "--early-stopping-patience",
+        "2",
+        "--json",
+    ]);
+    let report: Value = serde_json::from_str(stdout(&run).trim()).unwrap();
+    assert_eq!(report["stopped_early"], true);
+    assert_eq!(
+        report["steps"], 3,
+        "best at step 1, then two evaluations without improvement"
+    );
+    assert!(out.join("final/manifest.json").is_file());
+}
+
+#[test]
+fn bf16_training_writes_bf16_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    stdout(&train(
+        &out,
+        &[
+            "--steps",
+            "2",
+            "--dtype",
+            "bf16",
+            "--pack",
+            "--max-len",
+            "128",
+        ],
+    ));
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("final/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["dtype"], "bf16");
+    assert_eq!(manifest["config"]["dtype"], "bfloat16");
+}
+
+fn write_data(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path.display().to_string()
+}
+
+fn train_on(data: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["train", "tests/fixtures/llama3-tiny/hf", "--data", data];
+    let out = out.display().to_string();
+    args.extend(["--out", &out, "--steps", "1"]);
+    args.extend(extra);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pp"));
+    command.current_dir(env!("CARGO_MANIFEST_DIR")).args(&args);
+    command.output().unwrap()
+}
+
+#[test]
+fn bad_data_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = dir.join("out");
+    // (file, contents, extra flags, what the error names)
+    type Case<'a> = (&'a str, &'a [u8], Vec<&'a str>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
+        (
+            "empty.jsonl",
+            b"\n\n",
+            vec![],
+            vec!["empty.jsonl", "no rows"],
+        ),
+        (
+            "long.jsonl",
+            b"{\"text\": \"a rather long row of text that will not fit\"}\n",
+            vec!["--max-len", "4", "--no-truncate"],
+            vec!["long.jsonl:1", "more than --max-len 4"],
+        ),
+        (
+            "latin1.jsonl",
+            b"{\"text\": \"caf\xe9\"}\n",
+            vec![],
+            vec!["latin1.jsonl:1", "UTF-8"],
+        ),
+        (
+            "fields.jsonl",
+            b"{\"text\": \"fine\"}\n{\"question\": \"?\"}\n",
+            vec![],
+            vec!["fields.jsonl:2", "no usable field"],
+        ),
+        (
+            "chat.jsonl",
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+            vec![],
+            vec!["chat.jsonl:1", "no assistant turn"],
+        ),
+        (
+            "template.jsonl",
+            b"{\"q\": \"why\"}\n",
+            vec!["--template", "Q: {q}", "--completion-template", "{a}"],
+            vec!["template.jsonl:1", "field \"a\" is missing"],
+        ),
+        (
+            "completion.jsonl",
+            b"{\"prompt\": \"hi\", \"completion\": 3}\n",
+            vec![],
+            vec!["completion.jsonl:1", "\"completion\" must be a string"],
+        ),
+    ];
+    for (name, bytes, extra, needles) in cases {
+        let data = write_data(dir, name, bytes);
+        assert_clean_error(&train_on(&data, &out, &extra), &needles);
+        assert!(!out.join("final").exists(), "{name}: nothing written");
+    }
+}
+
+#[test]
+fn bad_settings_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), "d.jsonl", b"{\"text\": \"hello there\"}\n");
+    let out = tmp.path().join("out");
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let unwritable = file.join("out");
+    assert_clean_error(&train_on(&data, &unwritable, &[]), &["file/out"]);
+    assert_clean_error(
+        &train_on(
+            &data,
+            &out,
+            &["--optimizer-in-backward", "--max-grad-norm", "1"],
+        ),
+        &["--optimizer-in-backward", "--max-grad-norm 0"],
+    );
+    assert_clean_error(
+        &train_on(
+            &data,
+            &out,
+            &[
+                "--optimizer-in-backward",
+                "--batch-size",
+                "4",
+                "--micro-batch-size",
+                "2",
+            ],
+        ),
+        &["--optimizer-in-backward", "--micro-batch-size"],
+    );
+    assert_clean_error(
+        &train_on(&data, &out, &["--resume"]),
+        &["no checkpoint to resume from"],
+    );
+}
+
+#[test]
+fn resuming_an_incompatible_checkpoint_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    stdout(&train(&out, &["--steps", "1", "--save-every", "1"]));
+    let checkpoint = out.join("checkpoints/step-1");
+    let before = stage_bytes(&checkpoint);
+    let from = checkpoint.display().to_string();
+    let other = tmp.path().join("other");
+    assert_clean_error(
+        &train(
+            &other,
+            &["--steps", "2", "--resume", &from, "--optimizer", "sgd"],
+        ),
+        &["step-1", "cannot resume", "--optimizer adamw"],
+    );
+    // A checkpoint of another model.
+    let (_keep, mistral) = copy_model("mistral-tiny-swa");
+    let run = pp(&[
+        "train",
+        &mistral.display().to_string(),
+        "--data",
+        &chat_data(),
+        "--out",
+        &other.display().to_string(),
+        "--steps",
+        "2",
+        "--resume",
+        &from,
+    ]);
+    assert_clean_error(&run, &["step-1", "cannot resume", "different model"]);
+    assert_eq!(
+        stage_bytes(&checkpoint),
+        before,
+        "the checkpoint is untouched"
+    );
+}
