@@ -3,10 +3,12 @@
 
 use serde::Serialize;
 
-use pp_stages::PartCosts;
+use pp_stages::{PartCosts, Partition, StageSlice};
 
 use crate::dtype::DType;
 use crate::model::ModelConfig;
+use crate::train::optim::Optimizer;
+use crate::train::runtime::MemorySavers;
 
 /// Bytes of float32 optimizer state per element.
 const STATE_BYTES: u64 = 4;
@@ -153,25 +155,166 @@ pub fn part_costs(cfg: &ModelConfig, balance: Balance, dtype: DType, seq_len: us
 
 /// Elements of Adafactor's state: rows + columns per matrix, the full size of vectors.
 fn adafactor_elements(cfg: &ModelConfig) -> u64 {
-    let (v, h, i) = (
-        cfg.vocab_size as u64,
-        cfg.hidden_size as u64,
-        cfg.intermediate_size as u64,
-    );
+    let head = if cfg.tie_word_embeddings {
+        cfg.hidden_size as u64
+    } else {
+        adafactor_matrix_elements(cfg) + cfg.hidden_size as u64
+    };
+    adafactor_matrix_elements(cfg) + cfg.num_layers as u64 * adafactor_layer_elements(cfg) + head
+}
+
+/// Adafactor's state elements of the embedding (or an output) matrix.
+fn adafactor_matrix_elements(cfg: &ModelConfig) -> u64 {
+    (cfg.vocab_size + cfg.hidden_size) as u64
+}
+
+/// Adafactor's state elements of one decoder layer.
+fn adafactor_layer_elements(cfg: &ModelConfig) -> u64 {
+    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let (q, kv) = (
         (cfg.num_heads * cfg.head_dim) as u64,
         (cfg.num_kv_heads * cfg.head_dim) as u64,
     );
     let matrix = |r: u64, c: u64| r + c;
-    let layer =
-        matrix(q, h) + 2 * matrix(kv, h) + matrix(h, q) + 2 * matrix(i, h) + matrix(h, i) + 2 * h;
-    let embedding = matrix(v, h);
-    let head = if cfg.tie_word_embeddings {
-        0
-    } else {
-        embedding
-    };
-    embedding + cfg.num_layers as u64 * layer + h + head
+    matrix(q, h) + 2 * matrix(kv, h) + matrix(h, q) + 2 * matrix(i, h) + matrix(h, i) + 2 * h
+}
+
+/// A training configuration to plan memory for.
+#[derive(Debug, Clone)]
+pub struct TrainingSetup {
+    /// Dtype of weights, gradients and activations.
+    pub dtype: DType,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    pub micro_batch_size: usize,
+    /// The update rule (its state size).
+    pub optimizer: Optimizer,
+    /// Which memory savers are on.
+    pub savers: MemorySavers,
+}
+
+/// Estimated peak memory of one pipeline stage (one device), in bytes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StagePlan {
+    /// The parts the stage owns.
+    pub slice: StageSlice,
+    /// Parameters it holds.
+    pub params: u64,
+    /// Its weights.
+    pub weights: u64,
+    /// Gradients alive at once: all of the stage's, or with optimizer-in-backward the largest
+    /// part's.
+    pub gradients: u64,
+    /// Optimizer state in float32.
+    pub optimizer_state: u64,
+    /// Activations saved for backward on the device, for every micro-batch in flight.
+    pub activations: u64,
+    /// Activations offloaded to host memory.
+    pub host_activations: u64,
+    /// The largest short-lived buffer: one layer recomputed, or the head's logits, their
+    /// log-softmax and its gradient.
+    pub transient: u64,
+    /// Micro-batches whose activations the stage holds at once (1F1B: stages before the last
+    /// hold more).
+    pub in_flight: usize,
+    /// Device total.
+    pub total: u64,
+}
+
+/// Per-stage peak memory of training `cfg` under `setup`, with `partition` run by 1F1B
+/// (a single stage holds one micro-batch; in a pipeline of `p` stages, stage `s` holds `p - s`).
+pub fn plan_training(
+    cfg: &ModelConfig,
+    partition: &Partition,
+    setup: &TrainingSetup,
+) -> Vec<StagePlan> {
+    let bytes = setup.dtype.size() as u64;
+    let tokens = (setup.seq_len * setup.micro_batch_size) as u64;
+    let h = cfg.hidden_size as u64;
+    let layer_full = layer_activations_per_token(cfg, setup.dtype, setup.seq_len) * tokens;
+    let layer_input = h * bytes * tokens;
+    // Logits and log-softmax in float32 and the gradient of the logits.
+    let head_logits = 3 * STATE_BYTES * cfg.vocab_size as u64 * tokens;
+    let checkpointing = setup.savers.checkpoint_activations || setup.savers.offload_activations;
+    let stages = partition.stages();
+    stages
+        .iter()
+        .enumerate()
+        .map(|(index, slice)| {
+            let layers = slice.layers.len() as u64;
+            let embedding = if slice.embedding {
+                cfg.embedding_params()
+            } else {
+                0
+            };
+            let own_output = !(cfg.tie_word_embeddings && slice.embedding);
+            let head = if slice.head {
+                h + if own_output {
+                    cfg.embedding_params()
+                } else {
+                    0
+                }
+            } else {
+                0
+            };
+            let params = embedding + layers * cfg.layer_params() + head;
+            let largest_part =
+                embedding
+                    .max(head)
+                    .max(if layers > 0 { cfg.layer_params() } else { 0 });
+            let gradients = bytes
+                * if setup.savers.optimizer_in_backward {
+                    largest_part
+                } else {
+                    params
+                };
+            let optimizer_state = STATE_BYTES
+                * match setup.optimizer {
+                    Optimizer::AdamW { .. } => 2 * params,
+                    Optimizer::Sgd { momentum, .. } if momentum != 0.0 => params,
+                    Optimizer::Sgd { .. } => 0,
+                    Optimizer::Adafactor { .. } => {
+                        let matrices =
+                            u64::from(slice.embedding) + u64::from(slice.head && own_output);
+                        matrices * adafactor_matrix_elements(cfg)
+                            + layers * adafactor_layer_elements(cfg)
+                            + if slice.head { h } else { 0 }
+                    }
+                };
+            let in_flight = stages.len() - index;
+            let saved_per_micro_batch = if checkpointing {
+                layer_input * (layers + u64::from(slice.head))
+            } else {
+                layer_full * layers + if slice.head { head_logits } else { 0 }
+            };
+            let saved = saved_per_micro_batch * in_flight as u64;
+            let (activations, host_activations) = if setup.savers.offload_activations {
+                (0, saved)
+            } else {
+                (saved, 0)
+            };
+            let transient = if slice.head {
+                head_logits.max(layer_full)
+            } else if layers > 0 {
+                layer_full
+            } else {
+                layer_input
+            };
+            StagePlan {
+                slice: slice.clone(),
+                params,
+                weights: params * bytes,
+                gradients,
+                optimizer_state,
+                activations,
+                host_activations,
+                transient,
+                in_flight,
+                total: params * bytes + gradients + optimizer_state + activations + transient,
+            }
+        })
+        .collect()
 }
 
 /// `1234567` → `1.2 MiB`.
@@ -235,6 +378,73 @@ mod tests {
         let even = part_costs(&cfg, Balance::Layers, DType::BF16, 4096);
         let p = pp_stages::Partition::balanced(&even, 4).unwrap();
         assert!(p.stages().iter().all(|s| s.layers.len() == 8));
+    }
+
+    #[test]
+    fn savers_bring_llama3_8b_at_4096_tokens_under_24_gib() {
+        let cfg = ModelConfig::from_hf_json(LLAMA3_8B).unwrap();
+        let whole = Partition::from_split(&[], cfg.num_layers).unwrap();
+        let adafactor = Optimizer::Adafactor {
+            eps: (1e-30, 1e-3),
+            clip_threshold: 1.0,
+            decay_rate: -0.8,
+            weight_decay: 0.0,
+        };
+        let plan = |savers| {
+            plan_training(
+                &cfg,
+                &whole,
+                &TrainingSetup {
+                    dtype: DType::BF16,
+                    seq_len: 4096,
+                    micro_batch_size: 1,
+                    optimizer: adafactor.clone(),
+                    savers,
+                },
+            )[0]
+            .clone()
+        };
+        let plain = plan(MemorySavers::default());
+        let all = plan(MemorySavers {
+            checkpoint_activations: true,
+            offload_activations: true,
+            optimizer_in_backward: true,
+        });
+        assert_eq!(plain.weights, 2 * 8_030_261_248);
+        assert!(
+            plain.total > 60 << 30,
+            "plain: {}",
+            human_bytes(plain.total)
+        );
+        assert!(
+            all.total < 24 << 30,
+            "all savers: {}",
+            human_bytes(all.total)
+        );
+        assert_eq!(all.activations, 0);
+        assert_eq!(all.host_activations, 33 * 4096 * 4096 * 2);
+        // Optimizer-in-backward keeps one part's gradients: the head (output matrix and norm).
+        assert_eq!(all.gradients, 2 * (128_256 * 4096 + 4096));
+    }
+
+    #[test]
+    fn pipeline_stages_hold_more_micro_batches_early() {
+        let cfg = ModelConfig::from_hf_json(LLAMA3_8B).unwrap();
+        let partition = Partition::from_split(&[16], cfg.num_layers).unwrap();
+        let setup = TrainingSetup {
+            dtype: DType::BF16,
+            seq_len: 1024,
+            micro_batch_size: 1,
+            optimizer: Optimizer::Sgd {
+                momentum: 0.0,
+                weight_decay: 0.0,
+            },
+            savers: MemorySavers::default(),
+        };
+        let plans = plan_training(&cfg, &partition, &setup);
+        assert_eq!((plans[0].in_flight, plans[1].in_flight), (2, 1));
+        assert_eq!(plans[0].params + plans[1].params, cfg.num_params());
+        assert_eq!(plans[0].optimizer_state, 0);
     }
 
     #[test]

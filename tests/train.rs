@@ -435,3 +435,35 @@ fn resuming_an_incompatible_checkpoint_is_refused() {
         "the checkpoint is untouched"
     );
 }
+
+#[test]
+fn plan_shows_what_fits_a_24_gb_card() {
+    let llama = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/models/llama-3-8b");
+    let llama = llama.display().to_string();
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            &llama,
+            "--seq-len",
+            "4096",
+            "--device-memory",
+            "24GB",
+            "--json",
+        ];
+        args.extend(extra);
+        let report: Value = serde_json::from_str(stdout(&pp(&args)).trim()).unwrap();
+        report["stages"][0].clone()
+    };
+    let plain = plan(&["--optimizer", "adamw"]);
+    assert_eq!(plain["fits"], false);
+    assert_eq!(plain["plan"]["params"], 8_030_261_248u64);
+    let savers = plan(&[
+        "--optimizer",
+        "adafactor",
+        "--optimizer-in-backward",
+        "--offload-activations",
+        "cpu",
+    ]);
+    assert_eq!(savers["fits"], true);
+    assert_eq!(savers["plan"]["activations"], 0);
+}

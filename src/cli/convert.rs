@@ -41,7 +41,7 @@ pub struct Args {
     #[arg(long)]
     dtype: Option<DType>,
     /// Largest safetensors shard for --to hf, e.g. 5GB, 500MB or 2GiB.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = super::parse_size)]
     max_shard_size: Option<u64>,
     /// Replace OUT if it exists.
     #[arg(long)]
@@ -121,49 +121,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => println!("self-check skipped (--no-verify)"),
     }
     Ok(())
-}
-
-/// `5GB` → 5·10⁹, `2GiB` → 2·2³⁰, `1000` → 1000 (transformers' `max_shard_size` units).
-fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size like 5GB or 500MB"))?;
-    let scale: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)"
-            ))
-        }
-    };
-    let bytes = (number * scale) as u64;
-    if bytes == 0 {
-        return Err("the shard size must be positive".into());
-    }
-    Ok(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn parses_shard_sizes() {
-        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert!(parse_size("GB").is_err());
-        assert!(parse_size("3XB").is_err());
-    }
 }

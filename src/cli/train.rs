@@ -33,6 +33,84 @@ pub enum OptimizerKind {
     Sgd,
 }
 
+/// The memory-saver flags, shared by `pp train` and `pp plan`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SaverFlags {
+    /// Keep only each layer's input and recompute the layer in backward.
+    #[arg(long)]
+    checkpoint_activations: bool,
+    /// Step each layer as soon as its gradients are complete and free them.
+    #[arg(long)]
+    optimizer_in_backward: bool,
+    /// Keep the saved layer inputs in host memory (implies --checkpoint-activations).
+    #[arg(long, value_enum)]
+    offload_activations: Option<OffloadTarget>,
+}
+
+impl SaverFlags {
+    pub fn savers(&self) -> MemorySavers {
+        let offload = self.offload_activations.is_some();
+        MemorySavers {
+            checkpoint_activations: self.checkpoint_activations || offload,
+            offload_activations: offload,
+            optimizer_in_backward: self.optimizer_in_backward,
+        }
+    }
+}
+
+/// The update rule and its hyperparameters, shared by `pp train` and `pp plan`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OptimizerFlags {
+    /// Update rule.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
+    optimizer: OptimizerKind,
+    /// Weight decay (decoupled for AdamW and Adafactor, L2 for SGD).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// AdamW's first-moment decay.
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    /// AdamW's second-moment decay.
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f64,
+    /// Added to the denominator [default: 1e-8 for AdamW, 1e-30 for Adafactor].
+    #[arg(long)]
+    eps: Option<f64>,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f64,
+}
+
+impl OptimizerFlags {
+    pub fn name(&self) -> &'static str {
+        match self.optimizer {
+            OptimizerKind::Adamw => "adamw",
+            OptimizerKind::Adafactor => "adafactor",
+            OptimizerKind::Sgd => "sgd",
+        }
+    }
+
+    pub fn optimizer(&self) -> Optimizer {
+        match self.optimizer {
+            OptimizerKind::Adamw => Optimizer::AdamW {
+                betas: (self.beta1, self.beta2),
+                eps: self.eps.unwrap_or(1e-8),
+                weight_decay: self.weight_decay,
+            },
+            OptimizerKind::Adafactor => Optimizer::Adafactor {
+                eps: (self.eps.unwrap_or(1e-30), 1e-3),
+                clip_threshold: 1.0,
+                decay_rate: -0.8,
+                weight_decay: self.weight_decay,
+            },
+            OptimizerKind::Sgd => Optimizer::Sgd {
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// The model to fine-tune: Hugging Face or pp native (or `model` in --config).
@@ -86,27 +164,11 @@ pub struct Args {
     /// Rows per forward/backward pass (gradients accumulate over a step) [default: --batch-size].
     #[arg(long)]
     micro_batch_size: Option<usize>,
-    /// Update rule.
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
-    optimizer: OptimizerKind,
+    #[command(flatten)]
+    optimizer: OptimizerFlags,
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-4)]
     lr: f64,
-    /// Weight decay (decoupled for AdamW and Adafactor, L2 for SGD).
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    /// AdamW's first-moment decay.
-    #[arg(long, default_value_t = 0.9)]
-    beta1: f64,
-    /// AdamW's second-moment decay.
-    #[arg(long, default_value_t = 0.999)]
-    beta2: f64,
-    /// Added to the denominator [default: 1e-8 for AdamW, 1e-30 for Adafactor].
-    #[arg(long)]
-    eps: Option<f64>,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.0)]
-    momentum: f64,
     /// Learning-rate decay after warmup.
     #[arg(long, value_enum, default_value_t = Decay::Cosine)]
     lr_schedule: Decay,
@@ -126,15 +188,8 @@ pub struct Args {
     /// Passes over the training data [default: 1].
     #[arg(long)]
     epochs: Option<u64>,
-    /// Keep only each layer's input and recompute the layer in backward.
-    #[arg(long)]
-    checkpoint_activations: bool,
-    /// Step each layer as soon as its gradients are complete and free them.
-    #[arg(long)]
-    optimizer_in_backward: bool,
-    /// Keep the saved layer inputs in host memory (implies --checkpoint-activations).
-    #[arg(long, value_enum)]
-    offload_activations: Option<OffloadTarget>,
+    #[command(flatten)]
+    savers: SaverFlags,
     /// Save a checkpoint every N steps.
     #[arg(long)]
     save_every: Option<u64>,
@@ -257,27 +312,11 @@ fn options(args: &Args) -> anyhow::Result<TrainOptions> {
     let model_dir = require(&args.model, "MODEL_DIR")?;
     let info = pp::checkpoint::describe(&model_dir)?;
     let cfg = &info.config;
-    let optimizer = match args.optimizer {
-        OptimizerKind::Adamw => Optimizer::AdamW {
-            betas: (args.beta1, args.beta2),
-            eps: args.eps.unwrap_or(1e-8),
-            weight_decay: args.weight_decay,
-        },
-        OptimizerKind::Adafactor => Optimizer::Adafactor {
-            eps: (args.eps.unwrap_or(1e-30), 1e-3),
-            clip_threshold: 1.0,
-            decay_rate: -0.8,
-            weight_decay: args.weight_decay,
-        },
-        OptimizerKind::Sgd => Optimizer::Sgd {
-            momentum: args.momentum,
-            weight_decay: args.weight_decay,
-        },
-    };
+    let savers = args.savers.savers();
     let max_grad_norm = match args.max_grad_norm {
         Some(n) if n > 0.0 => Some(n),
         Some(_) => None,
-        None if args.optimizer_in_backward => None,
+        None if savers.optimizer_in_backward => None,
         None => Some(1.0),
     };
     let validation = match (&args.val_data, args.val_split) {
@@ -291,7 +330,6 @@ fn options(args: &Args) -> anyhow::Result<TrainOptions> {
         .map(|t| RowTemplate::parse(t, args.completion_template.as_deref()))
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let offload = args.offload_activations.is_some();
     Ok(TrainOptions {
         data: require(&args.data, "--data")?,
         out_dir: require(&args.out, "--out")?,
@@ -307,7 +345,7 @@ fn options(args: &Args) -> anyhow::Result<TrainOptions> {
         },
         shuffle_seed: (!args.no_shuffle).then_some(args.seed),
         dtype: args.dtype.unwrap_or(cfg.dtype),
-        optimizer,
+        optimizer: args.optimizer.optimizer(),
         schedule: LrSchedule {
             decay: args.lr_schedule,
             peak: args.lr,
@@ -322,11 +360,7 @@ fn options(args: &Args) -> anyhow::Result<TrainOptions> {
         batch_size: args.batch_size,
         micro_batch_size: args.micro_batch_size.unwrap_or(args.batch_size),
         max_grad_norm,
-        savers: MemorySavers {
-            checkpoint_activations: args.checkpoint_activations || offload,
-            offload_activations: offload,
-            optimizer_in_backward: args.optimizer_in_backward,
-        },
+        savers,
         save_every: args.save_every,
         keep: args.keep,
         resume: args.resume.as_deref().map(|r| match r {
