@@ -414,6 +414,13 @@ fn resuming_an_incompatible_checkpoint_is_refused() {
         ),
         &["step-1", "cannot resume", "--optimizer adamw"],
     );
+    assert_clean_error(
+        &train(
+            &other,
+            &["--steps", "2", "--resume", &from, "--max-len", "100"],
+        ),
+        &["step-1", "cannot resume", "other data"],
+    );
     // A checkpoint of another model.
     let (_keep, mistral) = copy_model("mistral-tiny-swa");
     let run = pp(&[

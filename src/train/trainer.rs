@@ -17,8 +17,8 @@ use super::runtime::{as_matrix, MemorySavers, StageOutput, StageRunner};
 use super::schedule::LrSchedule;
 use crate::checkpoint::{checksum::Checksum, Format, ModelInfo};
 use crate::data::{
-    read_jsonl, split_validation, LossOn, MicroBatch, RowOptions, RowTemplate, SequenceOptions,
-    SequenceSet,
+    read_jsonl, split_validation, LossOn, MicroBatch, RowOptions, RowTemplate, Sequence,
+    SequenceOptions, SequenceSet,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -118,6 +118,8 @@ pub struct StepReport {
     pub tokens_per_s: f64,
     /// Pass over the data the step belongs to (0-based).
     pub epoch: u64,
+    /// Scored tokens of the step.
+    pub scored_tokens: usize,
 }
 
 /// What the run reports to its user as it goes.
@@ -179,7 +181,13 @@ pub fn train<B: AutodiffBackend>(
     let checkpoints = options.out_dir.join("checkpoints");
     let resumed = match &options.resume {
         None => None,
-        Some(resume) => Some(open_resume(resume, &checkpoints, options, &config)?),
+        Some(resume) => Some(open_resume(
+            resume,
+            &checkpoints,
+            options,
+            &config,
+            &data_checksum,
+        )?),
     };
     let weights_dir = resumed.as_ref().map_or(&options.model_dir, |(dir, _)| dir);
     let weights = crate::checkpoint::open(weights_dir)?;
@@ -225,119 +233,77 @@ pub fn train<B: AutodiffBackend>(
     }
 
     let mut metrics = MetricsLog::open(&options.out_dir)?;
-    let partition = output_partition(&model.info)?;
+    let outputs = Outputs {
+        checkpoints,
+        info: &model.info,
+        partition: output_partition(&model.info)?,
+        dtype: options.dtype,
+        keep: options.keep,
+    };
     let pad_id = config
         .pad_token_id
         .or(config.eos_token_ids.first().copied())
         .unwrap_or(0);
-    let validate = |runner: &mut StageRunner<B>| -> Option<f64> {
-        let set = val_set.as_ref()?;
-        let rows: Vec<_> = set.all().collect();
-        let (mut sum, mut tokens) = (0.0, 0usize);
-        for chunk in rows.chunks(options.micro_batch_size) {
-            let (s, t) = runner.evaluate(&MicroBatch::new(chunk, pad_id));
-            sum += s;
-            tokens += t;
-        }
-        Some(sum / tokens.max(1) as f64)
-    };
-    let record_validation = |metrics: &mut MetricsLog, observer: &mut dyn Observer, step, loss| {
+    let validate = |runner: &mut StageRunner<B>,
+                    metrics: &mut MetricsLog,
+                    observer: &mut dyn Observer,
+                    step: u64|
+     -> Result<Option<f64>> {
+        let Some(set) = &val_set else {
+            return Ok(None);
+        };
+        let loss = validation_loss(runner, set, options.micro_batch_size, pad_id);
         observer.note(&format!(
             "step {step}: validation loss {loss:.4}, perplexity {:.3}",
-            f64::exp(loss)
+            loss.exp()
         ));
-        metrics.record(
-            step,
-            &[("val/loss", loss), ("val/perplexity", f64::exp(loss))],
-        )
+        metrics.record(step, &[("val/loss", loss), ("val/perplexity", loss.exp())])?;
+        Ok(Some(loss))
     };
 
-    let first_val = validate(&mut runner);
-    if let Some(loss) = first_val {
-        record_validation(&mut metrics, observer, state.step, loss)?;
-    }
+    let first_val = validate(&mut runner, &mut metrics, observer, state.step)?;
     let mut last_val = first_val;
     let mut last_loss = None;
     let mut stopped_early = false;
     observer.started(state.step, total_steps);
     while state.step < total_steps {
-        let started = Instant::now();
         let lr = schedule.lr(state.step);
-        runner.set_lr(lr);
         let (epoch, rows) = train_set.step(state.step, options.batch_size, options.shuffle_seed);
-        let scored: usize = rows.iter().map(|s| s.scored_tokens()).sum();
-        let input_tokens: usize = rows.iter().map(|s| s.input_ids.len()).sum();
-        let chunks: Vec<_> = rows.chunks(options.micro_batch_size).collect();
-        let mut loss_sum = 0.0;
-        for (i, chunk) in chunks.iter().enumerate() {
-            let batch = MicroBatch::new(chunk, pad_id);
-            if let StageOutput::Loss { sum, .. } = runner.forward(i, &batch, None) {
-                loss_sum += sum;
-            }
-            runner.backward(i, None, 1.0 / scored as f64, i + 1 == chunks.len());
-        }
-        let grad_norm = runner.grad_sum_squares().sqrt();
-        let clip = match options.max_grad_norm {
-            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
-            _ => 1.0,
-        };
-        let loss = loss_sum / scored as f64;
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            return Err(Error::Training(format!(
-                "the loss diverged at step {} (loss {loss}, gradient norm {grad_norm}); \
-                 lower --lr or keep --max-grad-norm on",
-                state.step + 1
-            )));
-        }
-        runner.step(clip);
+        let report = run_step(&mut runner, &rows, options, lr, pad_id, state.step)?;
         state.step += 1;
-        state.tokens_seen += scored as u64;
-        last_loss = Some(loss);
+        state.tokens_seen += report.scored_tokens as u64;
+        last_loss = Some(report.loss);
         let report = StepReport {
             step: state.step,
             total_steps,
-            loss,
-            lr,
-            grad_norm,
-            tokens_per_s: input_tokens as f64 / started.elapsed().as_secs_f64(),
             epoch,
+            ..report
         };
         metrics.record(
             state.step,
             &[
-                ("train/loss", loss),
+                ("train/loss", report.loss),
                 ("train/lr", lr),
-                ("train/grad_norm", grad_norm),
+                ("train/grad_norm", report.grad_norm),
                 ("train/tokens_per_s", report.tokens_per_s),
                 ("train/epoch", epoch as f64),
             ],
         )?;
         observer.step(&report);
 
-        let finished = state.step == total_steps;
         let eval_due = options
             .eval_every
             .is_some_and(|n| state.step.is_multiple_of(n))
-            || finished;
+            || state.step == total_steps;
         if eval_due {
-            if let Some(loss) = validate(&mut runner) {
-                record_validation(&mut metrics, observer, state.step, loss)?;
+            if let Some(loss) = validate(&mut runner, &mut metrics, observer, state.step)? {
                 last_val = Some(loss);
-                if state.best_val_loss.is_none_or(|best| loss < best) {
-                    state.best_val_loss = Some(loss);
-                    state.evals_without_improvement = 0;
-                } else {
-                    state.evals_without_improvement += 1;
-                }
-                if options
-                    .early_stopping_patience
-                    .is_some_and(|p| state.evals_without_improvement >= p)
-                {
+                stopped_early = track_early_stopping(&mut state, loss, options);
+                if stopped_early {
                     observer.note(&format!(
                         "early stopping at step {}: no better validation loss in {} evaluations",
                         state.step, state.evals_without_improvement
                     ));
-                    stopped_early = true;
                 }
             }
         }
@@ -346,19 +312,7 @@ pub fn train<B: AutodiffBackend>(
             .save_every
             .is_some_and(|n| state.step.is_multiple_of(n));
         if save_due || interrupted {
-            let dir = checkpoint::step_dir(&checkpoints, state.step);
-            checkpoint::save(
-                &dir,
-                runner.model(),
-                runner.optimizer_state(),
-                &model.info,
-                &partition,
-                options.dtype,
-                &state,
-            )?;
-            if let Some(keep) = options.keep {
-                checkpoint::prune(&checkpoints, keep)?;
-            }
+            let dir = outputs.save_checkpoint(&runner, &state)?;
             observer.note(&format!("saved checkpoint {}", dir.display()));
         }
         if interrupted {
@@ -372,15 +326,7 @@ pub fn train<B: AutodiffBackend>(
             break;
         }
     }
-    let final_dir = options.out_dir.join("final");
-    let staging = crate::convert::Staging::create(&final_dir, true)?;
-    crate::convert::write_native_model(
-        &checkpoint::weights_of(runner.model(), options.dtype),
-        &model.info,
-        &partition,
-        staging.path(),
-    )?;
-    staging.commit()?;
+    let final_dir = outputs.write_final(runner.model(), &options.out_dir.join("final"))?;
     observer.note(&format!("final model written to {}", final_dir.display()));
     Ok(TrainReport {
         steps: state.step,
@@ -389,6 +335,135 @@ pub fn train<B: AutodiffBackend>(
         stopped_early,
         final_dir,
     })
+}
+
+/// One optimizer step over `rows`, `micro_batch_size` rows at a time. The report's step,
+/// total and epoch are left for the caller.
+fn run_step<B: AutodiffBackend>(
+    runner: &mut StageRunner<B>,
+    rows: &[&Sequence],
+    options: &TrainOptions,
+    lr: f64,
+    pad_id: u32,
+    step: u64,
+) -> Result<StepReport> {
+    let started = Instant::now();
+    runner.set_lr(lr);
+    let scored: usize = rows.iter().map(|s| s.scored_tokens()).sum();
+    let input_tokens: usize = rows.iter().map(|s| s.input_ids.len()).sum();
+    let chunks: Vec<_> = rows.chunks(options.micro_batch_size).collect();
+    let mut loss_sum = 0.0;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let batch = MicroBatch::new(chunk, pad_id);
+        if let StageOutput::Loss { sum, .. } = runner.forward(i, &batch, None) {
+            loss_sum += sum;
+        }
+        runner.backward(i, None, 1.0 / scored as f64, i + 1 == chunks.len());
+    }
+    let grad_norm = runner.grad_sum_squares().sqrt();
+    let loss = loss_sum / scored as f64;
+    if !loss.is_finite() || !grad_norm.is_finite() {
+        return Err(Error::Training(format!(
+            "the loss diverged at step {} (loss {loss}, gradient norm {grad_norm}); lower --lr \
+             or keep --max-grad-norm on",
+            step + 1
+        )));
+    }
+    let clip = match options.max_grad_norm {
+        Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+        _ => 1.0,
+    };
+    runner.step(clip);
+    Ok(StepReport {
+        step,
+        total_steps: 0,
+        loss,
+        lr,
+        grad_norm,
+        tokens_per_s: input_tokens as f64 / started.elapsed().as_secs_f64(),
+        epoch: 0,
+        scored_tokens: scored,
+    })
+}
+
+/// Token-weighted mean loss over the validation sequences.
+fn validation_loss<B: AutodiffBackend>(
+    runner: &mut StageRunner<B>,
+    set: &SequenceSet,
+    micro_batch_size: usize,
+    pad_id: u32,
+) -> f64 {
+    let rows: Vec<_> = set.all().collect();
+    let (mut sum, mut tokens) = (0.0, 0usize);
+    for chunk in rows.chunks(micro_batch_size) {
+        let (s, t) = runner.evaluate(&MicroBatch::new(chunk, pad_id));
+        sum += s;
+        tokens += t;
+    }
+    sum / tokens.max(1) as f64
+}
+
+/// Records a validation loss; says whether early stopping's patience has run out.
+fn track_early_stopping(state: &mut TrainerState, loss: f64, options: &TrainOptions) -> bool {
+    if state.best_val_loss.is_none_or(|best| loss < best) {
+        state.best_val_loss = Some(loss);
+        state.evals_without_improvement = 0;
+    } else {
+        state.evals_without_improvement += 1;
+    }
+    options
+        .early_stopping_patience
+        .is_some_and(|p| state.evals_without_improvement >= p)
+}
+
+/// Where and how a run writes its checkpoints and final model.
+struct Outputs<'a> {
+    checkpoints: PathBuf,
+    info: &'a ModelInfo,
+    partition: Partition,
+    dtype: DType,
+    keep: Option<usize>,
+}
+
+impl Outputs<'_> {
+    /// Saves `checkpoints/step-N` and prunes old ones; returns its directory.
+    fn save_checkpoint<B: AutodiffBackend>(
+        &self,
+        runner: &StageRunner<B>,
+        state: &TrainerState,
+    ) -> Result<PathBuf> {
+        let dir = checkpoint::step_dir(&self.checkpoints, state.step);
+        checkpoint::save(
+            &dir,
+            runner.model(),
+            runner.optimizer_state(),
+            self.info,
+            &self.partition,
+            self.dtype,
+            state,
+        )?;
+        if let Some(keep) = self.keep {
+            checkpoint::prune(&self.checkpoints, keep)?;
+        }
+        Ok(dir)
+    }
+
+    /// Writes the trained weights as a native checkpoint at `dir`, atomically.
+    fn write_final<B: AutodiffBackend>(
+        &self,
+        model: &StageModel<B>,
+        dir: &Path,
+    ) -> Result<PathBuf> {
+        let staging = crate::convert::Staging::create(dir, true)?;
+        crate::convert::write_native_model(
+            &checkpoint::weights_of(model, self.dtype),
+            self.info,
+            &self.partition,
+            staging.path(),
+        )?;
+        staging.commit()?;
+        Ok(dir.to_path_buf())
+    }
 }
 
 fn check_options(options: &TrainOptions) -> Result<()> {
@@ -492,6 +567,7 @@ fn open_resume(
     checkpoints: &Path,
     options: &TrainOptions,
     config: &ModelConfig,
+    data_checksum: &str,
 ) -> Result<(PathBuf, TrainerState)> {
     let dir = match resume {
         Resume::Path(path) => path.clone(),
@@ -548,6 +624,14 @@ fn open_resume(
              would not continue where it stopped"
                 .into(),
         ));
+    }
+    if saved.data_checksum != data_checksum {
+        return Err(incompatible(format!(
+            "it was trained on other data ({} sequences then, different now): {} is not the \
+             file, or the --max-len, --pack or template settings, of the checkpoint's run",
+            saved.data_sequences,
+            options.data.display()
+        )));
     }
     Ok((dir, saved))
 }
