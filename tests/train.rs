@@ -474,3 +474,64 @@ fn plan_shows_what_fits_a_24_gb_card() {
     assert_eq!(savers["fits"], true);
     assert_eq!(savers["plan"]["activations"], 0);
 }
+
+#[test]
+fn a_two_stage_tied_checkpoint_resumes_with_state_split_by_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let native = tmp.path().join("native").display().to_string();
+    let tied = fixture("llama32-tied-bf16-sharded").join("hf");
+    stdout(&pp(&[
+        "convert",
+        &tied.display().to_string(),
+        &native,
+        "--stages",
+        "2",
+    ]));
+    let rows: String = (0..16)
+        .map(|i| {
+            format!("{{\"text\": \"row {i}: the quick brown fox jumps over the lazy dog\"}}\n")
+        })
+        .collect();
+    let data = write_data(tmp.path(), "text.jsonl", rows.as_bytes());
+    let run = |out: &Path, extra: &[&str]| {
+        let out = out.display().to_string();
+        let mut args = vec![
+            "train",
+            &native,
+            "--data",
+            &data,
+            "--out",
+            &out,
+            "--batch-size",
+            "4",
+            "--dtype",
+            "f32",
+            "--optimizer",
+            "adafactor",
+            "--lr",
+            "1e-2",
+            "--steps",
+            "4",
+        ];
+        args.extend(extra);
+        stdout(&pp(&args));
+    };
+    let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
+    run(&whole, &["--save-every", "2"]);
+    let checkpoint = whole.join("checkpoints/step-2");
+    for stage in ["000", "001"] {
+        assert!(checkpoint.join(format!("stage-{stage}.bin")).is_file());
+        assert!(checkpoint
+            .join(format!("optimizer-{stage}.safetensors"))
+            .is_file());
+    }
+    run(&resumed, &["--resume", &checkpoint.display().to_string()]);
+    assert_eq!(&train_losses(&whole)[2..], &train_losses(&resumed)[..]);
+    for stage in ["000", "001"] {
+        let file = format!("final/stage-{stage}.bin");
+        assert_eq!(
+            std::fs::read(whole.join(&file)).unwrap(),
+            std::fs::read(resumed.join(&file)).unwrap()
+        );
+    }
+}

@@ -130,6 +130,16 @@ pub struct ModelInfo {
     pub config: crate::model::ModelConfig,
 }
 
+impl ModelInfo {
+    /// Stages of a native checkpoint; a Hugging Face directory is one.
+    pub fn stage_count(&self) -> usize {
+        match &self.format {
+            Format::Native(native) => native.partition().len(),
+            Format::HuggingFace => 1,
+        }
+    }
+}
+
 /// A model directory opened for reading: what it is, and its weights.
 pub struct ModelFiles {
     /// Format and configuration.

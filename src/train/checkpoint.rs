@@ -20,6 +20,7 @@ use crate::checkpoint::{ModelInfo, OwnedWeights, TensorSink, TensorSpec};
 use crate::convert::{write_native_model, Staging};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::model::names::Part;
 use crate::model::StageModel;
 
 /// The file that marks a directory as a training checkpoint.
@@ -90,7 +91,7 @@ pub fn prune(checkpoints: &Path, keep: usize) -> Result<()> {
 }
 
 /// Writes the checkpoint of a whole model held by one runner: weights in `dtype` with
-/// `partition`, the optimizer state of each stage of the partition, and `state`.
+/// `partition`, the optimizer state split by the stages of the partition, and `state`.
 pub fn save<B: AutodiffBackend>(
     dir: &Path,
     model: &StageModel<B>,
@@ -102,7 +103,18 @@ pub fn save<B: AutodiffBackend>(
 ) -> Result<()> {
     let staging = Staging::create(dir, true)?;
     write_native_model(&weights_of(model, dtype), info, partition, staging.path())?;
-    write_optimizer_state(&staging.path().join(optimizer_file(0)), optimizer_state)?;
+    // Each stage's file holds the state of the parameters that stage holds (a tied embedding
+    // split across stages is in both), so a pipeline worker reads only its own.
+    for stage in 0..partition.len() {
+        let held = |name: &str| {
+            Part::stages_holding(name, partition, info.config.tie_word_embeddings).contains(&stage)
+        };
+        write_optimizer_state(
+            &staging.path().join(optimizer_file(stage)),
+            optimizer_state,
+            held,
+        )?;
+    }
     crate::checkpoint::write_json(&staging.path().join(TRAINER_FILE), state)?;
     staging.commit()
 }
@@ -117,19 +129,36 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     })
 }
 
-/// Reads the optimizer state of stage `stage` of the checkpoint in `dir`, taken `step` steps.
+/// Reads the optimizer state of `stages` of the checkpoint in `dir`, taken `step` steps.
 /// `shapes` gives each parameter's `[rows, cols]`, to refuse state of another model.
 pub fn read_optimizer_state<B: Backend>(
     dir: &Path,
-    stage: usize,
+    stages: std::ops::Range<usize>,
     step: u64,
     shapes: &HashMap<String, [usize; 2]>,
     device: &B::Device,
 ) -> Result<OptimizerState<B>> {
-    let path = dir.join(optimizer_file(stage));
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let mut state = OptimizerState::new();
+    for stage in stages {
+        // A tied embedding's state is in two stage files, identical: the first read is kept.
+        for (name, param) in
+            read_stage_state(&dir.join(optimizer_file(stage)), step, shapes, device)?
+        {
+            state.entry(name).or_insert(param);
+        }
+    }
+    Ok(state)
+}
+
+fn read_stage_state<B: Backend>(
+    path: &Path,
+    step: u64,
+    shapes: &HashMap<String, [usize; 2]>,
+    device: &B::Device,
+) -> Result<OptimizerState<B>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bad = |message: String| Error::Checkpoint {
-        path: path.clone(),
+        path: path.to_path_buf(),
         message,
     };
     let file = safetensors::SafeTensors::deserialize(&bytes)
@@ -179,9 +208,14 @@ fn optimizer_file(stage: usize) -> String {
     format!("optimizer-{stage:03}.safetensors")
 }
 
-fn write_optimizer_state<B: Backend>(path: &Path, state: &OptimizerState<B>) -> Result<()> {
+/// Writes the state of the parameters `held` names.
+fn write_optimizer_state<B: Backend>(
+    path: &Path,
+    state: &OptimizerState<B>,
+    held: impl Fn(&str) -> bool,
+) -> Result<()> {
     let mut entries: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
-    let mut names: Vec<&String> = state.keys().collect();
+    let mut names: Vec<&String> = state.keys().filter(|name| held(name)).collect();
     names.sort();
     for name in names {
         let Some(param) = &state[name] else { continue };

@@ -218,8 +218,13 @@ pub fn train<B: AutodiffBackend>(
         tokens_seen: 0,
     };
     if let Some((dir, saved)) = resumed {
+        let stages = crate::checkpoint::describe(&dir)?.stage_count();
         runner.set_optimizer_state(checkpoint::read_optimizer_state(
-            &dir, 0, saved.step, &shapes, &device,
+            &dir,
+            0..stages,
+            saved.step,
+            &shapes,
+            &device,
         )?);
         observer.note(&format!(
             "resumed from {} at step {}",
