@@ -7,7 +7,9 @@
 #![deny(missing_docs)]
 
 mod partition;
+pub mod schedule;
 mod slice;
 
 pub use partition::{PartCosts, Partition, PartitionError};
+pub use schedule::{Schedule, ScheduleKind};
 pub use slice::{SliceError, StageSlice};
