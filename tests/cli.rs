@@ -316,3 +316,46 @@ fn missing_model_directory_is_named() {
         &["nowhere", "not found"],
     );
 }
+
+#[test]
+fn schedule_prints_one_json_object_with_the_bubble_and_actions() {
+    let out = pp(&[
+        "schedule",
+        "--kind",
+        "1f1b",
+        "--ranks",
+        "4",
+        "--microbatches",
+        "8",
+        "--json",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(text.trim().lines().count(), 1);
+    let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let bubble = report["bubble"].as_f64().unwrap();
+    assert!((bubble - 3.0 / 11.0).abs() < 1e-9, "{bubble}");
+    assert_eq!(report["actions"].as_array().unwrap().len(), 4);
+    let chart = stdout(&pp(&[
+        "schedule",
+        "--kind",
+        "zbv",
+        "--ranks",
+        "2",
+        "--microbatches",
+        "4",
+    ]));
+    assert!(
+        chart.contains("rank  1 |") && chart.contains("bubble"),
+        "{chart}"
+    );
+    let bad = pp(&[
+        "schedule",
+        "--kind",
+        "interleaved",
+        "--ranks",
+        "5",
+        "--microbatches",
+        "7",
+    ]);
+    assert_clean_error(&bad, &["multiple of the ranks"]);
+}

@@ -5,6 +5,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod plan;
+mod schedule;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,8 @@ enum Command {
     Generate(generate::Args),
     /// Estimated peak memory per device of a training configuration.
     Plan(plan::Args),
+    /// Show a pipeline schedule's timeline per rank and its bubble.
+    Schedule(schedule::Args),
     /// Fine-tune a model on a JSONL dataset.
     Train(Box<train::Args>),
 }
@@ -43,6 +46,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Schedule(args) => schedule::run(args),
     }
 }
 

@@ -122,6 +122,21 @@ fn one_f_one_b_holds_at_most_p_micro_batches() {
         for (rank, &peak) in run.peak_activations.iter().enumerate() {
             assert!(peak <= ranks - rank, "rank {rank} holds {peak}");
         }
+        // Zero-bubble schedules keep activations until W: ZB-V within 1F1B's peak (2p half-size
+        // slices), ZB-H1 within a few micro-batches more.
+        let zbv = Schedule::new(ScheduleKind::ZbV, ranks, 12, 1).unwrap();
+        let zbv = simulate(&zbv, &Costs::unit()).unwrap();
+        assert!(
+            zbv.peak_activations.iter().all(|&p| p <= 2 * ranks),
+            "{zbv:?}"
+        );
+        let zbh1 = Schedule::new(ScheduleKind::ZbH1, ranks, 12, 1).unwrap();
+        let zbh1 = simulate(&zbh1, &Costs::unit()).unwrap();
+        let bound = ranks + (ranks / 4).max(2);
+        assert!(
+            zbh1.peak_activations.iter().all(|&p| p <= bound),
+            "{zbh1:?}"
+        );
         let gpipe = Schedule::new(ScheduleKind::Gpipe, ranks, 12, 1).unwrap();
         assert_eq!(
             simulate(&gpipe, &Costs::unit()).unwrap().peak_activations[0],
