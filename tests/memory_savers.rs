@@ -1,9 +1,10 @@
-//! Each memory saver, and any split of a step into micro-batches, must train to the same weights
-//! as a plain run (float32, within 1e-5 relative L2 per tensor), on every fixture.
+//! Each memory saver, backward split into I and W passes, and any split of a step into
+//! micro-batches must train to the same weights as a plain run (float32, within 1e-5 relative L2
+//! per tensor), on every fixture.
 
 mod common;
 
-use common::training::{relative_l2, train_steps, Run};
+use common::training::{relative_l2, train_steps, Run, Setup};
 use common::FIXTURES;
 use pp::train::optim::Optimizer;
 use pp::train::runtime::MemorySavers;
@@ -27,6 +28,24 @@ fn adafactor() -> Optimizer {
     }
 }
 
+fn sgd() -> Optimizer {
+    Optimizer::Sgd {
+        momentum: 0.0,
+        weight_decay: 0.0,
+    }
+}
+
+fn savers(checkpoint: bool, offload: bool, in_backward: bool) -> Setup {
+    Setup {
+        savers: MemorySavers {
+            checkpoint_activations: checkpoint,
+            offload_activations: offload,
+            optimizer_in_backward: in_backward,
+        },
+        ..Setup::default()
+    }
+}
+
 fn assert_same(what: &str, got: &Run, want: &Run) {
     for (step, (a, b)) in got.losses.iter().zip(&want.losses).enumerate() {
         assert!(
@@ -41,33 +60,13 @@ fn assert_same(what: &str, got: &Run, want: &Run) {
     }
 }
 
-fn check_against_plain(optimizer: &Optimizer, lr: f64, savers: MemorySavers, micro: usize) {
+fn check_against_plain(optimizer: &Optimizer, lr: f64, setup: Setup) {
     for name in FIXTURES {
-        let plain = train_steps(
-            name,
-            optimizer,
-            lr,
-            STEPS,
-            usize::MAX,
-            MemorySavers::default(),
-            None,
-        );
-        let run = train_steps(name, optimizer, lr, STEPS, micro, savers, None);
-        assert_same(
-            &format!("{name} {savers:?} micro-batch {micro}"),
-            &run,
-            &plain,
-        );
+        let plain = train_steps(name, optimizer, lr, STEPS, Setup::default());
+        let run = train_steps(name, optimizer, lr, STEPS, setup);
+        assert_same(&format!("{name} {setup:?}"), &run, &plain);
         // The run moved: the comparison is between trained weights, not two copies of the start.
-        let start = train_steps(
-            name,
-            optimizer,
-            0.0,
-            1,
-            usize::MAX,
-            MemorySavers::default(),
-            None,
-        );
+        let start = train_steps(name, optimizer, 0.0, 1, Setup::default());
         let moved = plain
             .params
             .iter()
@@ -78,86 +77,56 @@ fn check_against_plain(optimizer: &Optimizer, lr: f64, savers: MemorySavers, mic
 
 #[test]
 fn checkpointed_activations_train_the_same_weights() {
-    let savers = MemorySavers {
-        checkpoint_activations: true,
-        ..Default::default()
-    };
-    check_against_plain(&adamw(), 1e-3, savers, usize::MAX);
+    check_against_plain(&adamw(), 1e-3, savers(true, false, false));
 }
 
 #[test]
 fn offloaded_activations_train_the_same_weights() {
-    let savers = MemorySavers {
-        checkpoint_activations: true,
-        offload_activations: true,
-        ..Default::default()
-    };
-    check_against_plain(&adamw(), 1e-3, savers, usize::MAX);
+    check_against_plain(&adamw(), 1e-3, savers(true, true, false));
 }
 
 #[test]
 fn optimizer_in_backward_trains_the_same_weights() {
-    let savers = MemorySavers {
-        optimizer_in_backward: true,
-        ..Default::default()
-    };
-    check_against_plain(&adafactor(), 1e-2, savers, usize::MAX);
-    check_against_plain(&adamw(), 1e-3, savers, usize::MAX);
+    check_against_plain(&adafactor(), 1e-2, savers(false, false, true));
+    check_against_plain(&adamw(), 1e-3, savers(false, false, true));
 }
 
 #[test]
 fn all_savers_together_train_the_same_weights() {
-    let savers = MemorySavers {
-        checkpoint_activations: true,
-        offload_activations: true,
-        optimizer_in_backward: true,
-    };
-    check_against_plain(&adafactor(), 1e-2, savers, usize::MAX);
+    check_against_plain(&adafactor(), 1e-2, savers(true, true, true));
 }
 
 #[test]
 fn micro_batches_give_the_same_step_as_one_batch() {
     // The loss is the token-weighted mean over the whole step, so splitting the rows changes
     // nothing (rows have different numbers of scored tokens in the fixtures' batches).
-    check_against_plain(&adamw(), 1e-3, MemorySavers::default(), 1);
+    let setup = Setup {
+        micro_batch: 1,
+        ..Setup::default()
+    };
+    check_against_plain(&adamw(), 1e-3, setup);
+}
+
+#[test]
+fn split_input_and_weight_passes_train_the_same_weights() {
+    let setup = Setup {
+        split_backward: true,
+        micro_batch: 1,
+        ..Setup::default()
+    };
+    check_against_plain(&adamw(), 1e-3, setup);
 }
 
 #[test]
 fn global_norm_clipping_scales_the_whole_step() {
     for name in FIXTURES {
-        let clipped = train_steps(
-            name,
-            &Optimizer::Sgd {
-                momentum: 0.0,
-                weight_decay: 0.0,
-            },
-            1.0,
-            1,
-            usize::MAX,
-            MemorySavers::default(),
-            Some(1e-3),
-        );
-        let sgd = train_steps(
-            name,
-            &Optimizer::Sgd {
-                momentum: 0.0,
-                weight_decay: 0.0,
-            },
-            1.0,
-            1,
-            usize::MAX,
-            MemorySavers::default(),
-            None,
-        );
-        let start = train_steps(
-            name,
-            &adamw(),
-            0.0,
-            1,
-            usize::MAX,
-            MemorySavers::default(),
-            None,
-        );
+        let clipped = Setup {
+            max_grad_norm: Some(1e-3),
+            ..Setup::default()
+        };
+        let clipped = train_steps(name, &sgd(), 1.0, 1, clipped);
+        let unclipped = train_steps(name, &sgd(), 1.0, 1, Setup::default());
+        let start = train_steps(name, &sgd(), 0.0, 1, Setup::default());
         // With SGD, the clipped update is the plain update scaled to a global norm of 1e-3.
         let norm_of = |run: &Run| -> f64 {
             run.params
@@ -176,6 +145,9 @@ fn global_norm_clipping_scales_the_whole_step() {
             (clipped_norm - 1e-3).abs() < 2e-5,
             "{name}: clipped update norm {clipped_norm}"
         );
-        assert!(norm_of(&sgd) > 1e-2, "{name}: the unclipped step is larger");
+        assert!(
+            norm_of(&unclipped) > 1e-2,
+            "{name}: the unclipped step is larger"
+        );
     }
 }

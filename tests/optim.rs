@@ -4,22 +4,13 @@
 
 mod common;
 
-use common::training::{relative_l2, train_steps, Run};
+use common::training::{relative_l2, train_steps, Run, Setup};
 use common::{Expected, FIXTURES};
 use pp::train::optim::Optimizer;
-use pp::train::runtime::MemorySavers;
 
 /// Three steps of `optimizer` on the fixture's reference batch, as one micro-batch.
 fn three_steps(name: &str, optimizer: &Optimizer, lr: f64) -> Run {
-    train_steps(
-        name,
-        optimizer,
-        lr,
-        3,
-        usize::MAX,
-        MemorySavers::default(),
-        None,
-    )
+    train_steps(name, optimizer, lr, 3, Setup::default())
 }
 
 fn check(optimizer_name: &str, optimizer: &Optimizer, lr: f64) {

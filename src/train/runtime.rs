@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
@@ -106,7 +106,32 @@ pub struct StageRunner<B: AutodiffBackend> {
     /// Parameters are rounded to this dtype after each step (bf16 training on f32 compute).
     weight_dtype: DType,
     in_flight: HashMap<usize, InFlight<B>>,
+    /// Zero-bubble schedules: backward runs as an input-gradient pass (I) and, later, a
+    /// weight-gradient pass (W).
+    split_backward: bool,
+    /// Per micro-batch, what its W pass needs, left by its I pass.
+    pending_weight: HashMap<usize, PendingWeight<B>>,
     device: B::Device,
+}
+
+/// What a W pass needs: each part's input and the gradient of its output (or, for the head,
+/// the loss scale), with the micro-batch's attention inputs and targets.
+struct PendingWeight<B: AutodiffBackend> {
+    attention: AttentionInputs<B::InnerBackend>,
+    targets: Targets,
+    parts: Vec<(
+        usize,
+        Activation<B::InnerBackend>,
+        Upstream<B::InnerBackend>,
+    )>,
+}
+
+/// Where a part's backward starts.
+enum Upstream<B: Backend> {
+    /// The gradient of its output.
+    Gradient(Tensor<B, 3>),
+    /// Its loss, scaled.
+    Loss(f64),
 }
 
 impl<B: AutodiffBackend> StageRunner<B> {
@@ -152,8 +177,18 @@ impl<B: AutodiffBackend> StageRunner<B> {
             lr: 0.0,
             weight_dtype,
             in_flight: HashMap::new(),
+            split_backward: false,
+            pending_weight: HashMap::new(),
             device,
         }
+    }
+
+    /// Makes backward run as separate input-gradient and weight-gradient passes
+    /// ([`backward_input`](Self::backward_input), [`backward_weight`](Self::backward_weight)),
+    /// as zero-bubble schedules need. Each pass recomputes its parts from their saved inputs.
+    pub fn with_split_backward(mut self) -> Self {
+        self.split_backward = true;
+        self
     }
 
     /// The model with its current weights.
@@ -194,7 +229,9 @@ impl<B: AutodiffBackend> StageRunner<B> {
             Some(hidden) => Activation::Hidden(hidden),
             None => Activation::Tokens(token_tensor(&batch.input_ids, rows, seq, &self.device)),
         });
-        let recompute = self.savers.checkpoint_activations || self.savers.offload_activations;
+        let recompute = self.savers.checkpoint_activations
+            || self.savers.offload_activations
+            || self.split_backward;
         let mut saved = Vec::with_capacity(self.parts.len());
         let mut loss = None;
         for part in self.parts.clone() {
@@ -281,13 +318,11 @@ impl<B: AutodiffBackend> StageRunner<B> {
                     self.recompute(part, Activation::Hidden(hidden), &attention, &targets)
                 }
             };
-            let mut grads = match output {
-                PartOutput::Loss(loss) => (loss * loss_scale).backward(),
-                PartOutput::Hidden(out) => {
-                    let upstream = grad.take().expect("a gradient for the stage's output");
-                    (out * Tensor::from_inner(upstream)).sum().backward()
-                }
+            let upstream = match grad.take() {
+                Some(g) => Upstream::Gradient(g),
+                None => Upstream::Loss(loss_scale),
             };
+            let mut grads = seed(output, &upstream);
             grad = input.and_then(|leaf| leaf.grad(&grads));
             let mut collector = GradCollector {
                 names: &self.names,
@@ -303,6 +338,94 @@ impl<B: AutodiffBackend> StageRunner<B> {
             }
         }
         grad
+    }
+
+    /// The input-gradient pass (I) of micro-batch `id`: like [`backward`](Self::backward)
+    /// without the weight gradients, which [`backward_weight`](Self::backward_weight) computes
+    /// later from what this pass leaves behind.
+    pub fn backward_input(
+        &mut self,
+        id: usize,
+        grad_output: Option<Tensor<B::InnerBackend, 3>>,
+        loss_scale: f64,
+    ) -> Option<Tensor<B::InnerBackend, 3>> {
+        let InFlight {
+            attention,
+            targets,
+            mut saved,
+        } = self
+            .in_flight
+            .remove(&id)
+            .expect("the I pass follows the micro-batch's forward");
+        // Parameters that do not require gradients: backward computes only the input's.
+        let frozen = self.model.clone().no_grad();
+        let mut grad = grad_output;
+        let mut parts = Vec::with_capacity(self.parts.len());
+        for index in (0..self.parts.len()).rev() {
+            let part = self.parts[index];
+            let input = match saved.pop().expect("one saved entry per part") {
+                Saved::Input(activation) => activation,
+                Saved::Host(data) => Activation::Hidden(Tensor::from_data(data, &self.device)),
+                Saved::Graph { .. } => unreachable!("split backward saves inputs"),
+            };
+            let upstream = match grad.take() {
+                Some(g) => Upstream::Gradient(g),
+                None => Upstream::Loss(loss_scale),
+            };
+            if let Activation::Hidden(_) = input {
+                let leaf = lift(&input);
+                let output = run_part(&frozen, part, &leaf, &attention.to_autodiff(), &targets);
+                let grads = seed(output, &upstream);
+                if let Activation::Hidden(h) = leaf {
+                    grad = h.grad(&grads);
+                }
+            }
+            parts.push((index, input, upstream));
+        }
+        self.pending_weight.insert(
+            id,
+            PendingWeight {
+                attention,
+                targets,
+                parts,
+            },
+        );
+        grad
+    }
+
+    /// The weight-gradient pass (W) of micro-batch `id`, after its I pass: accumulates the
+    /// gradients of the stage's parameters.
+    pub fn backward_weight(&mut self, id: usize) {
+        let PendingWeight {
+            attention,
+            targets,
+            parts,
+        } = self
+            .pending_weight
+            .remove(&id)
+            .expect("the W pass follows the micro-batch's I pass");
+        for (index, input, upstream) in parts {
+            let part = self.parts[index];
+            // The input as a constant: backward computes only the parameters' gradients.
+            let input = match input {
+                Activation::Tokens(ids) => Activation::Tokens(Tensor::from_inner(ids)),
+                Activation::Hidden(h) => Activation::Hidden(Tensor::from_inner(h)),
+            };
+            let output = run_part(
+                &self.model,
+                part,
+                &input,
+                &attention.to_autodiff(),
+                &targets,
+            );
+            let mut grads = seed(output, &upstream);
+            let mut collector = GradCollector {
+                names: &self.names,
+                grads: &mut grads,
+                store: &mut self.grads,
+            };
+            self.model.visit_part(part, &mut collector);
+        }
     }
 
     fn recompute(
@@ -406,6 +529,21 @@ fn detach<B: AutodiffBackend>(output: &PartOutput<B>) -> PartOutput<B::InnerBack
     match output {
         PartOutput::Hidden(h) => PartOutput::Hidden(h.clone().inner()),
         PartOutput::Loss(l) => PartOutput::Loss(l.clone().inner()),
+    }
+}
+
+/// Backpropagates from a part's output: its scaled loss, or its output times the gradient that
+/// came from above.
+fn seed<B: AutodiffBackend>(
+    output: PartOutput<B>,
+    upstream: &Upstream<B::InnerBackend>,
+) -> B::Gradients {
+    match (output, upstream) {
+        (PartOutput::Loss(loss), Upstream::Loss(scale)) => (loss * *scale).backward(),
+        (PartOutput::Hidden(out), Upstream::Gradient(g)) => {
+            (out * Tensor::from_inner(g.clone())).sum().backward()
+        }
+        _ => unreachable!("the head starts from its loss, every other part from a gradient"),
     }
 }
 

@@ -45,30 +45,49 @@ pub fn param_values(model: &StageModel<B>) -> HashMap<String, Vec<f32>> {
         .collect()
 }
 
-/// `steps` optimizer steps on the fixture's reference batch, its rows split into micro-batches
-/// of `micro_batch` rows, with the given memory savers and global-norm clipping.
-pub fn train_steps(
-    name: &str,
-    optimizer: &Optimizer,
-    lr: f64,
-    steps: usize,
-    micro_batch: usize,
-    savers: MemorySavers,
-    max_grad_norm: Option<f64>,
-) -> Run {
+/// How a test run trains.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup {
+    /// Rows per micro-batch (the fixture batch is one step).
+    pub micro_batch: usize,
+    /// Memory savers.
+    pub savers: MemorySavers,
+    /// Global-norm clipping threshold.
+    pub max_grad_norm: Option<f64>,
+    /// Backward as separate I and W passes (zero-bubble schedules).
+    pub split_backward: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            micro_batch: usize::MAX,
+            savers: MemorySavers::default(),
+            max_grad_norm: None,
+            split_backward: false,
+        }
+    }
+}
+
+/// `steps` optimizer steps on the fixture's reference batch as `setup` says.
+pub fn train_steps(name: &str, optimizer: &Optimizer, lr: f64, steps: usize, setup: Setup) -> Run {
     let (config, weights) = fixture_model(name);
     let device = Default::default();
     let whole = StageSlice::whole(config.num_layers);
     let model: StageModel<B> = StageModel::load(&config, whole, &weights, &device).unwrap();
-    let mut runner = StageRunner::new(model, optimizer.clone(), savers, DType::F32, device);
+    let mut runner = StageRunner::new(model, optimizer.clone(), setup.savers, DType::F32, device);
+    if setup.split_backward {
+        runner = runner.with_split_backward();
+    }
     let reference = ReferenceBatch::load(name, &config);
     let sequences = reference.sequences();
     let refs: Vec<_> = sequences.iter().collect();
     let micro_batches: Vec<MicroBatch> = refs
-        .chunks(micro_batch)
+        .chunks(setup.micro_batch)
         .map(|rows| MicroBatch::new(rows, 0))
         .collect();
     let tokens: usize = micro_batches.iter().map(|m| m.targets.count).sum();
+    let scale = 1.0 / tokens as f64;
     let mut losses = Vec::new();
     for _ in 0..steps {
         runner.set_lr(lr);
@@ -79,17 +98,20 @@ pub fn train_steps(
                 StageOutput::Hidden(_) => panic!("a whole model ends with the loss"),
             }
             let last = i + 1 == micro_batches.len();
-            assert!(runner
-                .backward(i, None, 1.0 / tokens as f64, last)
-                .is_none());
+            if setup.split_backward {
+                assert!(runner.backward_input(i, None, scale).is_none());
+                runner.backward_weight(i);
+            } else {
+                assert!(runner.backward(i, None, scale, last).is_none());
+            }
         }
         losses.push(sum / tokens as f64);
         let norm = runner.grad_sum_squares().sqrt();
-        let scale = match max_grad_norm {
+        let clip = match setup.max_grad_norm {
             Some(max) if norm > max => max / (norm + 1e-6),
             _ => 1.0,
         };
-        runner.step(scale);
+        runner.step(clip);
     }
     Run {
         losses,
