@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
+pub mod pipeline;
 pub mod runtime;
 pub mod schedule;
 pub mod trainer;

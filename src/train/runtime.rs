@@ -26,6 +26,21 @@ use crate::model::loss::{cross_entropy_sum, Targets};
 use crate::model::names::Part;
 use crate::model::{token_tensor, AttentionInputs, StageModel};
 
+/// Held while a backward pass builds and consumes its graphs, and while a step makes new
+/// parameter leaves. Burn 0.21 keeps every thread's
+/// autodiff graphs in one process-wide server, and each backward pass ends by deleting the
+/// graph nodes it judges unusable — including those of a graph another thread is building at
+/// that moment. Pipeline ranks that are threads of one process (tests, single-machine runs)
+/// therefore take turns; ranks in separate processes never wait on it.
+static AUTODIFF: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn autodiff_turn() -> std::sync::MutexGuard<'static, ()> {
+    // A panic in another rank's backward poisons nothing this lock protects.
+    AUTODIFF
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Which memory savers are on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemorySavers {
@@ -109,6 +124,8 @@ pub struct StageRunner<B: AutodiffBackend> {
     /// Zero-bubble schedules: backward runs as an input-gradient pass (I) and, later, a
     /// weight-gradient pass (W).
     split_backward: bool,
+    /// Keep only part inputs even without checkpointing (see [`recomputing`](Self::recomputing)).
+    recompute_always: bool,
     /// Per micro-batch, what its W pass needs, left by its I pass.
     pending_weight: HashMap<usize, PendingWeight<B>>,
     device: B::Device,
@@ -119,12 +136,11 @@ pub struct StageRunner<B: AutodiffBackend> {
 struct PendingWeight<B: AutodiffBackend> {
     attention: AttentionInputs<B::InnerBackend>,
     targets: Targets,
-    parts: Vec<(
-        usize,
-        Activation<B::InnerBackend>,
-        Upstream<B::InnerBackend>,
-    )>,
+    parts: Vec<WeightWork<B::InnerBackend>>,
 }
+
+/// One part's share of a W pass: its index, its input and where its backward starts.
+type WeightWork<B> = (usize, Activation<B>, Upstream<B>);
 
 /// Where a part's backward starts.
 enum Upstream<B: Backend> {
@@ -178,9 +194,22 @@ impl<B: AutodiffBackend> StageRunner<B> {
             weight_dtype,
             in_flight: HashMap::new(),
             split_backward: false,
+            recompute_always: false,
             pending_weight: HashMap::new(),
             device,
         }
+    }
+
+    /// Keeps only each part's input between forward and backward and recomputes the part, as
+    /// checkpointing does. A pipeline stage needs this: it holds several micro-batches at once,
+    /// and Burn 0.21's autodiff loses gradients when several graphs that share parameters are
+    /// kept alive together (a later backward finds no gradient for its part's input: seen with
+    /// GPipe's four micro-batches in flight), so graphs are only kept while one micro-batch is
+    /// in flight — single-device training, which runs each micro-batch's backward right after
+    /// its forward.
+    pub fn recomputing(mut self) -> Self {
+        self.recompute_always = true;
+        self
     }
 
     /// Makes backward run as separate input-gradient and weight-gradient passes
@@ -223,6 +252,7 @@ impl<B: AutodiffBackend> StageRunner<B> {
         batch: &MicroBatch,
         input: Option<Tensor<B::InnerBackend, 3>>,
     ) -> StageOutput<B::InnerBackend> {
+        let _turn = autodiff_turn();
         let [rows, seq] = [batch.layout.batch, batch.layout.seq];
         let attention = AttentionInputs::new(self.model.config(), &batch.layout, &self.device);
         let mut x = Some(match input {
@@ -231,7 +261,8 @@ impl<B: AutodiffBackend> StageRunner<B> {
         });
         let recompute = self.savers.checkpoint_activations
             || self.savers.offload_activations
-            || self.split_backward;
+            || self.split_backward
+            || self.recompute_always;
         let mut saved = Vec::with_capacity(self.parts.len());
         let mut loss = None;
         for part in self.parts.clone() {
@@ -299,6 +330,7 @@ impl<B: AutodiffBackend> StageRunner<B> {
         loss_scale: f64,
         last: bool,
     ) -> Option<Tensor<B::InnerBackend, 3>> {
+        let _turn = autodiff_turn();
         let InFlight {
             attention,
             targets,
@@ -349,6 +381,7 @@ impl<B: AutodiffBackend> StageRunner<B> {
         grad_output: Option<Tensor<B::InnerBackend, 3>>,
         loss_scale: f64,
     ) -> Option<Tensor<B::InnerBackend, 3>> {
+        let _turn = autodiff_turn();
         let InFlight {
             attention,
             targets,
@@ -396,6 +429,7 @@ impl<B: AutodiffBackend> StageRunner<B> {
     /// The weight-gradient pass (W) of micro-batch `id`, after its I pass: accumulates the
     /// gradients of the stage's parameters.
     pub fn backward_weight(&mut self, id: usize) {
+        let _turn = autodiff_turn();
         let PendingWeight {
             attention,
             targets,
@@ -447,13 +481,38 @@ impl<B: AutodiffBackend> StageRunner<B> {
     /// Sum of the squares of the stage's accumulated gradients (for the global norm; with
     /// optimizer-in-backward, of the gradients it stepped).
     pub fn grad_sum_squares(&self) -> f64 {
-        self.stepped_sum_squares + sum_squares(&self.grads, None)
+        self.grad_sum_squares_excluding(None)
+    }
+
+    /// [`grad_sum_squares`](Self::grad_sum_squares) without the parameter `skip` (a tied
+    /// embedding another stage already counts).
+    pub fn grad_sum_squares_excluding(&self, skip: Option<&str>) -> f64 {
+        let counted: HashSet<String> = self
+            .grads
+            .keys()
+            .filter(|name| Some(name.as_str()) != skip)
+            .cloned()
+            .collect();
+        self.stepped_sum_squares + sum_squares(&self.grads, Some(&counted))
+    }
+
+    /// The accumulated gradient of parameter `name`, as a `[rows, cols]` matrix.
+    pub fn grad(&self, name: &str) -> Option<Tensor<B::InnerBackend, 2>> {
+        self.grads.get(name).cloned()
+    }
+
+    /// Replaces the accumulated gradient of parameter `name` (a tied embedding's, summed with
+    /// the other stage's).
+    pub fn set_grad(&mut self, name: &str, grad: Tensor<B::InnerBackend, 2>) {
+        self.grads.insert(name.to_string(), grad);
     }
 
     /// Steps every parameter with an accumulated gradient, scaled by `grad_scale` (clipping),
     /// and clears the gradients. With optimizer-in-backward the parameters were stepped during
     /// backward and this only resets the count.
     pub fn step(&mut self, grad_scale: f64) {
+        // New parameter tensors are new autodiff leaves.
+        let _turn = autodiff_turn();
         for part in self.parts.clone() {
             self.apply(part, None, grad_scale);
         }

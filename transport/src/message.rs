@@ -11,6 +11,12 @@ pub enum Kind {
     Activation,
     /// The gradient of a stage's input, going backward to the previous one.
     Gradient,
+    /// The gradient of a tied embedding, exchanged between the first and the last stage so
+    /// both step with the sum.
+    TiedGradient,
+    /// Per-rank numbers summed over the pipeline (squared gradient norms, losses); `stage`
+    /// holds the sending rank.
+    Reduce,
 }
 
 /// Identifies one transfer: which optimizer step, micro-batch and receiving stage it is for.

@@ -1,0 +1,331 @@
+//! One rank of a pipeline: the stage slices it runs, each in its own [`StageRunner`], driven
+//! through an optimizer step by the rank's list of a [`Schedule`]. Activations and gradients
+//! cross between ranks over a [`Transport`]; after the last pass, the tied embedding's
+//! gradients are summed between the first and last stage and the squared gradient norm and
+//! loss are summed over all ranks, so every rank clips with the global norm and steps.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use pp_stages::schedule::{Action, Pass, Transfer};
+use pp_stages::Schedule;
+use pp_transport::{Kind, Tag, TensorMessage, Transport, TransportError};
+
+use super::runtime::{StageOutput, StageRunner};
+use crate::data::MicroBatch;
+use crate::model::names::EMBED;
+
+/// What one rank reports after a step; the sums are over the whole pipeline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PipelineStep {
+    /// Summed loss of the step's micro-batches (divide by the scored tokens for the mean).
+    pub loss_sum: f64,
+    /// Global L2 norm of the gradients before clipping.
+    pub grad_norm: f64,
+}
+
+/// One rank's stages and its connection to the others.
+pub struct RankWorker<B: AutodiffBackend> {
+    schedule: Schedule,
+    runners: BTreeMap<usize, StageRunner<B>>,
+    tied: bool,
+    transport: Box<dyn Transport>,
+    timeout: Duration,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> RankWorker<B> {
+    /// A worker for `transport.rank()` running `runners` (by stage) under `schedule`.
+    /// `tied` says the model ties its embedding and output weight.
+    pub fn new(
+        schedule: Schedule,
+        runners: BTreeMap<usize, StageRunner<B>>,
+        tied: bool,
+        transport: Box<dyn Transport>,
+        timeout: Duration,
+        device: B::Device,
+    ) -> Self {
+        // A rank holds several micro-batches at once: see `StageRunner::recomputing`.
+        let runners = runners
+            .into_iter()
+            .map(|(stage, runner)| (stage, runner.recomputing()))
+            .collect();
+        Self {
+            schedule,
+            runners,
+            tied,
+            transport,
+            timeout,
+            device,
+        }
+    }
+
+    /// The runners, by stage.
+    pub fn runners(&self) -> &BTreeMap<usize, StageRunner<B>> {
+        &self.runners
+    }
+
+    /// Runs optimizer step `step` on `micro_batches` (every rank is given the same ones; only
+    /// the parts each stage needs are used) with `scored_tokens` scored tokens in all, at
+    /// learning rate `lr`, clipping to `max_grad_norm`.
+    pub fn step(
+        &mut self,
+        step: u64,
+        micro_batches: &[MicroBatch],
+        scored_tokens: usize,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> Result<PipelineStep, TransportError> {
+        let rank = self.transport.rank();
+        let last_stage = self.schedule.stages() - 1;
+        let loss_scale = 1.0 / scored_tokens.max(1) as f64;
+        for runner in self.runners.values_mut() {
+            runner.set_lr(lr);
+        }
+        // Tensors waiting to be consumed: received, or handed from one of this rank's stages
+        // to the next, by (transfer, consuming stage, micro-batch).
+        let mut waiting: HashMap<(Transfer, usize, usize), Tensor<B::InnerBackend, 3>> =
+            HashMap::new();
+        let mut loss_sum = 0.0;
+        for &action in &self.schedule.actions[rank] {
+            match action {
+                Action::Recv {
+                    transfer,
+                    stage,
+                    microbatch,
+                    from,
+                } => {
+                    let tag = tag(step, microbatch, stage, transfer);
+                    let message = self.transport.recv(from, tag, self.timeout)?;
+                    waiting.insert(
+                        (transfer, stage, microbatch),
+                        from_message(message, &self.device),
+                    );
+                }
+                Action::Send {
+                    transfer,
+                    stage,
+                    microbatch,
+                    to,
+                } => {
+                    let tensor = waiting
+                        .remove(&(transfer, stage, microbatch))
+                        .expect("a send follows the pass that produced its tensor");
+                    let message = to_message(tag(step, microbatch, stage, transfer), tensor);
+                    self.transport.send(to, message)?;
+                }
+                Action::Compute {
+                    pass,
+                    stage,
+                    microbatch,
+                } => {
+                    let runner = self
+                        .runners
+                        .get_mut(&stage)
+                        .expect("the rank runs its stages");
+                    match pass {
+                        Pass::F => {
+                            let input = (stage > 0).then(|| {
+                                waiting
+                                    .remove(&(Transfer::Activation, stage, microbatch))
+                                    .expect("the previous stage's output is here")
+                            });
+                            match runner.forward(microbatch, &micro_batches[microbatch], input) {
+                                StageOutput::Hidden(h) => {
+                                    waiting
+                                        .insert((Transfer::Activation, stage + 1, microbatch), h);
+                                }
+                                StageOutput::Loss { sum, .. } => loss_sum += sum,
+                            }
+                        }
+                        Pass::B | Pass::I => {
+                            let grad = (stage < last_stage).then(|| {
+                                waiting
+                                    .remove(&(Transfer::Gradient, stage, microbatch))
+                                    .expect("the next stage's input gradient is here")
+                            });
+                            let input_grad = if pass == Pass::B {
+                                runner.backward(microbatch, grad, loss_scale, false)
+                            } else {
+                                runner.backward_input(microbatch, grad, loss_scale)
+                            };
+                            if let Some(g) = input_grad {
+                                waiting.insert((Transfer::Gradient, stage - 1, microbatch), g);
+                            }
+                        }
+                        Pass::W => runner.backward_weight(microbatch),
+                    }
+                }
+            }
+        }
+        if self.tied && last_stage > 0 {
+            self.sum_tied_gradients(step)?;
+        }
+        // The tied embedding's (now identical) gradient counts once: at the first stage.
+        let sum_squares: f64 = self
+            .runners
+            .iter()
+            .map(|(&stage, runner)| {
+                let skip = (self.tied && stage == last_stage && last_stage > 0).then_some(EMBED);
+                runner.grad_sum_squares_excluding(skip)
+            })
+            .sum();
+        let [sum_squares, loss_sum] = self.all_reduce(step, [sum_squares, loss_sum])?;
+        let grad_norm = sum_squares.sqrt();
+        let clip = match max_grad_norm {
+            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+            _ => 1.0,
+        };
+        for runner in self.runners.values_mut() {
+            runner.step(clip);
+        }
+        Ok(PipelineStep {
+            loss_sum,
+            grad_norm,
+        })
+    }
+
+    /// Adds the first stage's and the last stage's gradients of the tied embedding, so both
+    /// copies take the same step.
+    fn sum_tied_gradients(&mut self, step: u64) -> Result<(), TransportError> {
+        let last = self.schedule.stages() - 1;
+        let (first_rank, last_rank) = (
+            self.schedule.stage_ranks[0],
+            self.schedule.stage_ranks[last],
+        );
+        let rank = self.transport.rank();
+        let mine = |stage| self.runners.get(&stage).and_then(|r| r.grad(EMBED));
+        if first_rank == last_rank {
+            if first_rank == rank {
+                let (a, b) = (mine(0), mine(last));
+                if let (Some(a), Some(b)) = (a, b) {
+                    let sum = a + b;
+                    for stage in [0, last] {
+                        self.runners
+                            .get_mut(&stage)
+                            .expect("the rank runs both ends")
+                            .set_grad(EMBED, sum.clone());
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let (stage, peer) = if rank == first_rank {
+            (0, last_rank)
+        } else if rank == last_rank {
+            (last, first_rank)
+        } else {
+            return Ok(());
+        };
+        let own = mine(stage).expect("the tied embedding has a gradient after backward");
+        let tag = Tag {
+            step,
+            microbatch: 0,
+            stage: stage as u32,
+            kind: Kind::TiedGradient,
+        };
+        self.transport
+            .send(peer, matrix_message(tag, own.clone()))?;
+        let peer_tag = Tag {
+            stage: (if stage == 0 { last } else { 0 }) as u32,
+            ..tag
+        };
+        let theirs = self.transport.recv(peer, peer_tag, self.timeout)?;
+        let theirs = Tensor::<B::InnerBackend, 2>::from_data(
+            TensorData::new(theirs.values, [theirs.shape[0], theirs.shape[1]]),
+            &self.device,
+        );
+        self.runners
+            .get_mut(&stage)
+            .expect("the rank runs its end")
+            .set_grad(EMBED, own + theirs);
+        Ok(())
+    }
+
+    /// Sums `values` over all ranks: each sends its values to rank 0, which sends the totals
+    /// back.
+    fn all_reduce<const N: usize>(
+        &self,
+        step: u64,
+        values: [f64; N],
+    ) -> Result<[f64; N], TransportError> {
+        let rank = self.transport.rank();
+        let ranks = self.transport.world_size();
+        let tag = |from: usize| Tag {
+            step,
+            microbatch: 0,
+            stage: from as u32,
+            kind: Kind::Reduce,
+        };
+        let message = |from: usize, values: [f64; N]| TensorMessage {
+            tag: tag(from),
+            shape: vec![N],
+            // Sums of squares can exceed f32's precision needs; send each as two f32 halves.
+            values: values
+                .iter()
+                .flat_map(|v| {
+                    let high = *v as f32;
+                    [high, (*v - f64::from(high)) as f32]
+                })
+                .collect(),
+        };
+        let read = |m: TensorMessage| -> [f64; N] {
+            std::array::from_fn(|i| f64::from(m.values[2 * i]) + f64::from(m.values[2 * i + 1]))
+        };
+        if rank == 0 {
+            let mut total = values;
+            for from in 1..ranks {
+                let theirs = read(self.transport.recv(from, tag(from), self.timeout)?);
+                total.iter_mut().zip(theirs).for_each(|(t, v)| *t += v);
+            }
+            for to in 1..ranks {
+                self.transport.send(to, message(0, total))?;
+            }
+            Ok(total)
+        } else {
+            self.transport.send(0, message(rank, values))?;
+            Ok(read(self.transport.recv(0, tag(0), self.timeout)?))
+        }
+    }
+}
+
+fn tag(step: u64, microbatch: usize, stage: usize, transfer: Transfer) -> Tag {
+    Tag {
+        step,
+        microbatch: microbatch as u32,
+        stage: stage as u32,
+        kind: match transfer {
+            Transfer::Activation => Kind::Activation,
+            Transfer::Gradient => Kind::Gradient,
+        },
+    }
+}
+
+fn to_message<B: Backend>(tag: Tag, tensor: Tensor<B, 3>) -> TensorMessage {
+    TensorMessage {
+        tag,
+        shape: tensor.dims().to_vec(),
+        values: tensor
+            .into_data()
+            .to_vec::<f32>()
+            .expect("float32 activations"),
+    }
+}
+
+fn matrix_message<B: Backend>(tag: Tag, tensor: Tensor<B, 2>) -> TensorMessage {
+    TensorMessage {
+        tag,
+        shape: tensor.dims().to_vec(),
+        values: tensor
+            .into_data()
+            .to_vec::<f32>()
+            .expect("float32 gradients"),
+    }
+}
+
+fn from_message<B: Backend>(message: TensorMessage, device: &B::Device) -> Tensor<B, 3> {
+    let shape = [message.shape[0], message.shape[1], message.shape[2]];
+    Tensor::from_data(TensorData::new(message.values, shape), device)
+}

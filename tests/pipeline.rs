@@ -1,0 +1,238 @@
+//! Pipeline training equals single-device training: every schedule, 2 and 3 ranks (threads
+//! connected in process), 3 steps with global-norm clipping, float32 — the final weights of every
+//! stage match those of one device training the whole model on the same micro-batches within
+//! 1e-5 relative L2, on every fixture (the tied one included: its embedding lives in the first
+//! and the last stage, whose gradients are summed).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::pipeline::{fixture_model, ReferenceBatch};
+use common::training::{param_values, relative_l2};
+use common::FIXTURES;
+use pp::backend::CpuAutodiff;
+use pp::data::{MicroBatch, Sequence};
+use pp::dtype::DType;
+use pp::model::StageModel;
+use pp::plan::{part_costs, Balance};
+use pp::train::optim::Optimizer;
+use pp::train::pipeline::RankWorker;
+use pp::train::runtime::{MemorySavers, StageOutput, StageRunner};
+use pp_stages::{Partition, Schedule, ScheduleKind, StageSlice};
+use pp_transport::InProcessHub;
+
+type B = CpuAutodiff;
+
+const STEPS: u64 = 3;
+const LR: f64 = 1e-3;
+/// Low enough that every step clips, so the global norm over all stages is exercised.
+const MAX_GRAD_NORM: f64 = 0.05;
+
+fn adamw() -> Optimizer {
+    Optimizer::AdamW {
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        weight_decay: 0.01,
+    }
+}
+
+/// `count` one-row micro-batches cut from the fixture's reference rows, of different lengths.
+fn micro_batches(name: &str, count: usize) -> Vec<MicroBatch> {
+    let (config, _) = fixture_model(name);
+    let rows = ReferenceBatch::load(name, &config).sequences();
+    (0..count)
+        .map(|i| {
+            let row = &rows[i % rows.len()];
+            let len = row.input_ids.len() - i / rows.len();
+            let sequence = Sequence {
+                input_ids: row.input_ids[..len].to_vec(),
+                labels: row.labels[..len].to_vec(),
+                documents: vec![len],
+            };
+            MicroBatch::new(&[&sequence], 0)
+        })
+        .collect()
+}
+
+fn scored(batches: &[MicroBatch]) -> usize {
+    batches.iter().map(|b| b.targets.count).sum()
+}
+
+/// Single-device training: the reference.
+fn single_device(name: &str, batches: &[MicroBatch]) -> (Vec<f64>, HashMap<String, Vec<f32>>) {
+    let (config, weights) = fixture_model(name);
+    let device = Default::default();
+    let whole = StageSlice::whole(config.num_layers);
+    let model: StageModel<B> = StageModel::load(&config, whole, &weights, &device).unwrap();
+    let mut runner = StageRunner::new(model, adamw(), MemorySavers::default(), DType::F32, device);
+    let tokens = scored(batches);
+    let mut losses = Vec::new();
+    for _ in 0..STEPS {
+        runner.set_lr(LR);
+        let mut sum = 0.0;
+        for (i, batch) in batches.iter().enumerate() {
+            if let StageOutput::Loss { sum: s, .. } = runner.forward(i, batch, None) {
+                sum += s;
+            }
+            runner.backward(i, None, 1.0 / tokens as f64, false);
+        }
+        losses.push(sum / tokens as f64);
+        let norm = runner.grad_sum_squares().sqrt();
+        runner.step(if norm > MAX_GRAD_NORM {
+            MAX_GRAD_NORM / (norm + 1e-6)
+        } else {
+            1.0
+        });
+    }
+    (losses, param_values(runner.model()))
+}
+
+/// The same training as a pipeline of `ranks` threads under `kind`.
+fn pipelined(
+    name: &str,
+    kind: ScheduleKind,
+    ranks: usize,
+    batches: &[MicroBatch],
+) -> (Vec<f64>, Vec<HashMap<String, Vec<f32>>>) {
+    let (config, weights) = fixture_model(name);
+    let schedule = Schedule::new(kind, ranks, batches.len(), 2).unwrap();
+    let costs = part_costs(&config, Balance::Layers, DType::F32, 32);
+    let partition = Partition::balanced(&costs, schedule.stages()).unwrap();
+    let device = Default::default();
+    let transports = InProcessHub::connect(ranks);
+    let tokens = scored(batches);
+    let mut workers: Vec<RankWorker<B>> = transports
+        .into_iter()
+        .enumerate()
+        .map(|(rank, transport)| {
+            let runners: BTreeMap<usize, StageRunner<B>> = schedule
+                .stages_of(rank)
+                .into_iter()
+                .map(|stage| {
+                    let slice = partition.stages()[stage].clone();
+                    let model = StageModel::load(&config, slice, &weights, &device).unwrap();
+                    let runner = StageRunner::new(
+                        model,
+                        adamw(),
+                        MemorySavers::default(),
+                        DType::F32,
+                        device,
+                    );
+                    let runner = if kind.splits_backward() {
+                        runner.with_split_backward()
+                    } else {
+                        runner
+                    };
+                    (stage, runner)
+                })
+                .collect();
+            RankWorker::new(
+                schedule.clone(),
+                runners,
+                config.tie_word_embeddings,
+                Box::new(transport),
+                Duration::from_secs(30),
+                device,
+            )
+        })
+        .collect();
+    let losses = std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .iter_mut()
+            .map(|worker| {
+                scope.spawn(move || {
+                    (0..STEPS)
+                        .map(|step| {
+                            let report = worker
+                                .step(step, batches, tokens, LR, Some(MAX_GRAD_NORM))
+                                .unwrap();
+                            report.loss_sum / tokens as f64
+                        })
+                        .collect::<Vec<f64>>()
+                })
+            })
+            .collect();
+        let all: Vec<Vec<f64>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(
+            all.iter().all(|l| *l == all[0]),
+            "every rank reports the same losses"
+        );
+        all[0].clone()
+    });
+    let params = workers
+        .iter()
+        .flat_map(|w| {
+            w.runners()
+                .values()
+                .map(|r| param_values(r.model()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    (losses, params)
+}
+
+fn check(kind: ScheduleKind, ranks: usize) {
+    for name in FIXTURES {
+        let (config, _) = fixture_model(name);
+        let stages = Schedule::new(kind, ranks, 2 * ranks, 2).unwrap().stages();
+        if stages > config.num_layers {
+            continue; // a stage per layer at most
+        }
+        let batches = micro_batches(name, 2 * ranks);
+        let (want_losses, want) = single_device(name, &batches);
+        let (losses, stage_params) = pipelined(name, kind, ranks, &batches);
+        let what = format!("{name} {kind:?} with {ranks} ranks");
+        for (step, (got, want)) in losses.iter().zip(&want_losses).enumerate() {
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs(),
+                "{what}: loss at step {step}: {got} vs {want}"
+            );
+        }
+        let mut seen = 0;
+        for params in &stage_params {
+            for (param, values) in params {
+                let relative = relative_l2(values, &want[param]);
+                assert!(relative <= 1e-5, "{what}: {param} off by {relative:e}");
+                seen += 1;
+            }
+        }
+        // Every parameter was checked (a tied embedding split across stages, twice).
+        assert!(
+            seen >= want.len(),
+            "{what}: {seen} of {} parameters",
+            want.len()
+        );
+    }
+}
+
+#[test]
+fn gpipe_equals_single_device() {
+    check(ScheduleKind::Gpipe, 3);
+    check(ScheduleKind::Gpipe, 2);
+}
+
+#[test]
+fn one_f_one_b_equals_single_device() {
+    check(ScheduleKind::OneFOneB, 2);
+    check(ScheduleKind::OneFOneB, 3);
+}
+
+#[test]
+fn interleaved_equals_single_device() {
+    check(ScheduleKind::Interleaved, 2);
+    check(ScheduleKind::Interleaved, 3);
+}
+
+#[test]
+fn zero_bubble_h1_equals_single_device() {
+    check(ScheduleKind::ZbH1, 2);
+    check(ScheduleKind::ZbH1, 3);
+}
+
+#[test]
+fn zero_bubble_v_equals_single_device() {
+    check(ScheduleKind::ZbV, 2);
+    check(ScheduleKind::ZbV, 3);
+}
