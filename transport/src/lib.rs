@@ -3,15 +3,17 @@
 //! Stages talk only to the [`Transport`] trait. A message carries a [`Tag`] (step, micro-batch,
 //! stage and kind), so a receiver asks for exactly the tensor it needs and messages that arrive
 //! out of order wait in a buffer instead of being mistaken for one another. This crate has the
-//! in-process implementation used by tests and single-machine runs; network implementations
-//! (QUIC, NCCL) implement the same trait.
+//! in-process implementation used by tests and the QUIC implementation that connects processes
+//! and machines; NCCL will implement the same trait.
 #![deny(missing_docs)]
 
 mod in_process;
 mod message;
+mod quic;
 
 pub use in_process::{InProcessHub, InProcessTransport};
 pub use message::{Kind, Tag, TensorMessage};
+pub use quic::{QuicConfig, QuicError, QuicTransport};
 
 use std::time::Duration;
 
