@@ -21,6 +21,11 @@ impl OwnedWeights {
         self.tensors.insert(name.to_string(), (dtype, shape, bytes));
     }
 
+    /// Adds every tensor of `other` (a tensor already here is replaced).
+    pub fn extend(&mut self, other: OwnedWeights) {
+        self.tensors.extend(other.tensors);
+    }
+
     /// Copies the tensors `names` out of `source`, converted to `cast` if given.
     pub fn copy_from(
         source: &dyn WeightSource,

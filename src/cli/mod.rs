@@ -4,6 +4,7 @@ mod convert;
 mod eval;
 mod generate;
 mod inspect;
+mod launch;
 mod plan;
 mod schedule;
 mod train;

@@ -208,6 +208,8 @@ pub struct Args {
     /// Print the final report as one JSON line on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub(super) pipeline: super::launch::PipelineFlags,
 }
 
 /// `pp train` alone, to re-parse a command line merged with a config file; later occurrences
@@ -225,10 +227,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => args,
     };
     let options = options(&args)?;
+    if let Some(pipeline) = args.pipeline.options()? {
+        if args.pipeline.worker_rank.is_none() {
+            return super::launch::launch(&pipeline);
+        }
+    }
     let mut observer = Progress::new();
-    let report = pp::train::train::<CpuAutodiff>(&options, Default::default(), &mut observer);
+    let report = match args.pipeline.options()? {
+        Some(pipeline) => {
+            super::launch::run_worker(&options, &pipeline, &args.pipeline, &mut observer)
+        }
+        None => pp::train::train::<CpuAutodiff>(&options, Default::default(), &mut observer)
+            .map_err(anyhow::Error::from),
+    };
     observer.bar.finish_and_clear();
     let report = report?;
+    if args.pipeline.worker_rank.is_some_and(|rank| rank != 0) {
+        return Ok(());
+    }
     if args.json {
         println!(
             "{}",
@@ -374,12 +390,12 @@ fn options(args: &Args) -> anyhow::Result<TrainOptions> {
 }
 
 /// A progress bar on stderr: step, loss, learning rate, tokens/s and ETA.
-struct Progress {
+pub(super) struct Progress {
     bar: ProgressBar,
 }
 
 impl Progress {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let bar = ProgressBar::hidden();
         bar.set_style(
             ProgressStyle::with_template(

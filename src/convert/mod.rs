@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::hf_writer::{self, SafetensorsWriter};
 use crate::checkpoint::native::{
-    Manifest, StageFileWriter, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
+    Manifest, StageEntry, StageFileWriter, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
 };
 use crate::checkpoint::{
     self, checksum, Format, ModelFiles, ModelInfo, TensorSink, TensorSpec, WeightSource,
@@ -188,13 +188,18 @@ fn ordered_tensors(source: &dyn WeightSource, cast: Option<DType>) -> Result<Vec
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    sort_by_part(&mut specs);
+    Ok(specs)
+}
+
+/// Embedding first, then layer by layer, then the head; by name within a part.
+fn sort_by_part(specs: &mut [TensorSpec]) {
     let rank = |name: &str| match Part::of(name) {
         Part::Embedding => (0, 0),
         Part::Layer(i) => (1, i),
         Part::Head => (2, 0),
     };
     specs.sort_by(|a, b| rank(&a.name).cmp(&rank(&b.name)).then(a.name.cmp(&b.name)));
-    Ok(specs)
 }
 
 fn choose_partition(
@@ -248,47 +253,59 @@ pub fn write_native_model(
     partition: &Partition,
     out: &Path,
 ) -> Result<()> {
-    let tensors = ordered_tensors(weights, None)?;
-    let layouts = stage_layouts(&tensors, partition, info.config.tie_word_embeddings);
-    write_native(
-        weights,
-        info,
-        layouts,
-        partition,
-        None,
-        out,
-        // A checkpoint being saved because of Ctrl-C must finish.
-        &Streaming {
-            progress: &ProgressBar::hidden(),
-            interruptible: false,
-        },
-    )
+    let all: Vec<usize> = (0..partition.len()).collect();
+    let stages = write_native_stages(weights, info, partition, &all, out)?;
+    write_native_manifest(info, stages, None, out)
 }
 
-/// How tensors are streamed: what shows progress, and whether Ctrl-C stops the copy.
-struct Streaming<'a> {
-    progress: &'a ProgressBar,
-    interruptible: bool,
-}
-
-fn write_native(
+/// Writes the files of `stages` of a native checkpoint with `partition` into `out`, from
+/// `weights`, which must hold those stages' tensors; returns their manifest entries. A
+/// pipeline worker writes its own stages this way; [`write_native_manifest`] completes the
+/// checkpoint.
+pub fn write_native_stages(
     weights: &dyn WeightSource,
     info: &ModelInfo,
-    layouts: Vec<Vec<TensorSpec>>,
     partition: &Partition,
+    stages: &[usize],
+    out: &Path,
+) -> Result<Vec<StageEntry>> {
+    let tied = info.config.tie_word_embeddings;
+    let names = weights.names();
+    let mut specs = Vec::new();
+    for name in names {
+        if Part::stages_holding(&name, partition, tied)
+            .iter()
+            .any(|s| stages.contains(s))
+        {
+            let view = weights.tensor(&name)?;
+            specs.push(TensorSpec {
+                dtype: view.dtype,
+                shape: view.shape.to_vec(),
+                name,
+            });
+        }
+    }
+    sort_by_part(&mut specs);
+    let layouts = stage_layouts(&specs, partition, tied);
+    // A checkpoint being saved because of Ctrl-C must finish.
+    let streaming = Streaming {
+        progress: &ProgressBar::hidden(),
+        interruptible: false,
+    };
+    stages
+        .iter()
+        .map(|&index| write_stage(weights, partition, index, &layouts[index], out, &streaming))
+        .collect()
+}
+
+/// Copies the companion files and writes `manifest.json` for stage files already in `out`.
+/// `cast` is the dtype the tensors were converted to, if any.
+pub fn write_native_manifest(
+    info: &ModelInfo,
+    stages: Vec<StageEntry>,
     cast: Option<DType>,
     out: &Path,
-    streaming: &Streaming<'_>,
 ) -> Result<()> {
-    let mut stages = Vec::with_capacity(partition.len());
-    for (index, layout) in layouts.into_iter().enumerate() {
-        let slice = partition.stages()[index].clone();
-        let mut writer = StageFileWriter::create(out, index, slice, layout.clone())?;
-        for spec in &layout {
-            stream_tensor(weights, spec, &mut writer, streaming)?;
-        }
-        stages.push(writer.finish()?);
-    }
     let files = copy_companion_files(info, out)?;
     let dtype = cast.unwrap_or_else(|| {
         stages[0]
@@ -309,6 +326,45 @@ fn write_native(
     };
     // The manifest goes last: a directory without one is not a checkpoint.
     checkpoint::write_json(&out.join(MANIFEST_FILE), &manifest)
+}
+
+fn write_stage(
+    weights: &dyn WeightSource,
+    partition: &Partition,
+    index: usize,
+    layout: &[TensorSpec],
+    out: &Path,
+    streaming: &Streaming<'_>,
+) -> Result<StageEntry> {
+    let slice = partition.stages()[index].clone();
+    let mut writer = StageFileWriter::create(out, index, slice, layout.to_vec())?;
+    for spec in layout {
+        stream_tensor(weights, spec, &mut writer, streaming)?;
+    }
+    writer.finish()
+}
+
+/// How tensors are streamed: what shows progress, and whether Ctrl-C stops the copy.
+struct Streaming<'a> {
+    progress: &'a ProgressBar,
+    interruptible: bool,
+}
+
+fn write_native(
+    weights: &dyn WeightSource,
+    info: &ModelInfo,
+    layouts: Vec<Vec<TensorSpec>>,
+    partition: &Partition,
+    cast: Option<DType>,
+    out: &Path,
+    streaming: &Streaming<'_>,
+) -> Result<()> {
+    let stages = layouts
+        .iter()
+        .enumerate()
+        .map(|(index, layout)| write_stage(weights, partition, index, layout, out, streaming))
+        .collect::<Result<Vec<_>>>()?;
+    write_native_manifest(info, stages, cast, out)
 }
 
 fn write_hf(

@@ -8,6 +8,7 @@ pub mod pipeline;
 pub mod runtime;
 pub mod schedule;
 pub mod trainer;
+pub mod worker;
 
 pub use trainer::{
     train, Length, Observer, Resume, StepReport, TrainOptions, TrainReport, Validation,

@@ -24,6 +24,8 @@ pub struct PipelineStep {
     pub loss_sum: f64,
     /// Global L2 norm of the gradients before clipping.
     pub grad_norm: f64,
+    /// Some rank was asked to stop (Ctrl-C); every rank sees the same answer.
+    pub interrupted: bool,
 }
 
 /// One rank's stages and its connection to the others.
@@ -65,6 +67,21 @@ impl<B: AutodiffBackend> RankWorker<B> {
     /// The runners, by stage.
     pub fn runners(&self) -> &BTreeMap<usize, StageRunner<B>> {
         &self.runners
+    }
+
+    /// This worker's rank.
+    pub fn rank(&self) -> usize {
+        self.transport.rank()
+    }
+
+    /// The schedule it follows.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// Waits until every rank reaches the same point (`round` numbers the points of a step).
+    pub fn barrier(&self, step: u64, round: u32) -> Result<(), TransportError> {
+        self.all_reduce(step, round, [0.0]).map(|_| ())
     }
 
     /// Runs optimizer step `step` on `micro_batches` (every rank is given the same ones; only
@@ -172,7 +189,10 @@ impl<B: AutodiffBackend> RankWorker<B> {
                 runner.grad_sum_squares_excluding(skip)
             })
             .sum();
-        let [sum_squares, loss_sum] = self.all_reduce(step, [sum_squares, loss_sum])?;
+        // Ctrl-C reaches the ranks at different moments; they stop after the same step.
+        let interrupted = f64::from(u8::from(crate::interrupt::check().is_err()));
+        let [sum_squares, loss_sum, interrupted] =
+            self.all_reduce(step, 0, [sum_squares, loss_sum, interrupted])?;
         let grad_norm = sum_squares.sqrt();
         let clip = match max_grad_norm {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
@@ -184,6 +204,7 @@ impl<B: AutodiffBackend> RankWorker<B> {
         Ok(PipelineStep {
             loss_sum,
             grad_norm,
+            interrupted: interrupted > 0.0,
         })
     }
 
@@ -245,23 +266,24 @@ impl<B: AutodiffBackend> RankWorker<B> {
     }
 
     /// Sums `values` over all ranks: each sends its values to rank 0, which sends the totals
-    /// back.
-    fn all_reduce<const N: usize>(
+    /// back. `round` tells apart several reductions within one step.
+    pub fn all_reduce<const N: usize>(
         &self,
         step: u64,
+        round: u32,
         values: [f64; N],
     ) -> Result<[f64; N], TransportError> {
         let rank = self.transport.rank();
         let ranks = self.transport.world_size();
         let tag = |from: usize| Tag {
             step,
-            microbatch: 0,
+            microbatch: round,
             stage: from as u32,
             kind: Kind::Reduce,
         };
         let message = |from: usize, values: [f64; N]| TensorMessage {
             tag: tag(from),
-            shape: vec![N],
+            shape: vec![2 * N],
             // Sums of squares can exceed f32's precision needs; send each as two f32 halves.
             values: values
                 .iter()

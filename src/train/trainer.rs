@@ -471,7 +471,7 @@ impl Outputs<'_> {
     }
 }
 
-fn check_options(options: &TrainOptions) -> Result<()> {
+pub(super) fn check_options(options: &TrainOptions) -> Result<()> {
     let bad = |message: &str| Err(Error::Usage(message.into()));
     if options.batch_size == 0 || options.micro_batch_size == 0 {
         return bad("--batch-size and --micro-batch-size must be at least 1");
@@ -508,7 +508,7 @@ fn check_options(options: &TrainOptions) -> Result<()> {
     Ok(())
 }
 
-fn load_data(
+pub(super) fn load_data(
     options: &TrainOptions,
     config: &ModelConfig,
     tokenizer: Option<&Tokenizer>,

@@ -398,7 +398,20 @@ fn server_config() -> Result<ServerConfig, String> {
         certificate.key_pair.serialize_der(),
     ));
     let chain = vec![CertificateDer::from(certificate.cert.der().to_vec())];
-    ServerConfig::with_single_cert(chain, key).map_err(|e| e.to_string())
+    let mut config = ServerConfig::with_single_cert(chain, key).map_err(|e| e.to_string())?;
+    config.transport_config(liveness());
+    Ok(config)
+}
+
+/// Keep-alives every second and a 10-second idle timeout: a peer whose process died (which
+/// sends no goodbye) is noticed within seconds, not after QUIC's default 30.
+fn liveness() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(10)).expect("10 s is a valid timeout"),
+    ));
+    Arc::new(transport)
 }
 
 fn client_config() -> Result<ClientConfig, String> {
@@ -410,7 +423,9 @@ fn client_config() -> Result<ClientConfig, String> {
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
         .with_no_client_auth();
     let quic = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
-    Ok(ClientConfig::new(Arc::new(quic)))
+    let mut config = ClientConfig::new(Arc::new(quic));
+    config.transport_config(liveness());
+    Ok(config)
 }
 
 /// Accepts any server certificate (checking only its signatures): peers are authenticated by

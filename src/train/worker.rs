@@ -1,0 +1,324 @@
+//! Pipeline training, one process per rank: the rank loads only its stages, follows its list of
+//! the schedule each step, and the ranks together write one native checkpoint at the end.
+//! Rank 0 reports progress and metrics; every rank knows the loss and gradient norm after each
+//! step (they are summed over the ranks), so all stop together.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use burn::module::Module;
+use burn::tensor::backend::AutodiffBackend;
+use pp_stages::{Partition, Schedule, ScheduleKind};
+use pp_transport::{Transport, TransportError};
+
+use super::checkpoint::weights_of;
+use super::metrics::MetricsLog;
+use super::optim::Rounder;
+use super::pipeline::RankWorker;
+use super::runtime::StageRunner;
+use super::schedule::LrSchedule;
+use super::trainer::{check_options, load_data, Length, StepReport, TrainOptions, TrainReport};
+use super::{Observer, Validation};
+use crate::checkpoint::{native::StageEntry, Format, OwnedWeights};
+use crate::convert::{write_native_manifest, write_native_stages};
+use crate::data::{MicroBatch, Sequence};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::StageModel;
+use crate::plan::{part_costs, Balance};
+use crate::tokenizer::{Tokenizer, TOKENIZER_FILE};
+
+/// How the pipeline is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineOptions {
+    /// The schedule.
+    pub schedule: ScheduleKind,
+    /// Worker processes (ranks).
+    pub ranks: usize,
+    /// Micro-batches per step.
+    pub microbatches: usize,
+    /// Stage slices per rank for interleaved.
+    pub virtual_stages: usize,
+}
+
+/// How long a rank waits for a tensor before giving up on its peer. A dead peer is noticed
+/// sooner, by the transport's keep-alives.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Trains this rank's share of the pipeline; `run_id` names the shared staging directory of
+/// the final checkpoint (the same on every rank).
+pub fn train_rank<B: AutodiffBackend>(
+    options: &TrainOptions,
+    pipeline: &PipelineOptions,
+    transport: Box<dyn Transport>,
+    run_id: &str,
+    device: B::Device,
+    observer: &mut dyn Observer,
+) -> Result<TrainReport> {
+    check_options(options)?;
+    refuse_unsupported(options)?;
+    let rank = transport.rank();
+    let model = crate::checkpoint::open(&options.model_dir)?;
+    let mut config = model.info.config.clone();
+    config.dtype = options.dtype;
+    let tokenizer = options
+        .model_dir
+        .join(TOKENIZER_FILE)
+        .exists()
+        .then(|| Tokenizer::load(&options.model_dir))
+        .transpose()?;
+    let (train_set, _) = load_data(options, &config, tokenizer.as_ref())?;
+    let total_steps = match options.length {
+        Length::Steps(n) => n,
+        Length::Epochs(n) => n * train_set.steps_per_epoch(options.batch_size),
+    };
+    let schedule_plan = LrSchedule {
+        total_steps,
+        ..options.schedule
+    };
+    let schedule = Schedule::new(
+        pipeline.schedule,
+        pipeline.ranks,
+        pipeline.microbatches,
+        pipeline.virtual_stages,
+    )
+    .map_err(|e| Error::Usage(format!("--schedule {}: {e}", pipeline.schedule.name())))?;
+    let partition = match &model.info.format {
+        Format::Native(native) if native.partition().len() == schedule.stages() => {
+            native.partition().clone()
+        }
+        _ => {
+            let costs = part_costs(
+                &config,
+                Balance::Memory,
+                options.dtype,
+                options.sequences.max_len,
+            );
+            Partition::balanced(&costs, schedule.stages()).map_err(|e| {
+                Error::Usage(format!(
+                    "the model cannot be cut into the {} stages the schedule needs: {e}",
+                    schedule.stages()
+                ))
+            })?
+        }
+    };
+    let mut runners = BTreeMap::new();
+    for stage in schedule.stages_of(rank) {
+        let slice = partition.stages()[stage].clone();
+        let mut stage_model =
+            StageModel::<B>::load(&config, slice, model.weights.as_ref(), &device)?;
+        if options.dtype != DType::F32 {
+            stage_model = stage_model.map(&mut Rounder(options.dtype));
+        }
+        let runner = StageRunner::new(
+            stage_model,
+            options.optimizer.clone(),
+            options.savers,
+            options.dtype,
+            device.clone(),
+        );
+        let runner = if pipeline.schedule.splits_backward() {
+            runner.with_split_backward()
+        } else {
+            runner
+        };
+        runners.insert(stage, runner);
+    }
+    let mut worker = RankWorker::new(
+        schedule,
+        runners,
+        config.tie_word_embeddings,
+        transport,
+        RECEIVE_TIMEOUT,
+        device,
+    );
+    std::fs::create_dir_all(&options.out_dir).map_err(|e| Error::io(&options.out_dir, e))?;
+    let mut metrics = if rank == 0 {
+        Some(MetricsLog::open(&options.out_dir)?)
+    } else {
+        None
+    };
+    let pad_id = config
+        .pad_token_id
+        .or(config.eos_token_ids.first().copied())
+        .unwrap_or(0);
+    observer.started(0, total_steps);
+    let mut last_loss = None;
+    for step in 0..total_steps {
+        let started = Instant::now();
+        let lr = schedule_plan.lr(step);
+        let (epoch, rows) = train_set.step(step, options.batch_size, options.shuffle_seed);
+        let micro_batches = split_micro_batches(&rows, pipeline.microbatches, pad_id, step)?;
+        let scored: usize = rows.iter().map(|s| s.scored_tokens()).sum();
+        let input_tokens: usize = rows.iter().map(|s| s.input_ids.len()).sum();
+        let result = worker
+            .step(step, &micro_batches, scored, lr, options.max_grad_norm)
+            .map_err(|e| peer_error(e, &worker))?;
+        let loss = result.loss_sum / scored as f64;
+        last_loss = Some(loss);
+        let report = StepReport {
+            step: step + 1,
+            total_steps,
+            loss,
+            lr,
+            grad_norm: result.grad_norm,
+            tokens_per_s: input_tokens as f64 / started.elapsed().as_secs_f64(),
+            epoch,
+            scored_tokens: scored,
+        };
+        if let Some(metrics) = metrics.as_mut() {
+            metrics.record(
+                step + 1,
+                &[
+                    ("train/loss", loss),
+                    ("train/lr", lr),
+                    ("train/grad_norm", result.grad_norm),
+                    ("train/tokens_per_s", report.tokens_per_s),
+                    ("train/epoch", epoch as f64),
+                ],
+            )?;
+        }
+        observer.step(&report);
+        if result.interrupted {
+            observer.note(&format!("interrupted after step {}", step + 1));
+            return Err(Error::Interrupted);
+        }
+    }
+    let final_dir = options.out_dir.join("final");
+    write_final(
+        &worker,
+        &model.info,
+        &partition,
+        options.dtype,
+        &final_dir,
+        run_id,
+        total_steps,
+    )?;
+    if rank == 0 {
+        observer.note(&format!("final model written to {}", final_dir.display()));
+    }
+    Ok(TrainReport {
+        steps: total_steps,
+        last_loss,
+        val_loss: None,
+        stopped_early: false,
+        final_dir,
+    })
+}
+
+/// What pipeline training does not do yet, refused rather than ignored.
+fn refuse_unsupported(options: &TrainOptions) -> Result<()> {
+    let unsupported = [
+        (
+            options.validation != Validation::None,
+            "--val-data and --val-split",
+        ),
+        (options.save_every.is_some(), "--save-every"),
+        (options.resume.is_some(), "--resume"),
+        (
+            options.early_stopping_patience.is_some(),
+            "--early-stopping-patience",
+        ),
+        (
+            options.savers.optimizer_in_backward,
+            "--optimizer-in-backward (a stage accumulates several micro-batches)",
+        ),
+    ];
+    match unsupported.iter().find(|(used, _)| *used) {
+        Some((_, flag)) => Err(Error::Usage(format!(
+            "{flag} is not supported with --stages yet"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The step's rows in `count` micro-batches of nearly equal size.
+fn split_micro_batches(
+    rows: &[&Sequence],
+    count: usize,
+    pad_id: u32,
+    step: u64,
+) -> Result<Vec<MicroBatch>> {
+    if rows.len() < count {
+        return Err(Error::Usage(format!(
+            "step {} has {} rows for {count} micro-batches: use a --batch-size that is a multiple \
+             of --microbatches and divides the data, or fewer --microbatches",
+            step + 1,
+            rows.len()
+        )));
+    }
+    let mut start = 0;
+    Ok((0..count)
+        .map(|i| {
+            let size = rows.len() / count + usize::from(i < rows.len() % count);
+            let batch = MicroBatch::new(&rows[start..start + size], pad_id);
+            start += size;
+            batch
+        })
+        .collect())
+}
+
+/// Names the stages behind a transport failure.
+fn peer_error<B: AutodiffBackend>(error: TransportError, worker: &RankWorker<B>) -> Error {
+    let stages = |rank: usize| worker.schedule().stages_of(rank);
+    match error {
+        TransportError::PeerLost { rank } => Error::Training(format!(
+            "lost the worker of stage(s) {:?} (rank {rank}); stopping",
+            stages(rank)
+        )),
+        TransportError::Timeout { rank, timeout, .. } => Error::Training(format!(
+            "the worker of stage(s) {:?} (rank {rank}) sent nothing for {timeout:?}; stopping",
+            stages(rank)
+        )),
+        other => Error::Training(format!("pipeline transfer failed: {other}")),
+    }
+}
+
+/// Every rank writes its stage files into one staging directory beside `final_dir`; after a
+/// barrier, rank 0 writes the manifest from their entries and renames the directory into place.
+fn write_final<B: AutodiffBackend>(
+    worker: &RankWorker<B>,
+    info: &crate::checkpoint::ModelInfo,
+    partition: &Partition,
+    dtype: DType,
+    final_dir: &Path,
+    run_id: &str,
+    step: u64,
+) -> Result<()> {
+    let parent = final_dir.parent().unwrap_or(Path::new("."));
+    let staging = parent.join(format!(".final.pp-pipeline-{run_id}"));
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    let mut weights = OwnedWeights::default();
+    for runner in worker.runners().values() {
+        weights.extend(weights_of(runner.model(), dtype));
+    }
+    let stages: Vec<usize> = worker.runners().keys().copied().collect();
+    for entry in write_native_stages(&weights, info, partition, &stages, &staging)? {
+        let path = staging.join(format!("{}.entry.json", entry.file));
+        crate::checkpoint::write_json(&path, &entry)?;
+    }
+    worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
+    if worker.rank() != 0 {
+        return Ok(());
+    }
+    let mut entries = Vec::with_capacity(partition.len());
+    for index in 0..partition.len() {
+        let path = staging.join(format!(
+            "{}.entry.json",
+            crate::checkpoint::native::stage_file_name(index)
+        ));
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let entry: StageEntry = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: path.clone(),
+            message: format!("not a stage entry: {e}"),
+        })?;
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        entries.push(entry);
+    }
+    write_native_manifest(info, entries, None, &staging)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(final_dir).map_err(|e| Error::io(final_dir, e))?;
+    }
+    std::fs::rename(&staging, final_dir).map_err(|e| Error::io(final_dir, e))
+}
