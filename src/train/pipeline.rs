@@ -5,11 +5,11 @@
 //! loss are summed over all ranks, so every rank clips with the global norm and steps.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use pp_stages::schedule::{Action, Pass, Transfer};
+use pp_stages::schedule::{simulate, Action, Costs, Pass, Transfer};
 use pp_stages::Schedule;
 use pp_transport::{Kind, Tag, TensorMessage, Transport, TransportError};
 
@@ -18,7 +18,7 @@ use crate::data::MicroBatch;
 use crate::model::names::EMBED;
 
 /// What one rank reports after a step; the sums are over the whole pipeline.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PipelineStep {
     /// Summed loss of the step's micro-batches (divide by the scored tokens for the mean).
     pub loss_sum: f64,
@@ -26,6 +26,8 @@ pub struct PipelineStep {
     pub grad_norm: f64,
     /// Some rank was asked to stop (Ctrl-C); every rank sees the same answer.
     pub interrupted: bool,
+    /// Where each rank's time went, by rank.
+    pub timings: Vec<RankTiming>,
 }
 
 /// One rank's stages and its connection to the others.
@@ -81,7 +83,7 @@ impl<B: AutodiffBackend> RankWorker<B> {
 
     /// Waits until every rank reaches the same point (`round` numbers the points of a step).
     pub fn barrier(&self, step: u64, round: u32) -> Result<(), TransportError> {
-        self.all_reduce(step, round, [0.0]).map(|_| ())
+        self.all_reduce(step, round, vec![0.0]).map(|_| ())
     }
 
     /// Runs optimizer step `step` on `micro_batches` (every rank is given the same ones; only
@@ -106,6 +108,8 @@ impl<B: AutodiffBackend> RankWorker<B> {
         let mut waiting: HashMap<(Transfer, usize, usize), Tensor<B::InnerBackend, 3>> =
             HashMap::new();
         let mut loss_sum = 0.0;
+        let mut timing = RankTiming::default();
+        let started = Instant::now();
         for &action in &self.schedule.actions[rank] {
             match action {
                 Action::Recv {
@@ -138,6 +142,7 @@ impl<B: AutodiffBackend> RankWorker<B> {
                     stage,
                     microbatch,
                 } => {
+                    let pass_started = Instant::now();
                     let runner = self
                         .runners
                         .get_mut(&stage)
@@ -174,9 +179,11 @@ impl<B: AutodiffBackend> RankWorker<B> {
                         }
                         Pass::W => runner.backward_weight(microbatch),
                     }
+                    timing.record(pass, pass_started.elapsed().as_secs_f64());
                 }
             }
         }
+        timing.wall = started.elapsed().as_secs_f64();
         if self.tied && last_stage > 0 {
             self.sum_tied_gradients(step)?;
         }
@@ -191,8 +198,15 @@ impl<B: AutodiffBackend> RankWorker<B> {
             .sum();
         // Ctrl-C reaches the ranks at different moments; they stop after the same step.
         let interrupted = f64::from(u8::from(crate::interrupt::check().is_err()));
-        let [sum_squares, loss_sum, interrupted] =
-            self.all_reduce(step, 0, [sum_squares, loss_sum, interrupted])?;
+        let ranks = self.transport.world_size();
+        let mut values = vec![sum_squares, loss_sum, interrupted];
+        values.extend(timing.to_slot(rank, ranks));
+        let totals = self.all_reduce(step, 0, values)?;
+        let (sum_squares, loss_sum, interrupted) = (totals[0], totals[1], totals[2]);
+        let timings = totals[3..]
+            .chunks_exact(TIMING_FIELDS)
+            .map(RankTiming::from_slot)
+            .collect();
         let grad_norm = sum_squares.sqrt();
         let clip = match max_grad_norm {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
@@ -205,6 +219,7 @@ impl<B: AutodiffBackend> RankWorker<B> {
             loss_sum,
             grad_norm,
             interrupted: interrupted > 0.0,
+            timings,
         })
     }
 
@@ -267,12 +282,12 @@ impl<B: AutodiffBackend> RankWorker<B> {
 
     /// Sums `values` over all ranks: each sends its values to rank 0, which sends the totals
     /// back. `round` tells apart several reductions within one step.
-    pub fn all_reduce<const N: usize>(
+    pub fn all_reduce(
         &self,
         step: u64,
         round: u32,
-        values: [f64; N],
-    ) -> Result<[f64; N], TransportError> {
+        values: Vec<f64>,
+    ) -> Result<Vec<f64>, TransportError> {
         let rank = self.transport.rank();
         let ranks = self.transport.world_size();
         let tag = |from: usize| Tag {
@@ -281,10 +296,10 @@ impl<B: AutodiffBackend> RankWorker<B> {
             stage: from as u32,
             kind: Kind::Reduce,
         };
-        let message = |from: usize, values: [f64; N]| TensorMessage {
+        let message = |from: usize, values: &[f64]| TensorMessage {
             tag: tag(from),
-            shape: vec![2 * N],
-            // Sums of squares can exceed f32's precision needs; send each as two f32 halves.
+            shape: vec![2 * values.len()],
+            // Sums of squares need more than f32's precision: each value as two f32 halves.
             values: values
                 .iter()
                 .flat_map(|v| {
@@ -293,8 +308,11 @@ impl<B: AutodiffBackend> RankWorker<B> {
                 })
                 .collect(),
         };
-        let read = |m: TensorMessage| -> [f64; N] {
-            std::array::from_fn(|i| f64::from(m.values[2 * i]) + f64::from(m.values[2 * i + 1]))
+        let read = |m: TensorMessage| -> Vec<f64> {
+            m.values
+                .chunks_exact(2)
+                .map(|pair| f64::from(pair[0]) + f64::from(pair[1]))
+                .collect()
         };
         if rank == 0 {
             let mut total = values;
@@ -303,14 +321,96 @@ impl<B: AutodiffBackend> RankWorker<B> {
                 total.iter_mut().zip(theirs).for_each(|(t, v)| *t += v);
             }
             for to in 1..ranks {
-                self.transport.send(to, message(0, total))?;
+                self.transport.send(to, message(0, &total))?;
             }
             Ok(total)
         } else {
-            self.transport.send(0, message(rank, values))?;
+            self.transport.send(0, message(rank, &values))?;
             Ok(read(self.transport.recv(0, tag(0), self.timeout)?))
         }
     }
+}
+
+/// Per rank: wall time of the step's action list, and the time and count of each pass kind.
+const TIMING_FIELDS: usize = 10;
+
+/// Where a rank's step time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RankTiming {
+    /// Seconds from the first to the last action of the step.
+    pub wall: f64,
+    /// Seconds of F, B, I and W passes, and how many of each ran.
+    pub passes: [(f64, usize); 4],
+}
+
+impl RankTiming {
+    /// Seconds spent computing.
+    pub fn busy(&self) -> f64 {
+        self.passes.iter().map(|(t, _)| t).sum()
+    }
+
+    fn record(&mut self, pass: Pass, seconds: f64) {
+        let slot = &mut self.passes[pass_index(pass)];
+        slot.0 += seconds;
+        slot.1 += 1;
+    }
+
+    /// As reduce values in this rank's slot of a `ranks`-long gather.
+    fn to_slot(self, rank: usize, ranks: usize) -> Vec<f64> {
+        let mut values = vec![0.0; TIMING_FIELDS * ranks];
+        let at = rank * TIMING_FIELDS;
+        values[at] = self.wall;
+        for (i, (time, count)) in self.passes.iter().enumerate() {
+            values[at + 1 + 2 * i] = *time;
+            values[at + 2 + 2 * i] = *count as f64;
+        }
+        values
+    }
+
+    fn from_slot(values: &[f64]) -> Self {
+        Self {
+            wall: values[0],
+            passes: std::array::from_fn(|i| (values[1 + 2 * i], values[2 + 2 * i] as usize)),
+        }
+    }
+}
+
+fn pass_index(pass: Pass) -> usize {
+    match pass {
+        Pass::F => 0,
+        Pass::B => 1,
+        Pass::I => 2,
+        Pass::W => 3,
+    }
+}
+
+/// The measured bubble of a step (idle share of all ranks over the slowest rank's wall time)
+/// and what the simulator predicts for the schedule with the step's mean pass times and free
+/// transfers.
+pub fn measured_and_simulated_bubble(schedule: &Schedule, timings: &[RankTiming]) -> (f64, f64) {
+    let makespan = timings.iter().map(|t| t.wall).fold(0.0, f64::max);
+    let busy: f64 = timings.iter().map(RankTiming::busy).sum();
+    let measured = 1.0 - busy / (makespan * timings.len() as f64).max(f64::MIN_POSITIVE);
+    let mean = |pass: Pass| {
+        let (time, count) = timings.iter().fold((0.0, 0), |(t, n), r| {
+            let (time, count) = r.passes[pass_index(pass)];
+            (t + time, n + count)
+        });
+        if count == 0 {
+            0.0
+        } else {
+            time / count as f64
+        }
+    };
+    let costs = Costs {
+        forward: mean(Pass::F),
+        backward: mean(Pass::B),
+        input_grad: mean(Pass::I),
+        weight_grad: mean(Pass::W),
+        transfer: 0.0,
+    };
+    let simulated = simulate(schedule, &costs).map_or(f64::NAN, |run| run.bubble);
+    (measured, simulated)
 }
 
 fn tag(step: u64, microbatch: usize, stage: usize, transfer: Transfer) -> Tag {

@@ -15,7 +15,7 @@ use pp_transport::{Transport, TransportError};
 use super::checkpoint::weights_of;
 use super::metrics::MetricsLog;
 use super::optim::Rounder;
-use super::pipeline::RankWorker;
+use super::pipeline::{measured_and_simulated_bubble, RankWorker};
 use super::runtime::StageRunner;
 use super::schedule::LrSchedule;
 use super::trainer::{check_options, load_data, Length, StepReport, TrainOptions, TrainReport};
@@ -168,6 +168,8 @@ pub fn train_rank<B: AutodiffBackend>(
             scored_tokens: scored,
         };
         if let Some(metrics) = metrics.as_mut() {
+            let (measured, simulated) =
+                measured_and_simulated_bubble(worker.schedule(), &result.timings);
             metrics.record(
                 step + 1,
                 &[
@@ -176,6 +178,8 @@ pub fn train_rank<B: AutodiffBackend>(
                     ("train/grad_norm", result.grad_norm),
                     ("train/tokens_per_s", report.tokens_per_s),
                     ("train/epoch", epoch as f64),
+                    ("pipeline/bubble", measured),
+                    ("pipeline/bubble_simulated", simulated),
                 ],
             )?;
         }
