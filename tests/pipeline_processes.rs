@@ -198,6 +198,10 @@ fn ctrl_c_stops_every_worker() {
     unsafe { libc::kill(launcher.id() as i32, libc::SIGINT) };
     let output = launcher.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(130));
+    let saved = std::fs::read_dir(tmp.path().join("run/checkpoints"))
+        .unwrap()
+        .count();
+    assert_eq!(saved, 1, "the interrupted pipeline saved a checkpoint");
     for worker in workers {
         assert!(
             !Path::new(&format!("/proc/{worker}")).exists() || {
@@ -206,6 +210,59 @@ fn ctrl_c_stops_every_worker() {
                 status.contains("zombie")
             },
             "worker {worker} still runs"
+        );
+    }
+}
+
+/// `(step, loss)` of every training step in `OUT/metrics.jsonl`.
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("train_loss")?.as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn a_pipeline_checkpoint_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let model = fixture("llama32-tied-bf16-sharded")
+        .join("hf")
+        .display()
+        .to_string();
+    let pipeline = [
+        "--stages",
+        "2",
+        "--schedule",
+        "zbh1",
+        "--microbatches",
+        "2",
+        "--optimizer",
+        "adafactor",
+    ];
+    let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
+    let mut first = pipeline.to_vec();
+    first.extend(["--save-every", "2"]);
+    train(&model, &data, &whole, &first);
+    let checkpoint = whole.join("checkpoints/step-2");
+    for stage in ["000", "001"] {
+        assert!(checkpoint
+            .join(format!("optimizer-{stage}.safetensors"))
+            .is_file());
+    }
+    let from = checkpoint.display().to_string();
+    let mut second = pipeline.to_vec();
+    second.extend(["--resume", &from]);
+    train(&model, &data, &resumed, &second);
+    assert_eq!(&losses(&whole)[2..], &losses(&resumed)[..]);
+    for stage in ["000", "001"] {
+        let file = format!("final/stage-{stage}.bin");
+        assert_eq!(
+            std::fs::read(whole.join(&file)).unwrap(),
+            std::fs::read(resumed.join(&file)).unwrap(),
+            "{file}"
         );
     }
 }

@@ -103,20 +103,31 @@ pub fn save<B: AutodiffBackend>(
 ) -> Result<()> {
     let staging = Staging::create(dir, true)?;
     write_native_model(&weights_of(model, dtype), info, partition, staging.path())?;
-    // Each stage's file holds the state of the parameters that stage holds (a tied embedding
-    // split across stages is in both), so a pipeline worker reads only its own.
     for stage in 0..partition.len() {
-        let held = |name: &str| {
-            Part::stages_holding(name, partition, info.config.tie_word_embeddings).contains(&stage)
-        };
-        write_optimizer_state(
-            &staging.path().join(optimizer_file(stage)),
+        write_stage_optimizer_state(
+            staging.path(),
+            stage,
             optimizer_state,
-            held,
+            partition,
+            info.config.tie_word_embeddings,
         )?;
     }
     crate::checkpoint::write_json(&staging.path().join(TRAINER_FILE), state)?;
     staging.commit()
+}
+
+/// Writes stage `stage`'s optimizer file into `dir`. Each stage's file holds the state of the
+/// parameters that stage holds (a tied embedding split across stages is in both), so a
+/// pipeline worker writes and reads only its own.
+pub fn write_stage_optimizer_state<B: Backend>(
+    dir: &Path,
+    stage: usize,
+    state: &OptimizerState<B>,
+    partition: &Partition,
+    tied: bool,
+) -> Result<()> {
+    let held = |name: &str| Part::stages_holding(name, partition, tied).contains(&stage);
+    write_optimizer_state(&dir.join(optimizer_file(stage)), state, held)
 }
 
 /// Reads `trainer.json` of the checkpoint in `dir`.

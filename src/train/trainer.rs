@@ -547,7 +547,7 @@ pub(super) fn load_data(
 }
 
 /// A checksum of the training sequences, so that a resumed run can tell it sees the same data.
-fn fingerprint(set: &SequenceSet) -> String {
+pub(super) fn fingerprint(set: &SequenceSet) -> String {
     let mut sum = Checksum::default();
     for sequence in set.all() {
         let ids: Vec<u8> = sequence
@@ -567,7 +567,7 @@ fn fingerprint(set: &SequenceSet) -> String {
 }
 
 /// The checkpoint to resume and its state, refused when it cannot continue this run.
-fn open_resume(
+pub(super) fn open_resume(
     resume: &Resume,
     checkpoints: &Path,
     options: &TrainOptions,
@@ -654,7 +654,9 @@ fn output_partition(info: &ModelInfo) -> Result<Partition> {
     }
 }
 
-fn param_shapes<B: AutodiffBackend>(model: &StageModel<B>) -> HashMap<String, [usize; 2]> {
+pub(super) fn param_shapes<B: AutodiffBackend>(
+    model: &StageModel<B>,
+) -> HashMap<String, [usize; 2]> {
     struct Shapes(HashMap<ParamId, [usize; 2]>);
     impl<B: Backend> ModuleVisitor<B> for Shapes {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
@@ -670,7 +672,7 @@ fn param_shapes<B: AutodiffBackend>(model: &StageModel<B>) -> HashMap<String, [u
         .collect()
 }
 
-fn optimizer_name(optimizer: &Optimizer) -> &'static str {
+pub(super) fn optimizer_name(optimizer: &Optimizer) -> &'static str {
     match optimizer {
         Optimizer::AdamW { .. } => "adamw",
         Optimizer::Adafactor { .. } => "adafactor",

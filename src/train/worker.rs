@@ -12,15 +12,19 @@ use burn::tensor::backend::AutodiffBackend;
 use pp_stages::{Partition, Schedule, ScheduleKind};
 use pp_transport::{Transport, TransportError};
 
-use super::checkpoint::weights_of;
+use super::checkpoint::{self, read_optimizer_state, weights_of, TrainerState};
 use super::metrics::MetricsLog;
 use super::optim::Rounder;
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
 use super::runtime::StageRunner;
 use super::schedule::LrSchedule;
-use super::trainer::{check_options, load_data, Length, StepReport, TrainOptions, TrainReport};
+use super::trainer::{
+    check_options, fingerprint, load_data, open_resume, optimizer_name, param_shapes, Length,
+    StepReport, TrainOptions, TrainReport,
+};
 use super::{Observer, Validation};
-use crate::checkpoint::{native::StageEntry, Format, OwnedWeights};
+use crate::checkpoint::native::{stage_file_name, StageEntry};
+use crate::checkpoint::{Format, ModelInfo, OwnedWeights};
 use crate::convert::{write_native_manifest, write_native_stages};
 use crate::data::{MicroBatch, Sequence};
 use crate::dtype::DType;
@@ -84,6 +88,23 @@ pub fn train_rank<B: AutodiffBackend>(
         pipeline.virtual_stages,
     )
     .map_err(|e| Error::Usage(format!("--schedule {}: {e}", pipeline.schedule.name())))?;
+    let checkpoints = options.out_dir.join("checkpoints");
+    let data_checksum = fingerprint(&train_set);
+    let resumed = match &options.resume {
+        None => None,
+        Some(resume) => Some(open_resume(
+            resume,
+            &checkpoints,
+            options,
+            &config,
+            &data_checksum,
+        )?),
+    };
+    // Resuming, the weights come from the checkpoint, and so does the partition.
+    let model = match &resumed {
+        Some((dir, _)) => crate::checkpoint::open(dir)?,
+        None => model,
+    };
     let partition = match &model.info.format {
         Format::Native(native) if native.partition().len() == schedule.stages() => {
             native.partition().clone()
@@ -125,6 +146,44 @@ pub fn train_rank<B: AutodiffBackend>(
         };
         runners.insert(stage, runner);
     }
+    if let Some((dir, saved)) = &resumed {
+        for (&stage, runner) in runners.iter_mut() {
+            let shapes = param_shapes(runner.model());
+            runner.set_optimizer_state(read_optimizer_state(
+                dir,
+                stage..stage + 1,
+                saved.step,
+                &shapes,
+                &device,
+            )?);
+        }
+    }
+    let mut state = match resumed {
+        Some((dir, saved)) => {
+            observer.note(&format!(
+                "resumed from {} at step {}",
+                dir.display(),
+                saved.step
+            ));
+            TrainerState {
+                total_steps,
+                ..saved
+            }
+        }
+        None => TrainerState {
+            step: 0,
+            total_steps,
+            optimizer: optimizer_name(&options.optimizer).into(),
+            dtype: options.dtype,
+            batch_size: options.batch_size,
+            shuffle_seed: options.shuffle_seed,
+            data_sequences: train_set.len(),
+            data_checksum,
+            best_val_loss: None,
+            evals_without_improvement: 0,
+            tokens_seen: 0,
+        },
+    };
     let mut worker = RankWorker::new(
         schedule,
         runners,
@@ -143,9 +202,16 @@ pub fn train_rank<B: AutodiffBackend>(
         .pad_token_id
         .or(config.eos_token_ids.first().copied())
         .unwrap_or(0);
-    observer.started(0, total_steps);
+    let shared = SharedOutput {
+        info: &model.info,
+        partition: &partition,
+        dtype: options.dtype,
+        run_id,
+    };
+    observer.started(state.step, total_steps);
     let mut last_loss = None;
-    for step in 0..total_steps {
+    while state.step < total_steps {
+        let step = state.step;
         let started = Instant::now();
         let lr = schedule_plan.lr(step);
         let (epoch, rows) = train_set.step(step, options.batch_size, options.shuffle_seed);
@@ -157,6 +223,8 @@ pub fn train_rank<B: AutodiffBackend>(
             .map_err(|e| peer_error(e, &worker))?;
         let loss = result.loss_sum / scored as f64;
         last_loss = Some(loss);
+        state.step += 1;
+        state.tokens_seen += scored as u64;
         let report = StepReport {
             step: step + 1,
             total_steps,
@@ -184,21 +252,29 @@ pub fn train_rank<B: AutodiffBackend>(
             )?;
         }
         observer.step(&report);
+        let save_due = options
+            .save_every
+            .is_some_and(|n| state.step.is_multiple_of(n));
+        if save_due || result.interrupted {
+            let dir = checkpoint::step_dir(&checkpoints, state.step);
+            shared.write(&worker, &dir, state.step, Some(&state))?;
+            if worker.rank() == 0 {
+                if let Some(keep) = options.keep {
+                    checkpoint::prune(&checkpoints, keep)?;
+                }
+                observer.note(&format!("saved checkpoint {}", dir.display()));
+            }
+        }
         if result.interrupted {
-            observer.note(&format!("interrupted after step {}", step + 1));
+            observer.note(&format!(
+                "interrupted after step {}; continue with --resume",
+                state.step
+            ));
             return Err(Error::Interrupted);
         }
     }
     let final_dir = options.out_dir.join("final");
-    write_final(
-        &worker,
-        &model.info,
-        &partition,
-        options.dtype,
-        &final_dir,
-        run_id,
-        total_steps,
-    )?;
+    shared.write(&worker, &final_dir, total_steps, None)?;
     if rank == 0 {
         observer.note(&format!("final model written to {}", final_dir.display()));
     }
@@ -218,8 +294,6 @@ fn refuse_unsupported(options: &TrainOptions) -> Result<()> {
             options.validation != Validation::None,
             "--val-data and --val-split",
         ),
-        (options.save_every.is_some(), "--save-every"),
-        (options.resume.is_some(), "--resume"),
         (
             options.early_stopping_patience.is_some(),
             "--early-stopping-patience",
@@ -279,50 +353,74 @@ fn peer_error<B: AutodiffBackend>(error: TransportError, worker: &RankWorker<B>)
     }
 }
 
-/// Every rank writes its stage files into one staging directory beside `final_dir`; after a
-/// barrier, rank 0 writes the manifest from their entries and renames the directory into place.
-fn write_final<B: AutodiffBackend>(
-    worker: &RankWorker<B>,
-    info: &crate::checkpoint::ModelInfo,
-    partition: &Partition,
+/// What every rank needs to write its share of a checkpoint.
+struct SharedOutput<'a> {
+    info: &'a ModelInfo,
+    partition: &'a Partition,
     dtype: DType,
-    final_dir: &Path,
-    run_id: &str,
-    step: u64,
-) -> Result<()> {
-    let parent = final_dir.parent().unwrap_or(Path::new("."));
-    let staging = parent.join(format!(".final.pp-pipeline-{run_id}"));
-    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-    let mut weights = OwnedWeights::default();
-    for runner in worker.runners().values() {
-        weights.extend(weights_of(runner.model(), dtype));
+    run_id: &'a str,
+}
+
+impl SharedOutput<'_> {
+    /// Every rank writes its stage files (and with `state`, a training checkpoint's optimizer
+    /// files) into one staging directory beside `target`; after a barrier, rank 0 writes the
+    /// manifest from their entries (and `trainer.json`) and renames the directory into place.
+    fn write<B: AutodiffBackend>(
+        &self,
+        worker: &RankWorker<B>,
+        target: &Path,
+        step: u64,
+        state: Option<&TrainerState>,
+    ) -> Result<()> {
+        let parent = target.parent().unwrap_or(Path::new("."));
+        let name = target.file_name().unwrap_or_default().to_string_lossy();
+        let staging = parent.join(format!(".{name}.pp-pipeline-{}", self.run_id));
+        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        let mut weights = OwnedWeights::default();
+        for runner in worker.runners().values() {
+            weights.extend(weights_of(runner.model(), self.dtype));
+        }
+        let stages: Vec<usize> = worker.runners().keys().copied().collect();
+        for entry in write_native_stages(&weights, self.info, self.partition, &stages, &staging)? {
+            let path = staging.join(format!("{}.entry.json", entry.file));
+            crate::checkpoint::write_json(&path, &entry)?;
+        }
+        if state.is_some() {
+            for (&stage, runner) in worker.runners() {
+                checkpoint::write_stage_optimizer_state(
+                    &staging,
+                    stage,
+                    runner.optimizer_state(),
+                    self.partition,
+                    self.info.config.tie_word_embeddings,
+                )?;
+            }
+        }
+        // Round 1 of the step: every rank's files are in place.
+        worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
+        if worker.rank() == 0 {
+            let mut entries = Vec::with_capacity(self.partition.len());
+            for index in 0..self.partition.len() {
+                let path = staging.join(format!("{}.entry.json", stage_file_name(index)));
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                let entry: StageEntry =
+                    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+                        path: path.clone(),
+                        message: format!("not a stage entry: {e}"),
+                    })?;
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                entries.push(entry);
+            }
+            write_native_manifest(self.info, entries, None, &staging)?;
+            if let Some(state) = state {
+                crate::checkpoint::write_json(&staging.join(checkpoint::TRAINER_FILE), state)?;
+            }
+            if target.exists() {
+                std::fs::remove_dir_all(target).map_err(|e| Error::io(target, e))?;
+            }
+            std::fs::rename(&staging, target).map_err(|e| Error::io(target, e))?;
+        }
+        // Round 2: the checkpoint is in place before any rank goes on.
+        worker.barrier(step, 2).map_err(|e| peer_error(e, worker))
     }
-    let stages: Vec<usize> = worker.runners().keys().copied().collect();
-    for entry in write_native_stages(&weights, info, partition, &stages, &staging)? {
-        let path = staging.join(format!("{}.entry.json", entry.file));
-        crate::checkpoint::write_json(&path, &entry)?;
-    }
-    worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
-    if worker.rank() != 0 {
-        return Ok(());
-    }
-    let mut entries = Vec::with_capacity(partition.len());
-    for index in 0..partition.len() {
-        let path = staging.join(format!(
-            "{}.entry.json",
-            crate::checkpoint::native::stage_file_name(index)
-        ));
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let entry: StageEntry = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-            path: path.clone(),
-            message: format!("not a stage entry: {e}"),
-        })?;
-        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-        entries.push(entry);
-    }
-    write_native_manifest(info, entries, None, &staging)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(final_dir).map_err(|e| Error::io(final_dir, e))?;
-    }
-    std::fs::rename(&staging, final_dir).map_err(|e| Error::io(final_dir, e))
 }
