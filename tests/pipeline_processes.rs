@@ -266,3 +266,111 @@ fn a_pipeline_checkpoint_resumes_exactly() {
         );
     }
 }
+
+/// `(step, validation loss)` in `OUT/metrics.jsonl`.
+fn val_losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("val_loss")?.as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn pipeline_validation_matches_single_device_and_stops_early() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let model = fixture("llama3-tiny").join("hf").display().to_string();
+    let validation = [
+        "--val-split",
+        "0.25",
+        "--eval-every",
+        "1",
+        "--micro-batch-size",
+        "3",
+    ];
+    let single = tmp.path().join("single");
+    train(&model, &data, &single, &validation);
+    let piped = tmp.path().join("piped");
+    let mut args = validation.to_vec();
+    args.extend(["--stages", "2", "--microbatches", "2"]);
+    train(&model, &data, &piped, &args);
+    let (want, got) = (val_losses(&single), val_losses(&piped));
+    assert_eq!(want.len(), 4, "{want:?}");
+    assert_eq!(got.len(), want.len());
+    for ((s, a), (t, b)) in got.iter().zip(&want) {
+        assert_eq!(s, t);
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {s}: {a} vs {b}");
+    }
+    // With a zero learning rate nothing improves after the first evaluation.
+    let stopped = tmp.path().join("stopped");
+    let out = stopped.display().to_string();
+    let run = pp(&[
+        "train",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &out,
+        "--batch-size",
+        "6",
+        "--steps",
+        "20",
+        "--lr",
+        "0",
+        "--val-split",
+        "0.25",
+        "--eval-every",
+        "1",
+        "--early-stopping-patience",
+        "2",
+        "--stages",
+        "2",
+        "--microbatches",
+        "2",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(stdout(&run).trim()).unwrap();
+    assert_eq!(report["stopped_early"], true);
+    assert_eq!(report["steps"], 3);
+}
+
+#[test]
+fn pipeline_settings_are_checked_before_workers_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let out = tmp.path().join("out").display().to_string();
+    let model = fixture("llama3-tiny").join("hf").display().to_string();
+    let run = pp(&[
+        "train",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &out,
+        "--stages",
+        "2",
+        "--optimizer-in-backward",
+        "--max-grad-norm",
+        "0",
+    ]);
+    common::cli::assert_clean_error(&run, &["--optimizer-in-backward", "--stages"]);
+    let run = pp(&[
+        "train",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &out,
+        "--stages",
+        "3",
+        "--schedule",
+        "interleaved",
+        "--microbatches",
+        "7",
+        "--virtual",
+        "3",
+    ]);
+    assert!(!run.status.success());
+}

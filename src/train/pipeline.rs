@@ -223,6 +223,58 @@ impl<B: AutodiffBackend> RankWorker<B> {
         })
     }
 
+    /// Validation: the forward pass of every micro-batch through the pipeline, stage after
+    /// stage, keeping nothing; returns the loss summed over them and their scored tokens, the
+    /// same on every rank. `step` is the training step it follows.
+    pub fn evaluate(
+        &mut self,
+        step: u64,
+        micro_batches: &[MicroBatch],
+    ) -> Result<(f64, usize), TransportError> {
+        let rank = self.transport.rank();
+        let stages = self.schedule.stages();
+        // Tags of validation transfers must not meet a training step's.
+        let eval_step = u64::MAX - step;
+        let (mut loss_sum, mut tokens) = (0.0, 0usize);
+        for (index, batch) in micro_batches.iter().enumerate() {
+            let mut hidden = None;
+            for stage in 0..stages {
+                let owner = self.schedule.stage_ranks[stage];
+                if owner != rank {
+                    continue;
+                }
+                if stage > 0 && self.schedule.stage_ranks[stage - 1] != rank {
+                    let tag = tag(eval_step, index, stage, Transfer::Activation);
+                    let from = self.schedule.stage_ranks[stage - 1];
+                    let message = self.transport.recv(from, tag, self.timeout)?;
+                    hidden = Some(from_message(message, &self.device));
+                }
+                let runner = self
+                    .runners
+                    .get_mut(&stage)
+                    .expect("the rank runs its stages");
+                match runner.evaluate(batch, hidden.take()) {
+                    StageOutput::Loss { sum, tokens: t } => {
+                        loss_sum += sum;
+                        tokens += t;
+                    }
+                    StageOutput::Hidden(h) => {
+                        let next = self.schedule.stage_ranks[stage + 1];
+                        if next == rank {
+                            hidden = Some(h);
+                        } else {
+                            let tag = tag(eval_step, index, stage + 1, Transfer::Activation);
+                            self.transport.send(next, to_message(tag, h))?;
+                        }
+                    }
+                }
+            }
+        }
+        // Round 3 of the step: the validation totals.
+        let totals = self.all_reduce(step, 3, vec![loss_sum, tokens as f64])?;
+        Ok((totals[0], totals[1] as usize))
+    }
+
     /// Adds the first stage's and the last stage's gradients of the tied embedding, so both
     /// copies take the same step.
     fn sum_tied_gradients(&mut self, step: u64) -> Result<(), TransportError> {

@@ -535,18 +535,36 @@ impl<B: AutodiffBackend> StageRunner<B> {
         self.inner = None;
     }
 
-    /// Summed loss and scored tokens of `batch` without building a graph (validation). Only for
-    /// a stage that owns the whole model.
-    pub fn evaluate(&mut self, batch: &MicroBatch) -> (f64, usize) {
+    /// The stage's forward pass on `batch` without building a graph or keeping anything
+    /// (validation): from the tokens on the first stage, else from `input`.
+    pub fn evaluate(
+        &mut self,
+        batch: &MicroBatch,
+        input: Option<Tensor<B::InnerBackend, 3>>,
+    ) -> StageOutput<B::InnerBackend> {
         let [rows, seq] = [batch.layout.batch, batch.layout.seq];
         let attention = AttentionInputs::new(self.model.config(), &batch.layout, &self.device);
-        let ids = token_tensor(&batch.input_ids, rows, seq, &self.device);
+        let mut x = match input {
+            Some(hidden) => Activation::Hidden(hidden),
+            None => Activation::Tokens(token_tensor(&batch.input_ids, rows, seq, &self.device)),
+        };
+        let parts = self.parts.clone();
         let model = self.inner_model();
-        let logits = model.forward(ids, &attention);
-        let sum: f32 = cross_entropy_sum(logits, &batch.targets)
-            .into_scalar()
-            .elem();
-        (f64::from(sum), batch.targets.count)
+        for part in parts {
+            match run_part(model, part, &x, &attention, &batch.targets) {
+                PartOutput::Hidden(h) => x = Activation::Hidden(h),
+                PartOutput::Loss(sum) => {
+                    return StageOutput::Loss {
+                        sum: f64::from(sum.into_scalar().elem::<f32>()),
+                        tokens: batch.targets.count,
+                    }
+                }
+            }
+        }
+        match x {
+            Activation::Hidden(h) => StageOutput::Hidden(h),
+            Activation::Tokens(_) => unreachable!("a stage runs at least one part"),
+        }
     }
 }
 

@@ -401,15 +401,22 @@ fn validation_loss<B: AutodiffBackend>(
     let rows: Vec<_> = set.all().collect();
     let (mut sum, mut tokens) = (0.0, 0usize);
     for chunk in rows.chunks(micro_batch_size) {
-        let (s, t) = runner.evaluate(&MicroBatch::new(chunk, pad_id));
-        sum += s;
-        tokens += t;
+        if let StageOutput::Loss { sum: s, tokens: t } =
+            runner.evaluate(&MicroBatch::new(chunk, pad_id), None)
+        {
+            sum += s;
+            tokens += t;
+        }
     }
     sum / tokens.max(1) as f64
 }
 
 /// Records a validation loss; says whether early stopping's patience has run out.
-fn track_early_stopping(state: &mut TrainerState, loss: f64, options: &TrainOptions) -> bool {
+pub(super) fn track_early_stopping(
+    state: &mut TrainerState,
+    loss: f64,
+    options: &TrainOptions,
+) -> bool {
     if state.best_val_loss.is_none_or(|best| loss < best) {
         state.best_val_loss = Some(loss);
         state.evals_without_improvement = 0;

@@ -19,10 +19,10 @@ use super::pipeline::{measured_and_simulated_bubble, RankWorker};
 use super::runtime::StageRunner;
 use super::schedule::LrSchedule;
 use super::trainer::{
-    check_options, fingerprint, load_data, open_resume, optimizer_name, param_shapes, Length,
-    StepReport, TrainOptions, TrainReport,
+    check_options, fingerprint, load_data, open_resume, optimizer_name, param_shapes,
+    track_early_stopping, Length, StepReport, TrainOptions, TrainReport,
 };
-use super::{Observer, Validation};
+use super::Observer;
 use crate::checkpoint::native::{stage_file_name, StageEntry};
 use crate::checkpoint::{Format, ModelInfo, OwnedWeights};
 use crate::convert::{write_native_manifest, write_native_stages};
@@ -60,8 +60,7 @@ pub fn train_rank<B: AutodiffBackend>(
     device: B::Device,
     observer: &mut dyn Observer,
 ) -> Result<TrainReport> {
-    check_options(options)?;
-    refuse_unsupported(options)?;
+    check_pipeline_options(options, pipeline)?;
     let rank = transport.rank();
     let model = crate::checkpoint::open(&options.model_dir)?;
     let mut config = model.info.config.clone();
@@ -72,7 +71,7 @@ pub fn train_rank<B: AutodiffBackend>(
         .exists()
         .then(|| Tokenizer::load(&options.model_dir))
         .transpose()?;
-    let (train_set, _) = load_data(options, &config, tokenizer.as_ref())?;
+    let (train_set, val_set) = load_data(options, &config, tokenizer.as_ref())?;
     let total_steps = match options.length {
         Length::Steps(n) => n,
         Length::Epochs(n) => n * train_set.steps_per_epoch(options.batch_size),
@@ -81,13 +80,7 @@ pub fn train_rank<B: AutodiffBackend>(
         total_steps,
         ..options.schedule
     };
-    let schedule = Schedule::new(
-        pipeline.schedule,
-        pipeline.ranks,
-        pipeline.microbatches,
-        pipeline.virtual_stages,
-    )
-    .map_err(|e| Error::Usage(format!("--schedule {}: {e}", pipeline.schedule.name())))?;
+    let schedule = pipeline_schedule(pipeline)?;
     let checkpoints = options.out_dir.join("checkpoints");
     let data_checksum = fingerprint(&train_set);
     let resumed = match &options.resume {
@@ -208,6 +201,37 @@ pub fn train_rank<B: AutodiffBackend>(
         dtype: options.dtype,
         run_id,
     };
+    // Validation batches: the validation set in `--micro-batch-size` chunks.
+    let val_batches: Option<Vec<MicroBatch>> = val_set.as_ref().map(|set| {
+        let rows: Vec<&Sequence> = set.all().collect();
+        rows.chunks(options.micro_batch_size)
+            .map(|chunk| MicroBatch::new(chunk, pad_id))
+            .collect()
+    });
+    let validate = |worker: &mut RankWorker<B>,
+                    metrics: &mut Option<MetricsLog>,
+                    observer: &mut dyn Observer,
+                    step: u64|
+     -> Result<Option<f64>> {
+        let Some(batches) = &val_batches else {
+            return Ok(None);
+        };
+        let (sum, tokens) = worker
+            .evaluate(step, batches)
+            .map_err(|e| peer_error(e, worker))?;
+        let loss = sum / tokens.max(1) as f64;
+        observer.note(&format!(
+            "step {step}: validation loss {loss:.4}, perplexity {:.3}",
+            loss.exp()
+        ));
+        if let Some(metrics) = metrics.as_mut() {
+            metrics.record(step, &[("val/loss", loss), ("val/perplexity", loss.exp())])?;
+        }
+        Ok(Some(loss))
+    };
+    let first_val = validate(&mut worker, &mut metrics, observer, state.step)?;
+    let mut last_val = first_val;
+    let mut stopped_early = false;
     observer.started(state.step, total_steps);
     let mut last_loss = None;
     while state.step < total_steps {
@@ -252,6 +276,22 @@ pub fn train_rank<B: AutodiffBackend>(
             )?;
         }
         observer.step(&report);
+        let eval_due = options
+            .eval_every
+            .is_some_and(|n| state.step.is_multiple_of(n))
+            || state.step == total_steps;
+        if eval_due {
+            if let Some(loss) = validate(&mut worker, &mut metrics, observer, state.step)? {
+                last_val = Some(loss);
+                stopped_early = track_early_stopping(&mut state, loss, options);
+                if stopped_early {
+                    observer.note(&format!(
+                        "early stopping at step {}: no better validation loss in {} evaluations",
+                        state.step, state.evals_without_improvement
+                    ));
+                }
+            }
+        }
         let save_due = options
             .save_every
             .is_some_and(|n| state.step.is_multiple_of(n));
@@ -272,43 +312,59 @@ pub fn train_rank<B: AutodiffBackend>(
             ));
             return Err(Error::Interrupted);
         }
+        if stopped_early {
+            break;
+        }
     }
     let final_dir = options.out_dir.join("final");
-    shared.write(&worker, &final_dir, total_steps, None)?;
+    shared.write(&worker, &final_dir, state.step, None)?;
     if rank == 0 {
         observer.note(&format!("final model written to {}", final_dir.display()));
     }
     Ok(TrainReport {
-        steps: total_steps,
+        steps: state.step,
         last_loss,
-        val_loss: None,
-        stopped_early: false,
+        val_loss: first_val.zip(last_val),
+        stopped_early,
         final_dir,
     })
 }
 
-/// What pipeline training does not do yet, refused rather than ignored.
-fn refuse_unsupported(options: &TrainOptions) -> Result<()> {
-    let unsupported = [
-        (
-            options.validation != Validation::None,
-            "--val-data and --val-split",
-        ),
-        (
-            options.early_stopping_patience.is_some(),
-            "--early-stopping-patience",
-        ),
-        (
-            options.savers.optimizer_in_backward,
-            "--optimizer-in-backward (a stage accumulates several micro-batches)",
-        ),
-    ];
-    match unsupported.iter().find(|(used, _)| *used) {
-        Some((_, flag)) => Err(Error::Usage(format!(
-            "{flag} is not supported with --stages yet"
-        ))),
-        None => Ok(()),
+/// Checks the options of a pipeline run, before any worker starts: the single-device checks,
+/// and what pipelines refuse (optimizer-in-backward, because a stage accumulates several
+/// micro-batches per step).
+pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions) -> Result<()> {
+    check_options(options)?;
+    let schedule = pipeline_schedule(pipeline)?;
+    let layers = crate::checkpoint::describe(&options.model_dir)?
+        .config
+        .num_layers;
+    if schedule.stages() > layers {
+        return Err(Error::Usage(format!(
+            "{} with {} workers needs {} stages, but the model has only {layers} layers",
+            pipeline.schedule.name(),
+            pipeline.ranks,
+            schedule.stages()
+        )));
     }
+    if options.savers.optimizer_in_backward {
+        return Err(Error::Usage(
+            "--optimizer-in-backward cannot be used with --stages: each stage accumulates the \
+             gradients of several micro-batches per step"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn pipeline_schedule(pipeline: &PipelineOptions) -> Result<Schedule> {
+    Schedule::new(
+        pipeline.schedule,
+        pipeline.ranks,
+        pipeline.microbatches,
+        pipeline.virtual_stages,
+    )
+    .map_err(|e| Error::Usage(format!("--schedule {}: {e}", pipeline.schedule.name())))
 }
 
 /// The step's rows in `count` micro-batches of nearly equal size.
