@@ -24,7 +24,7 @@ use super::trainer::{
 };
 use super::Observer;
 use crate::checkpoint::native::{stage_file_name, StageEntry};
-use crate::checkpoint::{Format, ModelInfo, OwnedWeights};
+use crate::checkpoint::{Format, ModelInfo, OwnedWeights, WeightSource};
 use crate::convert::{write_native_manifest, write_native_stages};
 use crate::data::{MicroBatch, Sequence};
 use crate::dtype::DType;
@@ -62,8 +62,8 @@ pub fn train_rank<B: AutodiffBackend>(
 ) -> Result<TrainReport> {
     check_pipeline_options(options, pipeline)?;
     let rank = transport.rank();
-    let model = crate::checkpoint::open(&options.model_dir)?;
-    let mut config = model.info.config.clone();
+    let info = crate::checkpoint::describe(&options.model_dir)?;
+    let mut config = info.config.clone();
     config.dtype = options.dtype;
     let tokenizer = options
         .model_dir
@@ -94,11 +94,11 @@ pub fn train_rank<B: AutodiffBackend>(
         )?),
     };
     // Resuming, the weights come from the checkpoint, and so does the partition.
-    let model = match &resumed {
-        Some((dir, _)) => crate::checkpoint::open(dir)?,
-        None => model,
+    let info = match &resumed {
+        Some((dir, _)) => crate::checkpoint::describe(dir)?,
+        None => info,
     };
-    let partition = match &model.info.format {
+    let partition = match &info.format {
         Format::Native(native) if native.partition().len() == schedule.stages() => {
             native.partition().clone()
         }
@@ -117,11 +117,17 @@ pub fn train_rank<B: AutodiffBackend>(
             })?
         }
     };
+    // A native checkpoint cut as the schedule needs: map only this rank's stage files.
+    let weights: Box<dyn WeightSource> = match &info.format {
+        Format::Native(native) if native.partition() == &partition => {
+            Box::new(native.weights(&schedule.stages_of(rank))?)
+        }
+        _ => crate::checkpoint::open(&info.dir)?.weights,
+    };
     let mut runners = BTreeMap::new();
     for stage in schedule.stages_of(rank) {
         let slice = partition.stages()[stage].clone();
-        let mut stage_model =
-            StageModel::<B>::load(&config, slice, model.weights.as_ref(), &device)?;
+        let mut stage_model = StageModel::<B>::load(&config, slice, weights.as_ref(), &device)?;
         if options.dtype != DType::F32 {
             stage_model = stage_model.map(&mut Rounder(options.dtype));
         }
@@ -196,7 +202,7 @@ pub fn train_rank<B: AutodiffBackend>(
         .or(config.eos_token_ids.first().copied())
         .unwrap_or(0);
     let shared = SharedOutput {
-        info: &model.info,
+        info: &info,
         partition: &partition,
         dtype: options.dtype,
         run_id,
