@@ -2,7 +2,8 @@
 //! connected in process), 3 steps with global-norm clipping, float32 — the final weights of every
 //! stage match those of one device training the whole model on the same micro-batches within
 //! 1e-5 relative L2, on every fixture (the tied one included: its embedding lives in the first
-//! and the last stage, whose gradients are summed).
+//! and the last stage, whose gradients are summed), and on a synthetic 6-layer Llama, which has
+//! layers enough for interleaved and ZB-V with 3 ranks (6 stages).
 
 mod common;
 
@@ -13,9 +14,10 @@ use common::pipeline::{fixture_model, ReferenceBatch};
 use common::training::{param_values, relative_l2};
 use common::FIXTURES;
 use pp::backend::CpuAutodiff;
+use pp::checkpoint::{OwnedWeights, WeightSource};
 use pp::data::{MicroBatch, Sequence};
 use pp::dtype::DType;
-use pp::model::StageModel;
+use pp::model::{ModelConfig, StageModel};
 use pp::plan::{part_costs, Balance};
 use pp::train::optim::Optimizer;
 use pp::train::pipeline::RankWorker;
@@ -38,10 +40,44 @@ fn adamw() -> Optimizer {
     }
 }
 
-/// `count` one-row micro-batches cut from the fixture's reference rows, of different lengths.
+/// The synthetic model's name in these tests.
+const SYNTHETIC: &str = "synthetic-6-layers";
+
+/// A model's configuration and weights: a fixture, or the synthetic 6-layer Llama.
+fn model(name: &str) -> (ModelConfig, Box<dyn WeightSource>) {
+    if name == SYNTHETIC {
+        let config = ModelConfig::from_hf_json(
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 32,
+                "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "intermediate_size": 64, "vocab_size": 96, "max_position_embeddings": 64,
+                "tie_word_embeddings": true, "torch_dtype": "float32"}"#,
+        )
+        .unwrap();
+        let weights = OwnedWeights::synthetic(&config, 7);
+        return (config, Box::new(weights));
+    }
+    let (config, weights) = fixture_model(name);
+    (config, Box::new(weights))
+}
+
+/// `count` one-row micro-batches of different lengths: cut from a fixture's reference rows, or
+/// made up for the synthetic model.
 fn micro_batches(name: &str, count: usize) -> Vec<MicroBatch> {
-    let (config, _) = fixture_model(name);
-    let rows = ReferenceBatch::load(name, &config).sequences();
+    let (config, _) = model(name);
+    let rows = if name == SYNTHETIC {
+        (0..2)
+            .map(|r| {
+                let ids: Vec<u32> = (0..24).map(|t| ((t * 7 + r * 13) % 96) as u32).collect();
+                Sequence {
+                    labels: ids.iter().map(|&i| i64::from(i)).collect(),
+                    input_ids: ids,
+                    documents: vec![24],
+                }
+            })
+            .collect()
+    } else {
+        ReferenceBatch::load(name, &config).sequences()
+    };
     (0..count)
         .map(|i| {
             let row = &rows[i % rows.len()];
@@ -62,11 +98,18 @@ fn scored(batches: &[MicroBatch]) -> usize {
 
 /// Single-device training: the reference.
 fn single_device(name: &str, batches: &[MicroBatch]) -> (Vec<f64>, HashMap<String, Vec<f32>>) {
-    let (config, weights) = fixture_model(name);
+    let (config, weights) = model(name);
     let device = Default::default();
     let whole = StageSlice::whole(config.num_layers);
-    let model: StageModel<B> = StageModel::load(&config, whole, &weights, &device).unwrap();
-    let mut runner = StageRunner::new(model, adamw(), MemorySavers::default(), DType::F32, device);
+    let whole_model: StageModel<B> =
+        StageModel::load(&config, whole, weights.as_ref(), &device).unwrap();
+    let mut runner = StageRunner::new(
+        whole_model,
+        adamw(),
+        MemorySavers::default(),
+        DType::F32,
+        device,
+    );
     let tokens = scored(batches);
     let mut losses = Vec::new();
     for _ in 0..STEPS {
@@ -96,7 +139,7 @@ fn pipelined(
     ranks: usize,
     batches: &[MicroBatch],
 ) -> (Vec<f64>, Vec<HashMap<String, Vec<f32>>>) {
-    let (config, weights) = fixture_model(name);
+    let (config, weights) = model(name);
     let schedule = Schedule::new(kind, ranks, batches.len(), 2).unwrap();
     let costs = part_costs(&config, Balance::Layers, DType::F32, 32);
     let partition = Partition::balanced(&costs, schedule.stages()).unwrap();
@@ -112,9 +155,10 @@ fn pipelined(
                 .into_iter()
                 .map(|stage| {
                     let slice = partition.stages()[stage].clone();
-                    let model = StageModel::load(&config, slice, &weights, &device).unwrap();
+                    let stage_model =
+                        StageModel::load(&config, slice, weights.as_ref(), &device).unwrap();
                     let runner = StageRunner::new(
-                        model,
+                        stage_model,
                         adamw(),
                         MemorySavers::default(),
                         DType::F32,
@@ -174,12 +218,14 @@ fn pipelined(
 }
 
 fn check(kind: ScheduleKind, ranks: usize) {
-    for name in FIXTURES {
-        let (config, _) = fixture_model(name);
+    let mut checked = Vec::new();
+    for name in FIXTURES.into_iter().chain([SYNTHETIC]) {
+        let (config, _) = model(name);
         let stages = Schedule::new(kind, ranks, 2 * ranks, 2).unwrap().stages();
         if stages > config.num_layers {
             continue; // a stage per layer at most
         }
+        checked.push(name);
         let batches = micro_batches(name, 2 * ranks);
         let (want_losses, want) = single_device(name, &batches);
         let (losses, stage_params) = pipelined(name, kind, ranks, &batches);
@@ -205,6 +251,11 @@ fn check(kind: ScheduleKind, ranks: usize) {
             want.len()
         );
     }
+    // The synthetic model has layers for every schedule; the fixtures for most.
+    assert!(
+        checked.contains(&SYNTHETIC),
+        "{kind:?} with {ranks} ranks: {checked:?}"
+    );
 }
 
 #[test]

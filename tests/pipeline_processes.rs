@@ -257,6 +257,12 @@ fn a_pipeline_checkpoint_resumes_exactly() {
     second.extend(["--resume", &from]);
     train(&model, &data, &resumed, &second);
     assert_eq!(&losses(&whole)[2..], &losses(&resumed)[..]);
+    // The workers' shards form one native checkpoint: re-partition it and export it.
+    let final_dir = whole.join("final").display().to_string();
+    let one = tmp.path().join("one-stage").display().to_string();
+    stdout(&pp(&["convert", &final_dir, &one, "--stages", "1"]));
+    let hf = tmp.path().join("hf").display().to_string();
+    stdout(&pp(&["convert", &final_dir, &hf, "--to", "hf"]));
     for stage in ["000", "001"] {
         let file = format!("final/stage-{stage}.bin");
         assert_eq!(
