@@ -154,43 +154,17 @@ pub fn train<B: AutodiffBackend>(
     observer: &mut dyn Observer,
 ) -> Result<TrainReport> {
     check_options(options)?;
-    let model = crate::checkpoint::open(&options.model_dir)?;
-    let mut config = model.info.config.clone();
-    // RoPE's frequencies follow the training dtype, as transformers' buffer follows the dtype
-    // a model is loaded in.
-    config.dtype = options.dtype;
-    let tokenizer = options
-        .model_dir
-        .join(TOKENIZER_FILE)
-        .exists()
-        .then(|| Tokenizer::load(&options.model_dir))
-        .transpose()?;
-    let (train_set, val_set) = load_data(options, &config, tokenizer.as_ref())?;
-    let per_epoch = train_set.steps_per_epoch(options.batch_size);
-    let total_steps = match options.length {
-        Length::Steps(n) => n,
-        Length::Epochs(n) => n * per_epoch,
-    };
-    let schedule = LrSchedule {
-        total_steps,
-        ..options.schedule
-    };
-    let data_checksum = fingerprint(&train_set);
-
-    std::fs::create_dir_all(&options.out_dir).map_err(|e| Error::io(&options.out_dir, e))?;
-    let checkpoints = options.out_dir.join("checkpoints");
-    let resumed = match &options.resume {
-        None => None,
-        Some(resume) => Some(open_resume(
-            resume,
-            &checkpoints,
-            options,
-            &config,
-            &data_checksum,
-        )?),
-    };
-    let weights_dir = resumed.as_ref().map_or(&options.model_dir, |(dir, _)| dir);
-    let weights = crate::checkpoint::open(weights_dir)?;
+    let RunSetup {
+        config,
+        info,
+        train_set,
+        val_set,
+        schedule,
+        mut state,
+        resumed,
+    } = set_up(options)?;
+    let total_steps = schedule.total_steps;
+    let weights = crate::checkpoint::open(&info.dir)?;
     let whole = StageSlice::whole(config.num_layers);
     let mut stage = StageModel::<B>::load(&config, whole, weights.weights.as_ref(), &device)?;
     if options.dtype != DType::F32 {
@@ -204,44 +178,27 @@ pub fn train<B: AutodiffBackend>(
         options.dtype,
         device.clone(),
     );
-    let mut state = TrainerState {
-        step: 0,
-        total_steps,
-        optimizer: optimizer_name(&options.optimizer).into(),
-        dtype: options.dtype,
-        batch_size: options.batch_size,
-        shuffle_seed: options.shuffle_seed,
-        data_sequences: train_set.len(),
-        data_checksum,
-        best_val_loss: None,
-        evals_without_improvement: 0,
-        tokens_seen: 0,
-    };
-    if let Some((dir, saved)) = resumed {
-        let stages = crate::checkpoint::describe(&dir)?.stage_count();
+    if resumed {
         runner.set_optimizer_state(checkpoint::read_optimizer_state(
-            &dir,
-            0..stages,
-            saved.step,
+            &info.dir,
+            0..info.stage_count(),
+            state.step,
             &shapes,
             &device,
         )?);
         observer.note(&format!(
             "resumed from {} at step {}",
-            dir.display(),
-            saved.step
+            info.dir.display(),
+            state.step
         ));
-        state = TrainerState {
-            total_steps,
-            ..saved
-        };
     }
+    let checkpoints = options.out_dir.join("checkpoints");
 
     let mut metrics = MetricsLog::open(&options.out_dir)?;
     let outputs = Outputs {
         checkpoints,
-        info: &model.info,
-        partition: output_partition(&model.info)?,
+        info: &info,
+        partition: output_partition(&info)?,
         dtype: options.dtype,
         keep: options.keep,
     };
@@ -478,6 +435,94 @@ impl Outputs<'_> {
     }
 }
 
+/// What single-device and pipeline training both set up from the options.
+pub(super) struct RunSetup {
+    /// The model's configuration, in the training dtype (RoPE's frequencies follow it, as
+    /// transformers' buffer follows the dtype a model is loaded in).
+    pub config: ModelConfig,
+    /// Where the weights come from: the model, or the checkpoint being resumed.
+    pub info: ModelInfo,
+    pub train_set: SequenceSet,
+    pub val_set: Option<SequenceSet>,
+    /// The learning-rate schedule over the run's steps.
+    pub schedule: LrSchedule,
+    /// Where the run stands: fresh, or the resumed checkpoint's state.
+    pub state: TrainerState,
+    /// Whether `info` is a checkpoint being resumed.
+    pub resumed: bool,
+}
+
+/// Reads the model's description and the data, works out the run's length, and finds and
+/// checks the checkpoint to resume, if any. Creates the output directory.
+pub(super) fn set_up(options: &TrainOptions) -> Result<RunSetup> {
+    let info = crate::checkpoint::describe(&options.model_dir)?;
+    let mut config = info.config.clone();
+    config.dtype = options.dtype;
+    let tokenizer = options
+        .model_dir
+        .join(TOKENIZER_FILE)
+        .exists()
+        .then(|| Tokenizer::load(&options.model_dir))
+        .transpose()?;
+    let (train_set, val_set) = load_data(options, &config, tokenizer.as_ref())?;
+    let total_steps = match options.length {
+        Length::Steps(n) => n,
+        Length::Epochs(n) => n * train_set.steps_per_epoch(options.batch_size),
+    };
+    let data_checksum = fingerprint(&train_set);
+    std::fs::create_dir_all(&options.out_dir).map_err(|e| Error::io(&options.out_dir, e))?;
+    let checkpoints = options.out_dir.join("checkpoints");
+    let resumed = match &options.resume {
+        None => None,
+        Some(resume) => Some(open_resume(
+            resume,
+            &checkpoints,
+            options,
+            &config,
+            &data_checksum,
+        )?),
+    };
+    let (info, state, resumed) = match resumed {
+        Some((dir, saved)) => (
+            crate::checkpoint::describe(&dir)?,
+            TrainerState {
+                total_steps,
+                ..saved
+            },
+            true,
+        ),
+        None => (
+            info,
+            TrainerState {
+                step: 0,
+                total_steps,
+                optimizer: optimizer_name(&options.optimizer).into(),
+                dtype: options.dtype,
+                batch_size: options.batch_size,
+                shuffle_seed: options.shuffle_seed,
+                data_sequences: train_set.len(),
+                data_checksum,
+                best_val_loss: None,
+                evals_without_improvement: 0,
+                tokens_seen: 0,
+            },
+            false,
+        ),
+    };
+    Ok(RunSetup {
+        config,
+        info,
+        train_set,
+        val_set,
+        schedule: LrSchedule {
+            total_steps,
+            ..options.schedule
+        },
+        state,
+        resumed,
+    })
+}
+
 pub(super) fn check_options(options: &TrainOptions) -> Result<()> {
     let bad = |message: &str| Err(Error::Usage(message.into()));
     if options.batch_size == 0 || options.micro_batch_size == 0 {
@@ -554,7 +599,7 @@ pub(super) fn load_data(
 }
 
 /// A checksum of the training sequences, so that a resumed run can tell it sees the same data.
-pub(super) fn fingerprint(set: &SequenceSet) -> String {
+fn fingerprint(set: &SequenceSet) -> String {
     let mut sum = Checksum::default();
     for sequence in set.all() {
         let ids: Vec<u8> = sequence
@@ -574,7 +619,7 @@ pub(super) fn fingerprint(set: &SequenceSet) -> String {
 }
 
 /// The checkpoint to resume and its state, refused when it cannot continue this run.
-pub(super) fn open_resume(
+fn open_resume(
     resume: &Resume,
     checkpoints: &Path,
     options: &TrainOptions,
@@ -679,7 +724,7 @@ pub(super) fn param_shapes<B: AutodiffBackend>(
         .collect()
 }
 
-pub(super) fn optimizer_name(optimizer: &Optimizer) -> &'static str {
+fn optimizer_name(optimizer: &Optimizer) -> &'static str {
     match optimizer {
         Optimizer::AdamW { .. } => "adamw",
         Optimizer::Adafactor { .. } => "adafactor",

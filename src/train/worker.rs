@@ -17,10 +17,9 @@ use super::metrics::MetricsLog;
 use super::optim::Rounder;
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
 use super::runtime::StageRunner;
-use super::schedule::LrSchedule;
 use super::trainer::{
-    check_options, fingerprint, load_data, open_resume, optimizer_name, param_shapes,
-    track_early_stopping, Length, StepReport, TrainOptions, TrainReport,
+    check_options, param_shapes, set_up, track_early_stopping, RunSetup, StepReport, TrainOptions,
+    TrainReport,
 };
 use super::Observer;
 use crate::checkpoint::native::{stage_file_name, StageEntry};
@@ -31,7 +30,6 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::StageModel;
 use crate::plan::{part_costs, Balance};
-use crate::tokenizer::{Tokenizer, TOKENIZER_FILE};
 
 /// How the pipeline is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,42 +60,18 @@ pub fn train_rank<B: AutodiffBackend>(
 ) -> Result<TrainReport> {
     check_pipeline_options(options, pipeline)?;
     let rank = transport.rank();
-    let info = crate::checkpoint::describe(&options.model_dir)?;
-    let mut config = info.config.clone();
-    config.dtype = options.dtype;
-    let tokenizer = options
-        .model_dir
-        .join(TOKENIZER_FILE)
-        .exists()
-        .then(|| Tokenizer::load(&options.model_dir))
-        .transpose()?;
-    let (train_set, val_set) = load_data(options, &config, tokenizer.as_ref())?;
-    let total_steps = match options.length {
-        Length::Steps(n) => n,
-        Length::Epochs(n) => n * train_set.steps_per_epoch(options.batch_size),
-    };
-    let schedule_plan = LrSchedule {
-        total_steps,
-        ..options.schedule
-    };
+    let RunSetup {
+        config,
+        info,
+        train_set,
+        val_set,
+        schedule: schedule_plan,
+        mut state,
+        resumed,
+    } = set_up(options)?;
+    let total_steps = schedule_plan.total_steps;
     let schedule = pipeline_schedule(pipeline)?;
     let checkpoints = options.out_dir.join("checkpoints");
-    let data_checksum = fingerprint(&train_set);
-    let resumed = match &options.resume {
-        None => None,
-        Some(resume) => Some(open_resume(
-            resume,
-            &checkpoints,
-            options,
-            &config,
-            &data_checksum,
-        )?),
-    };
-    // Resuming, the weights come from the checkpoint, and so does the partition.
-    let info = match &resumed {
-        Some((dir, _)) => crate::checkpoint::describe(dir)?,
-        None => info,
-    };
     let partition = match &info.format {
         Format::Native(native) if native.partition().len() == schedule.stages() => {
             native.partition().clone()
@@ -145,44 +119,23 @@ pub fn train_rank<B: AutodiffBackend>(
         };
         runners.insert(stage, runner);
     }
-    if let Some((dir, saved)) = &resumed {
+    if resumed {
         for (&stage, runner) in runners.iter_mut() {
             let shapes = param_shapes(runner.model());
             runner.set_optimizer_state(read_optimizer_state(
-                dir,
+                &info.dir,
                 stage..stage + 1,
-                saved.step,
+                state.step,
                 &shapes,
                 &device,
             )?);
         }
+        observer.note(&format!(
+            "resumed from {} at step {}",
+            info.dir.display(),
+            state.step
+        ));
     }
-    let mut state = match resumed {
-        Some((dir, saved)) => {
-            observer.note(&format!(
-                "resumed from {} at step {}",
-                dir.display(),
-                saved.step
-            ));
-            TrainerState {
-                total_steps,
-                ..saved
-            }
-        }
-        None => TrainerState {
-            step: 0,
-            total_steps,
-            optimizer: optimizer_name(&options.optimizer).into(),
-            dtype: options.dtype,
-            batch_size: options.batch_size,
-            shuffle_seed: options.shuffle_seed,
-            data_sequences: train_set.len(),
-            data_checksum,
-            best_val_loss: None,
-            evals_without_improvement: 0,
-            tokens_seen: 0,
-        },
-    };
     let mut worker = RankWorker::new(
         schedule,
         runners,
