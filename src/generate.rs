@@ -29,6 +29,15 @@ pub fn generate<B: Backend>(
     device: &B::Device,
 ) -> Result<String> {
     let context = model.config().max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(crate::Error::Usage("the prompt has no tokens".into()));
+    }
+    if prompt.len() >= context {
+        return Err(crate::Error::Usage(format!(
+            "the prompt has {} tokens, which fills the model's context of {context}",
+            prompt.len()
+        )));
+    }
     let mut ids = prompt.to_vec();
     let mut new = Vec::new();
     let mut text = String::new();

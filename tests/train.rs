@@ -258,8 +258,8 @@ fn early_stopping_ends_a_run_that_stopped_improving() {
     let report: Value = serde_json::from_str(stdout(&run).trim()).unwrap();
     assert_eq!(report["stopped_early"], true);
     assert_eq!(
-        report["steps"], 3,
-        "best at step 1, then two evaluations without improvement"
+        report["steps"], 2,
+        "the start is the best, then two evaluations without improvement"
     );
     assert!(out.join("final/manifest.json").is_file());
 }

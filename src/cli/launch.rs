@@ -4,6 +4,7 @@
 //! notice and stop on their own, then stopped; Ctrl-C is passed on to all of them.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,9 @@ pub struct PipelineFlags {
 impl PipelineFlags {
     /// The pipeline layout, when `--stages` asks for one.
     pub fn options(&self) -> anyhow::Result<Option<PipelineOptions>> {
+        if self.stages == Some(0) {
+            bail!("--stages must be at least 1");
+        }
         let Some(ranks) = self.stages.filter(|&n| n > 1) else {
             return Ok(None);
         };
@@ -79,6 +83,9 @@ pub fn launch(pipeline: &PipelineOptions) -> anyhow::Result<()> {
     let mut workers: Vec<Child> = Vec::with_capacity(pipeline.ranks);
     for rank in 0..pipeline.ranks {
         let child = Command::new(&exe)
+            // Their own process group: a terminal's Ctrl-C reaches only the launcher, which
+            // passes it on once (a second SIGINT would make a worker quit without saving).
+            .process_group(0)
             .args(std::env::args_os().skip(1))
             .args(["--worker-rank", &rank.to_string()])
             .args(["--worker-addresses", &list.join(",")])
@@ -151,6 +158,12 @@ pub fn run_worker(
     progress: &mut Progress,
 ) -> anyhow::Result<TrainReport> {
     let rank = flags.worker_rank.expect("only workers come here");
+    if rank >= pipeline.ranks {
+        bail!(
+            "--worker-rank {rank} is not below --stages {}",
+            pipeline.ranks
+        );
+    }
     if flags.worker_addresses.len() != pipeline.ranks {
         bail!("--worker-addresses must list {} addresses", pipeline.ranks);
     }

@@ -98,7 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "{} tokens per micro-batch ({} × {seq_len}), {dtype}, {}, memory savers: {}",
         seq_len * args.micro_batch_size,
         args.micro_batch_size,
-        args.optimizer.name(),
+        args.optimizer.optimizer().name(),
         if on.is_empty() {
             "none".to_string()
         } else {

@@ -75,7 +75,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 1 => String::new(),
                 _ => {
                     let index = stages.iter().position(|&s| s == stage).unwrap_or(0);
-                    char::from(b'a' + index as u8).to_string()
+                    char::from_u32('a' as u32 + index as u32)
+                        .filter(char::is_ascii_lowercase)
+                        .map_or_else(|| format!(".{index}"), String::from)
                 }
             };
             let label = format!("{}{microbatch}{slice}", pass_letter(pass));

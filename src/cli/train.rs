@@ -82,14 +82,6 @@ pub struct OptimizerFlags {
 }
 
 impl OptimizerFlags {
-    pub fn name(&self) -> &'static str {
-        match self.optimizer {
-            OptimizerKind::Adamw => "adamw",
-            OptimizerKind::Adafactor => "adafactor",
-            OptimizerKind::Sgd => "sgd",
-        }
-    }
-
     pub fn optimizer(&self) -> Optimizer {
         match self.optimizer {
             OptimizerKind::Adamw => Optimizer::AdamW {
@@ -300,6 +292,8 @@ fn with_config_file(path: &Path, model_on_command_line: bool) -> anyhow::Result<
             bail!("{}: unknown setting `{key}`", path.display());
         }
         match value {
+            // `--resume` takes an optional path: say which, so the next word is not taken.
+            toml::Value::Boolean(true) if flag == "resume" => argv.push("--resume=latest".into()),
             toml::Value::Boolean(true) => argv.push(format!("--{flag}").into()),
             toml::Value::Boolean(false) => {}
             toml::Value::String(s) => argv.extend([format!("--{flag}").into(), s.into()]),
@@ -314,9 +308,15 @@ fn with_config_file(path: &Path, model_on_command_line: bool) -> anyhow::Result<
     }
     // The command line as typed, after `pp train`.
     argv.extend(std::env::args_os().skip(2));
-    let matches = command
-        .try_get_matches_from(argv)
-        .map_err(|e| anyhow::anyhow!("{} (with {})", e.kind(), path.display()))?;
+    let matches = command.try_get_matches_from(argv).map_err(|e| {
+        let message = e.to_string();
+        let first = message
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ");
+        anyhow::anyhow!("{first} (with {})", path.display())
+    })?;
     Ok(Standalone::from_arg_matches(&matches)?.args)
 }
 

@@ -14,7 +14,7 @@ use burn::tensor::{Tensor, TensorData};
 use pp_stages::Partition;
 use serde::{Deserialize, Serialize};
 
-use super::optim::{OptimizerState, ParamState};
+use super::optim::{Optimizer, OptimizerState, ParamState};
 use crate::checkpoint::hf_writer::SafetensorsWriter;
 use crate::checkpoint::{ModelInfo, OwnedWeights, TensorSink, TensorSpec};
 use crate::convert::{write_native_model, Staging};
@@ -81,10 +81,15 @@ pub fn list(checkpoints: &Path) -> Vec<(u64, PathBuf)> {
     found
 }
 
-/// Removes all but the newest `keep` checkpoints.
-pub fn prune(checkpoints: &Path, keep: usize) -> Result<()> {
-    let found = list(checkpoints);
-    for (_, path) in found.iter().take(found.len().saturating_sub(keep)) {
+/// Removes all but the newest `keep` checkpoints, never `just_saved` (a run resumed from an
+/// older checkpoint saves steps below ones already there).
+pub fn prune(checkpoints: &Path, keep: usize, just_saved: &Path) -> Result<()> {
+    let found: Vec<(u64, PathBuf)> = list(checkpoints)
+        .into_iter()
+        .filter(|(_, path)| path != just_saved)
+        .collect();
+    let remove = (found.len() + 1).saturating_sub(keep.max(1));
+    for (_, path) in found.iter().take(remove) {
         std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
     }
     Ok(())
@@ -140,27 +145,49 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     })
 }
 
-/// Reads the optimizer state of `stages` of the checkpoint in `dir`, taken `step` steps.
-/// `shapes` gives each parameter's `[rows, cols]`, to refuse state of another model.
+/// Reads, from every stage's optimizer file of the checkpoint in `dir` (taken `step` steps),
+/// the state of the parameters in `shapes` (each `[rows, cols]`), which need not be cut into
+/// stages as the checkpoint was. Every such parameter must have exactly the state tensors
+/// `optimizer` keeps for it.
 pub fn read_optimizer_state<B: Backend>(
     dir: &Path,
-    stages: std::ops::Range<usize>,
+    stages: usize,
     step: u64,
+    optimizer: &Optimizer,
     shapes: &HashMap<String, [usize; 2]>,
     device: &B::Device,
 ) -> Result<OptimizerState<B>> {
     let mut state = OptimizerState::new();
-    for stage in stages {
+    for stage in 0..stages {
         // A tied embedding's state is in two stage files, identical: the first read is kept.
-        for (name, param) in
-            read_stage_state(&dir.join(optimizer_file(stage)), step, shapes, device)?
-        {
+        let path = dir.join(optimizer_file(stage));
+        for (name, param) in read_stage_state(&path, step, shapes, device)? {
             state.entry(name).or_insert(param);
+        }
+    }
+    for (name, &[rows, cols]) in shapes {
+        let expected = optimizer.state_shapes(rows, cols);
+        let found: Vec<[usize; 2]> = state
+            .get(name)
+            .and_then(Option::as_ref)
+            .map(|s| s.tensors.iter().map(|t| t.dims()).collect())
+            .unwrap_or_default();
+        if found != expected {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "the optimizer state of `{name}` is {found:?}, but {} keeps {expected:?}: the \
+                     checkpoint is incomplete or from another optimizer",
+                    optimizer.name()
+                ),
+            });
         }
     }
     Ok(state)
 }
 
+/// The state tensors of one stage's file for parameters in `shapes`; others (held by stages
+/// this run does not hold) are skipped.
 fn read_stage_state<B: Backend>(
     path: &Path,
     step: u64,
@@ -180,20 +207,13 @@ fn read_stage_state<B: Backend>(
             .rsplit_once('#')
             .and_then(|(n, k)| Some((n.to_string(), k.parse::<usize>().ok()?)))
             .ok_or_else(|| bad(format!("unexpected tensor `{key}`")))?;
-        let Some(&[rows, cols]) = shapes.get(&name) else {
-            return Err(bad(format!(
-                "state for `{name}`, which this model does not have: the checkpoint belongs \
-                 to another model"
-            )));
-        };
+        if !shapes.contains_key(&name) {
+            continue;
+        }
         let shape = view.shape();
-        let fits = shape.len() == 2
-            && (shape[0] == rows || shape[0] == 1)
-            && (shape[1] == cols || shape[1] == 1);
-        if !fits || view.dtype() != safetensors::Dtype::F32 {
+        if shape.len() != 2 || view.dtype() != safetensors::Dtype::F32 {
             return Err(bad(format!(
-                "state `{key}` is {:?} {shape:?}, which does not fit parameter `{name}` \
-                 [{rows}, {cols}]: the checkpoint belongs to another model",
+                "state `{key}` is {:?} {shape:?}, not a float32 matrix",
                 view.dtype()
             )));
         }

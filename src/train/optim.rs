@@ -58,6 +58,27 @@ pub struct ParamState<B: Backend> {
 }
 
 impl Optimizer {
+    /// The name users give it (`--optimizer`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::AdamW { .. } => "adamw",
+            Optimizer::Adafactor { .. } => "adafactor",
+            Optimizer::Sgd { .. } => "sgd",
+        }
+    }
+
+    /// The shapes of the state it keeps for a `[rows, cols]` parameter (a vector is one row;
+    /// Adafactor factors only matrices).
+    pub fn state_shapes(&self, rows: usize, cols: usize) -> Vec<[usize; 2]> {
+        match *self {
+            Optimizer::AdamW { .. } => vec![[rows, cols], [rows, cols]],
+            Optimizer::Adafactor { .. } if rows > 1 => vec![[rows, 1], [1, cols]],
+            Optimizer::Adafactor { .. } => vec![[rows, cols]],
+            Optimizer::Sgd { momentum, .. } if momentum != 0.0 => vec![[rows, cols]],
+            Optimizer::Sgd { .. } => Vec::new(),
+        }
+    }
+
     /// Steps `param` with `grad` at learning rate `lr`, both viewed as `[rows, cols]` matrices
     /// (a vector is `[1, n]`). `factored` says whether the parameter is a matrix for Adafactor.
     pub fn step<B: Backend>(

@@ -181,8 +181,9 @@ pub fn train<B: AutodiffBackend>(
     if resumed {
         runner.set_optimizer_state(checkpoint::read_optimizer_state(
             &info.dir,
-            0..info.stage_count(),
+            info.stage_count(),
             state.step,
+            &options.optimizer,
             &shapes,
             &device,
         )?);
@@ -224,6 +225,10 @@ pub fn train<B: AutodiffBackend>(
     };
 
     let first_val = validate(&mut runner, &mut metrics, observer, state.step)?;
+    // Training must beat the starting point to count as an improvement.
+    if state.best_val_loss.is_none() {
+        state.best_val_loss = first_val;
+    }
     let mut last_val = first_val;
     let mut last_loss = None;
     let mut stopped_early = false;
@@ -412,7 +417,7 @@ impl Outputs<'_> {
             state,
         )?;
         if let Some(keep) = self.keep {
-            checkpoint::prune(&self.checkpoints, keep)?;
+            checkpoint::prune(&self.checkpoints, keep, &dir)?;
         }
         Ok(dir)
     }
@@ -467,7 +472,9 @@ pub(super) fn set_up(options: &TrainOptions) -> Result<RunSetup> {
     let (train_set, val_set) = load_data(options, &config, tokenizer.as_ref())?;
     let total_steps = match options.length {
         Length::Steps(n) => n,
-        Length::Epochs(n) => n * train_set.steps_per_epoch(options.batch_size),
+        Length::Epochs(n) => n
+            .checked_mul(train_set.steps_per_epoch(options.batch_size))
+            .ok_or_else(|| Error::Usage(format!("--epochs {n} is too many")))?,
     };
     let data_checksum = fingerprint(&train_set);
     std::fs::create_dir_all(&options.out_dir).map_err(|e| Error::io(&options.out_dir, e))?;
@@ -496,7 +503,7 @@ pub(super) fn set_up(options: &TrainOptions) -> Result<RunSetup> {
             TrainerState {
                 step: 0,
                 total_steps,
-                optimizer: optimizer_name(&options.optimizer).into(),
+                optimizer: options.optimizer.name().into(),
                 dtype: options.dtype,
                 batch_size: options.batch_size,
                 shuffle_seed: options.shuffle_seed,
@@ -536,6 +543,21 @@ pub(super) fn check_options(options: &TrainOptions) -> Result<()> {
     }
     if matches!(options.length, Length::Steps(0) | Length::Epochs(0)) {
         return bad("--steps and --epochs must be at least 1");
+    }
+    let zero = |value: Option<u64>| value == Some(0);
+    if zero(options.eval_every) || zero(options.save_every) {
+        return bad("--eval-every and --save-every must be at least 1");
+    }
+    if options.keep == Some(0) {
+        return bad("--keep must be at least 1: it counts the checkpoints kept");
+    }
+    if let Some(patience) = options.early_stopping_patience {
+        if patience == 0 {
+            return bad("--early-stopping-patience must be at least 1");
+        }
+        if options.validation == Validation::None {
+            return bad("--early-stopping-patience needs --val-data or --val-split");
+        }
     }
     if options.savers.optimizer_in_backward {
         if options.max_grad_norm.is_some() {
@@ -662,7 +684,7 @@ fn open_resume(
             info.config.vocab_size
         )));
     }
-    let optimizer = optimizer_name(&options.optimizer);
+    let optimizer = options.optimizer.name();
     if saved.optimizer != optimizer {
         return Err(incompatible(format!(
             "it was trained with --optimizer {}, this run uses {optimizer}",
@@ -722,12 +744,4 @@ pub(super) fn param_shapes<B: AutodiffBackend>(
         .into_iter()
         .map(|(name, id)| (name, shapes.0[&id]))
         .collect()
-}
-
-fn optimizer_name(optimizer: &Optimizer) -> &'static str {
-    match optimizer {
-        Optimizer::AdamW { .. } => "adamw",
-        Optimizer::Adafactor { .. } => "adafactor",
-        Optimizer::Sgd { .. } => "sgd",
-    }
 }

@@ -71,6 +71,18 @@ pub fn train_rank<B: AutodiffBackend>(
     } = set_up(options)?;
     let total_steps = schedule_plan.total_steps;
     let schedule = pipeline_schedule(pipeline)?;
+    // Every step must have a row for each micro-batch; the last of an epoch may be short.
+    let last_batch = train_set.len() % options.batch_size;
+    if last_batch != 0 && last_batch < pipeline.microbatches {
+        return Err(Error::Usage(format!(
+            "the last step of each epoch has {last_batch} rows ({} sequences, --batch-size {}), \
+             fewer than --microbatches {}: choose a --batch-size that divides the data, or fewer \
+             micro-batches",
+            train_set.len(),
+            options.batch_size,
+            pipeline.microbatches
+        )));
+    }
     let checkpoints = options.out_dir.join("checkpoints");
     let partition = match &info.format {
         Format::Native(native) if native.partition().len() == schedule.stages() => {
@@ -120,12 +132,13 @@ pub fn train_rank<B: AutodiffBackend>(
         runners.insert(stage, runner);
     }
     if resumed {
-        for (&stage, runner) in runners.iter_mut() {
+        for runner in runners.values_mut() {
             let shapes = param_shapes(runner.model());
             runner.set_optimizer_state(read_optimizer_state(
                 &info.dir,
-                stage..stage + 1,
+                info.stage_count(),
                 state.step,
+                &options.optimizer,
                 &shapes,
                 &device,
             )?);
@@ -189,6 +202,10 @@ pub fn train_rank<B: AutodiffBackend>(
         Ok(Some(loss))
     };
     let first_val = validate(&mut worker, &mut metrics, observer, state.step)?;
+    // Training must beat the starting point to count as an improvement.
+    if state.best_val_loss.is_none() {
+        state.best_val_loss = first_val;
+    }
     let mut last_val = first_val;
     let mut stopped_early = false;
     observer.started(state.step, total_steps);
@@ -205,6 +222,14 @@ pub fn train_rank<B: AutodiffBackend>(
             .step(step, &micro_batches, scored, lr, options.max_grad_norm)
             .map_err(|e| peer_error(e, &worker))?;
         let loss = result.loss_sum / scored as f64;
+        if !loss.is_finite() || !result.grad_norm.is_finite() {
+            return Err(Error::Training(format!(
+                "the loss diverged at step {} (loss {loss}, gradient norm {}); lower --lr or \
+                 keep --max-grad-norm on",
+                step + 1,
+                result.grad_norm
+            )));
+        }
         last_loss = Some(loss);
         state.step += 1;
         state.tokens_seen += scored as u64;
@@ -259,7 +284,7 @@ pub fn train_rank<B: AutodiffBackend>(
             shared.write(&worker, &dir, state.step, Some(&state))?;
             if worker.rank() == 0 {
                 if let Some(keep) = options.keep {
-                    checkpoint::prune(&checkpoints, keep)?;
+                    checkpoint::prune(&checkpoints, keep, &dir)?;
                 }
                 observer.note(&format!("saved checkpoint {}", dir.display()));
             }
@@ -294,6 +319,12 @@ pub fn train_rank<B: AutodiffBackend>(
 /// micro-batches per step).
 pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions) -> Result<()> {
     check_options(options)?;
+    if options.batch_size < pipeline.microbatches {
+        return Err(Error::Usage(format!(
+            "--batch-size {} cannot be split into --microbatches {}: each micro-batch needs a row",
+            options.batch_size, pipeline.microbatches
+        )));
+    }
     let schedule = pipeline_schedule(pipeline)?;
     let layers = crate::checkpoint::describe(&options.model_dir)?
         .config
@@ -430,10 +461,15 @@ impl SharedOutput<'_> {
             if let Some(state) = state {
                 crate::checkpoint::write_json(&staging.join(checkpoint::TRAINER_FILE), state)?;
             }
+            // Move an older copy aside first, so the target is never missing.
+            let old = parent.join(format!(".{name}.pp-old-{}", self.run_id));
             if target.exists() {
-                std::fs::remove_dir_all(target).map_err(|e| Error::io(target, e))?;
+                std::fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
             }
             std::fs::rename(&staging, target).map_err(|e| Error::io(target, e))?;
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            }
         }
         // Round 2: the checkpoint is in place before any rank goes on.
         worker.barrier(step, 2).map_err(|e| peer_error(e, worker))

@@ -204,6 +204,13 @@ impl Schedule {
                 "a schedule needs at least one rank and one micro-batch".into(),
             ));
         }
+        // Far beyond any real pipeline, and small enough that the lists stay small.
+        const MOST: usize = 4096;
+        if ranks > MOST || microbatches > MOST || virtual_stages > MOST / ranks {
+            return Err(ScheduleError::Invalid(format!(
+                "at most {MOST} ranks, micro-batches and stages"
+            )));
+        }
         let stage_ranks: Vec<usize> = match kind {
             ScheduleKind::Gpipe | ScheduleKind::OneFOneB | ScheduleKind::ZbH1 => {
                 (0..ranks).collect()
