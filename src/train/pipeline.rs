@@ -14,6 +14,7 @@ use pp_stages::Schedule;
 use pp_transport::{Kind, Tag, TensorMessage, Transport, TransportError};
 
 use super::runtime::{StageOutput, StageRunner};
+use super::trainer::clip_scale;
 use crate::data::MicroBatch;
 use crate::model::names::EMBED;
 
@@ -208,10 +209,7 @@ impl<B: AutodiffBackend> RankWorker<B> {
             .map(RankTiming::from_slot)
             .collect();
         let grad_norm = sum_squares.sqrt();
-        let clip = match max_grad_norm {
-            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
-            _ => 1.0,
-        };
+        let clip = clip_scale(grad_norm, max_grad_norm);
         for runner in self.runners.values_mut() {
             runner.step(clip);
         }

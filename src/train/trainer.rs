@@ -160,10 +160,9 @@ pub fn train<B: AutodiffBackend>(
         train_set,
         val_set,
         schedule,
-        mut state,
+        state,
         resumed,
     } = set_up(options)?;
-    let total_steps = schedule.total_steps;
     let weights = crate::checkpoint::open(&info.dir)?;
     let whole = StageSlice::whole(config.num_layers);
     let mut stage = StageModel::<B>::load(&config, whole, weights.weights.as_ref(), &device)?;
@@ -193,184 +192,313 @@ pub fn train<B: AutodiffBackend>(
             state.step
         ));
     }
-    let checkpoints = options.out_dir.join("checkpoints");
-
-    let mut metrics = MetricsLog::open(&options.out_dir)?;
-    let outputs = Outputs {
-        checkpoints,
+    let pad_id = pad_token(&config);
+    let mut engine = SingleDevice {
+        runner,
         info: &info,
         partition: output_partition(&info)?,
-        dtype: options.dtype,
-        keep: options.keep,
+        options,
+        pad_id,
     };
-    let pad_id = config
+    let run = Run {
+        options,
+        train_set: &train_set,
+        val_set: val_set.as_ref(),
+        schedule,
+        pad_id,
+    };
+    run.train(&mut engine, state, observer)
+}
+
+/// The padding token: the model's, else its end-of-sequence token.
+pub(super) fn pad_token(config: &ModelConfig) -> u32 {
+    config
         .pad_token_id
         .or(config.eos_token_ids.first().copied())
-        .unwrap_or(0);
-    let validate = |runner: &mut StageRunner<B>,
-                    metrics: &mut MetricsLog,
-                    observer: &mut dyn Observer,
-                    step: u64|
-     -> Result<Option<f64>> {
-        let Some(set) = &val_set else {
-            return Ok(None);
-        };
-        let loss = validation_loss(runner, set, options.micro_batch_size, pad_id);
-        observer.note(&format!(
-            "step {step}: validation loss {loss:.4}, perplexity {:.3}",
-            loss.exp()
-        ));
-        metrics.record(step, &[("val/loss", loss), ("val/perplexity", loss.exp())])?;
-        Ok(Some(loss))
-    };
-
-    let first_val = validate(&mut runner, &mut metrics, observer, state.step)?;
-    // Training must beat the starting point to count as an improvement.
-    if state.best_val_loss.is_none() {
-        state.best_val_loss = first_val;
-    }
-    let mut last_val = first_val;
-    let mut last_loss = None;
-    let mut stopped_early = false;
-    observer.started(state.step, total_steps);
-    while state.step < total_steps {
-        let lr = schedule.lr(state.step);
-        let (epoch, rows) = train_set.step(state.step, options.batch_size, options.shuffle_seed);
-        let report = run_step(&mut runner, &rows, options, lr, pad_id, state.step)?;
-        state.step += 1;
-        state.tokens_seen += report.scored_tokens as u64;
-        last_loss = Some(report.loss);
-        let report = StepReport {
-            step: state.step,
-            total_steps,
-            epoch,
-            ..report
-        };
-        metrics.record(
-            state.step,
-            &[
-                ("train/loss", report.loss),
-                ("train/lr", lr),
-                ("train/grad_norm", report.grad_norm),
-                ("train/tokens_per_s", report.tokens_per_s),
-                ("train/epoch", epoch as f64),
-            ],
-        )?;
-        observer.step(&report);
-
-        let eval_due = options
-            .eval_every
-            .is_some_and(|n| state.step.is_multiple_of(n))
-            || state.step == total_steps;
-        if eval_due {
-            if let Some(loss) = validate(&mut runner, &mut metrics, observer, state.step)? {
-                last_val = Some(loss);
-                stopped_early = track_early_stopping(&mut state, loss, options);
-                if stopped_early {
-                    observer.note(&format!(
-                        "early stopping at step {}: no better validation loss in {} evaluations",
-                        state.step, state.evals_without_improvement
-                    ));
-                }
-            }
-        }
-        let interrupted = crate::interrupt::check().is_err();
-        let save_due = options
-            .save_every
-            .is_some_and(|n| state.step.is_multiple_of(n));
-        if save_due || interrupted {
-            let dir = outputs.save_checkpoint(&runner, &state)?;
-            observer.note(&format!("saved checkpoint {}", dir.display()));
-        }
-        if interrupted {
-            observer.note(&format!(
-                "interrupted after step {}; continue with --resume",
-                state.step
-            ));
-            return Err(Error::Interrupted);
-        }
-        if stopped_early {
-            break;
-        }
-    }
-    let final_dir = outputs.write_final(runner.model(), &options.out_dir.join("final"))?;
-    observer.note(&format!("final model written to {}", final_dir.display()));
-    Ok(TrainReport {
-        steps: state.step,
-        last_loss,
-        val_loss: first_val.zip(last_val),
-        stopped_early,
-        final_dir,
-    })
+        .unwrap_or(0)
 }
 
-/// One optimizer step over `rows`, `micro_batch_size` rows at a time. The report's step,
-/// total and epoch are left for the caller.
-fn run_step<B: AutodiffBackend>(
-    runner: &mut StageRunner<B>,
-    rows: &[&Sequence],
-    options: &TrainOptions,
-    lr: f64,
-    pad_id: u32,
-    step: u64,
-) -> Result<StepReport> {
-    let started = Instant::now();
-    runner.set_lr(lr);
-    let scored: usize = rows.iter().map(|s| s.scored_tokens()).sum();
-    let input_tokens: usize = rows.iter().map(|s| s.input_ids.len()).sum();
-    let chunks: Vec<_> = rows.chunks(options.micro_batch_size).collect();
-    let mut loss_sum = 0.0;
-    for (i, chunk) in chunks.iter().enumerate() {
-        let batch = MicroBatch::new(chunk, pad_id);
-        if let StageOutput::Loss { sum, .. } = runner.forward(i, &batch, None) {
-            loss_sum += sum;
-        }
-        runner.backward(i, None, 1.0 / scored as f64, i + 1 == chunks.len());
-    }
-    let grad_norm = runner.grad_sum_squares().sqrt();
-    let loss = loss_sum / scored as f64;
-    if !loss.is_finite() || !grad_norm.is_finite() {
-        return Err(Error::Training(format!(
-            "the loss diverged at step {} (loss {loss}, gradient norm {grad_norm}); lower --lr \
-             or keep --max-grad-norm on",
-            step + 1
-        )));
-    }
-    let clip = match options.max_grad_norm {
+/// How a run's steps are carried out: on one device, or as one rank of a pipeline. The loop
+/// around them — schedule, metrics, validation, early stopping, checkpoints, Ctrl-C — is one
+/// ([`Run::train`]).
+pub(super) trait Engine {
+    /// Runs optimizer step `step` on `rows` (`scored` scored tokens in all) at `lr`, clipping
+    /// by the global gradient norm.
+    fn step(
+        &mut self,
+        step: u64,
+        rows: &[&Sequence],
+        scored: usize,
+        lr: f64,
+    ) -> Result<StepOutcome>;
+    /// Summed loss and scored tokens of the validation micro-batches after step `step`.
+    fn validate(&mut self, step: u64, batches: &[MicroBatch]) -> Result<(f64, usize)>;
+    /// Writes the training checkpoint `dir` (weights, optimizer state, `state`).
+    fn save(&mut self, dir: &Path, state: &TrainerState) -> Result<()>;
+    /// Writes the final model to `dir`; `step` is the last step.
+    fn write_final(&mut self, dir: &Path, step: u64) -> Result<()>;
+    /// Whether this process reports (metrics, notes, pruning checkpoints): a single device
+    /// does; of a pipeline, rank 0.
+    fn leads(&self) -> bool;
+}
+
+/// What an engine's step did.
+pub(super) struct StepOutcome {
+    /// Summed loss of the step's rows.
+    pub loss_sum: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Ctrl-C was pressed (in a pipeline: on any rank); the run saves and stops.
+    pub interrupted: bool,
+    /// Further metrics of the step (a pipeline's bubble).
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// The clipping factor for a global gradient norm.
+pub(super) fn clip_scale(grad_norm: f64, max_grad_norm: Option<f64>) -> f64 {
+    match max_grad_norm {
         Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
         _ => 1.0,
-    };
-    runner.step(clip);
-    Ok(StepReport {
-        step,
-        total_steps: 0,
-        loss,
-        lr,
-        grad_norm,
-        tokens_per_s: input_tokens as f64 / started.elapsed().as_secs_f64(),
-        epoch: 0,
-        scored_tokens: scored,
-    })
+    }
 }
 
-/// Token-weighted mean loss over the validation sequences.
-fn validation_loss<B: AutodiffBackend>(
-    runner: &mut StageRunner<B>,
-    set: &SequenceSet,
-    micro_batch_size: usize,
-    pad_id: u32,
-) -> f64 {
-    let rows: Vec<_> = set.all().collect();
-    let (mut sum, mut tokens) = (0.0, 0usize);
-    for chunk in rows.chunks(micro_batch_size) {
-        if let StageOutput::Loss { sum: s, tokens: t } =
-            runner.evaluate(&MicroBatch::new(chunk, pad_id), None)
-        {
-            sum += s;
-            tokens += t;
+/// The data and schedule of a run, and the loop that drives an [`Engine`] through it.
+pub(super) struct Run<'a> {
+    pub options: &'a TrainOptions,
+    pub train_set: &'a SequenceSet,
+    pub val_set: Option<&'a SequenceSet>,
+    pub schedule: LrSchedule,
+    pub pad_id: u32,
+}
+
+impl Run<'_> {
+    /// Trains from `state` to the end (or early stopping), then writes the final model.
+    pub fn train(
+        &self,
+        engine: &mut dyn Engine,
+        mut state: TrainerState,
+        observer: &mut dyn Observer,
+    ) -> Result<TrainReport> {
+        let options = self.options;
+        let total_steps = self.schedule.total_steps;
+        let checkpoints = options.out_dir.join("checkpoints");
+        let mut metrics = if engine.leads() {
+            Some(MetricsLog::open(&options.out_dir)?)
+        } else {
+            None
+        };
+        // The validation set in `--micro-batch-size` chunks.
+        let val_batches: Option<Vec<MicroBatch>> = self.val_set.map(|set| {
+            let rows: Vec<&Sequence> = set.all().collect();
+            rows.chunks(options.micro_batch_size)
+                .map(|chunk| MicroBatch::new(chunk, self.pad_id))
+                .collect()
+        });
+        let validate = |engine: &mut dyn Engine,
+                        metrics: &mut Option<MetricsLog>,
+                        observer: &mut dyn Observer,
+                        step: u64|
+         -> Result<Option<f64>> {
+            let Some(batches) = &val_batches else {
+                return Ok(None);
+            };
+            let (sum, tokens) = engine.validate(step, batches)?;
+            let loss = sum / tokens.max(1) as f64;
+            observer.note(&format!(
+                "step {step}: validation loss {loss:.4}, perplexity {:.3}",
+                loss.exp()
+            ));
+            if let Some(metrics) = metrics.as_mut() {
+                metrics.record(step, &[("val/loss", loss), ("val/perplexity", loss.exp())])?;
+            }
+            Ok(Some(loss))
+        };
+
+        let first_val = validate(engine, &mut metrics, observer, state.step)?;
+        // Training must beat the starting point to count as an improvement.
+        if state.best_val_loss.is_none() {
+            state.best_val_loss = first_val;
         }
+        let mut last_val = first_val;
+        let mut last_loss = None;
+        let mut stopped_early = false;
+        observer.started(state.step, total_steps);
+        while state.step < total_steps {
+            let started = Instant::now();
+            let lr = self.schedule.lr(state.step);
+            let (epoch, rows) =
+                self.train_set
+                    .step(state.step, options.batch_size, options.shuffle_seed);
+            let scored: usize = rows.iter().map(|s| s.scored_tokens()).sum();
+            let input_tokens: usize = rows.iter().map(|s| s.input_ids.len()).sum();
+            let outcome = engine.step(state.step, &rows, scored, lr)?;
+            let loss = outcome.loss_sum / scored as f64;
+            if !loss.is_finite() || !outcome.grad_norm.is_finite() {
+                return Err(Error::Training(format!(
+                    "the loss diverged at step {} (loss {loss}, gradient norm {}); lower --lr \
+                     or keep --max-grad-norm on",
+                    state.step + 1,
+                    outcome.grad_norm
+                )));
+            }
+            state.step += 1;
+            state.tokens_seen += scored as u64;
+            last_loss = Some(loss);
+            let report = StepReport {
+                step: state.step,
+                total_steps,
+                loss,
+                lr,
+                grad_norm: outcome.grad_norm,
+                tokens_per_s: input_tokens as f64 / started.elapsed().as_secs_f64(),
+                epoch,
+                scored_tokens: scored,
+            };
+            if let Some(metrics) = metrics.as_mut() {
+                let mut values = vec![
+                    ("train/loss", loss),
+                    ("train/lr", lr),
+                    ("train/grad_norm", outcome.grad_norm),
+                    ("train/tokens_per_s", report.tokens_per_s),
+                    ("train/epoch", epoch as f64),
+                ];
+                values.extend(outcome.metrics);
+                metrics.record(state.step, &values)?;
+            }
+            observer.step(&report);
+
+            let eval_due = options
+                .eval_every
+                .is_some_and(|n| state.step.is_multiple_of(n))
+                || state.step == total_steps;
+            if eval_due {
+                if let Some(loss) = validate(engine, &mut metrics, observer, state.step)? {
+                    last_val = Some(loss);
+                    stopped_early = track_early_stopping(&mut state, loss, options);
+                    if stopped_early {
+                        observer.note(&format!(
+                            "early stopping at step {}: no better validation loss in {} \
+                             evaluations",
+                            state.step, state.evals_without_improvement
+                        ));
+                    }
+                }
+            }
+            let save_due = options
+                .save_every
+                .is_some_and(|n| state.step.is_multiple_of(n));
+            if save_due || outcome.interrupted {
+                let dir = checkpoint::step_dir(&checkpoints, state.step);
+                engine.save(&dir, &state)?;
+                if engine.leads() {
+                    if let Some(keep) = options.keep {
+                        checkpoint::prune(&checkpoints, keep, &dir)?;
+                    }
+                }
+                observer.note(&format!("saved checkpoint {}", dir.display()));
+            }
+            if outcome.interrupted {
+                observer.note(&format!(
+                    "interrupted after step {}; continue with --resume",
+                    state.step
+                ));
+                return Err(Error::Interrupted);
+            }
+            if stopped_early {
+                break;
+            }
+        }
+        let final_dir = options.out_dir.join("final");
+        engine.write_final(&final_dir, state.step)?;
+        observer.note(&format!("final model written to {}", final_dir.display()));
+        Ok(TrainReport {
+            steps: state.step,
+            last_loss,
+            val_loss: first_val.zip(last_val),
+            stopped_early,
+            final_dir,
+        })
     }
-    sum / tokens.max(1) as f64
+}
+
+/// The whole model on one device, in one runner.
+struct SingleDevice<'a, B: AutodiffBackend> {
+    runner: StageRunner<B>,
+    info: &'a ModelInfo,
+    /// The partition checkpoints are written with.
+    partition: Partition,
+    options: &'a TrainOptions,
+    pad_id: u32,
+}
+
+impl<B: AutodiffBackend> Engine for SingleDevice<'_, B> {
+    /// The rows `--micro-batch-size` at a time, each micro-batch's backward right after its
+    /// forward (so one graph is alive at a time), then the step.
+    fn step(
+        &mut self,
+        _step: u64,
+        rows: &[&Sequence],
+        scored: usize,
+        lr: f64,
+    ) -> Result<StepOutcome> {
+        let runner = &mut self.runner;
+        runner.set_lr(lr);
+        let chunks: Vec<_> = rows.chunks(self.options.micro_batch_size).collect();
+        let mut loss_sum = 0.0;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let batch = MicroBatch::new(chunk, self.pad_id);
+            if let StageOutput::Loss { sum, .. } = runner.forward(i, &batch, None) {
+                loss_sum += sum;
+            }
+            runner.backward(i, None, 1.0 / scored as f64, i + 1 == chunks.len());
+        }
+        let grad_norm = runner.grad_sum_squares().sqrt();
+        runner.step(clip_scale(grad_norm, self.options.max_grad_norm));
+        Ok(StepOutcome {
+            loss_sum,
+            grad_norm,
+            interrupted: crate::interrupt::check().is_err(),
+            metrics: Vec::new(),
+        })
+    }
+
+    fn validate(&mut self, _step: u64, batches: &[MicroBatch]) -> Result<(f64, usize)> {
+        let (mut sum, mut tokens) = (0.0, 0usize);
+        for batch in batches {
+            if let StageOutput::Loss { sum: s, tokens: t } = self.runner.evaluate(batch, None) {
+                sum += s;
+                tokens += t;
+            }
+        }
+        Ok((sum, tokens))
+    }
+
+    fn save(&mut self, dir: &Path, state: &TrainerState) -> Result<()> {
+        checkpoint::save(
+            dir,
+            self.runner.model(),
+            self.runner.optimizer_state(),
+            self.info,
+            &self.partition,
+            self.options.dtype,
+            state,
+        )
+    }
+
+    fn write_final(&mut self, dir: &Path, _step: u64) -> Result<()> {
+        let staging = crate::convert::Staging::create(dir, true)?;
+        crate::convert::write_native_model(
+            &checkpoint::weights_of(self.runner.model(), self.options.dtype),
+            self.info,
+            &self.partition,
+            staging.path(),
+        )?;
+        staging.commit()
+    }
+
+    fn leads(&self) -> bool {
+        true
+    }
 }
 
 /// Records a validation loss; says whether early stopping's patience has run out.
@@ -388,56 +516,6 @@ pub(super) fn track_early_stopping(
     options
         .early_stopping_patience
         .is_some_and(|p| state.evals_without_improvement >= p)
-}
-
-/// Where and how a run writes its checkpoints and final model.
-struct Outputs<'a> {
-    checkpoints: PathBuf,
-    info: &'a ModelInfo,
-    partition: Partition,
-    dtype: DType,
-    keep: Option<usize>,
-}
-
-impl Outputs<'_> {
-    /// Saves `checkpoints/step-N` and prunes old ones; returns its directory.
-    fn save_checkpoint<B: AutodiffBackend>(
-        &self,
-        runner: &StageRunner<B>,
-        state: &TrainerState,
-    ) -> Result<PathBuf> {
-        let dir = checkpoint::step_dir(&self.checkpoints, state.step);
-        checkpoint::save(
-            &dir,
-            runner.model(),
-            runner.optimizer_state(),
-            self.info,
-            &self.partition,
-            self.dtype,
-            state,
-        )?;
-        if let Some(keep) = self.keep {
-            checkpoint::prune(&self.checkpoints, keep, &dir)?;
-        }
-        Ok(dir)
-    }
-
-    /// Writes the trained weights as a native checkpoint at `dir`, atomically.
-    fn write_final<B: AutodiffBackend>(
-        &self,
-        model: &StageModel<B>,
-        dir: &Path,
-    ) -> Result<PathBuf> {
-        let staging = crate::convert::Staging::create(dir, true)?;
-        crate::convert::write_native_model(
-            &checkpoint::weights_of(model, self.dtype),
-            self.info,
-            &self.partition,
-            staging.path(),
-        )?;
-        staging.commit()?;
-        Ok(dir.to_path_buf())
-    }
 }
 
 /// What single-device and pipeline training both set up from the options.

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
@@ -13,13 +13,12 @@ use pp_stages::{Partition, Schedule, ScheduleKind};
 use pp_transport::{Transport, TransportError};
 
 use super::checkpoint::{self, read_optimizer_state, weights_of, TrainerState};
-use super::metrics::MetricsLog;
 use super::optim::Rounder;
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
 use super::runtime::StageRunner;
 use super::trainer::{
-    check_options, param_shapes, set_up, track_early_stopping, RunSetup, StepReport, TrainOptions,
-    TrainReport,
+    check_options, pad_token, param_shapes, set_up, Engine, Run, RunSetup, StepOutcome,
+    TrainOptions, TrainReport,
 };
 use super::Observer;
 use crate::checkpoint::native::{stage_file_name, StageEntry};
@@ -66,10 +65,9 @@ pub fn train_rank<B: AutodiffBackend>(
         train_set,
         val_set,
         schedule: schedule_plan,
-        mut state,
+        state,
         resumed,
     } = set_up(options)?;
-    let total_steps = schedule_plan.total_steps;
     let schedule = pipeline_schedule(pipeline)?;
     // Every step must have a row for each micro-batch; the last of an epoch may be short.
     let last_batch = train_set.len() % options.batch_size;
@@ -83,7 +81,6 @@ pub fn train_rank<B: AutodiffBackend>(
             pipeline.microbatches
         )));
     }
-    let checkpoints = options.out_dir.join("checkpoints");
     let partition = match &info.format {
         Format::Native(native) if native.partition().len() == schedule.stages() => {
             native.partition().clone()
@@ -149,7 +146,7 @@ pub fn train_rank<B: AutodiffBackend>(
             state.step
         ));
     }
-    let mut worker = RankWorker::new(
+    let worker = RankWorker::new(
         schedule,
         runners,
         config.tie_word_embeddings,
@@ -157,161 +154,82 @@ pub fn train_rank<B: AutodiffBackend>(
         RECEIVE_TIMEOUT,
         device,
     );
-    std::fs::create_dir_all(&options.out_dir).map_err(|e| Error::io(&options.out_dir, e))?;
-    let mut metrics = if rank == 0 {
-        Some(MetricsLog::open(&options.out_dir)?)
-    } else {
-        None
+    let pad_id = pad_token(&config);
+    let mut engine = PipelineRank {
+        worker,
+        shared: SharedOutput {
+            info: &info,
+            partition: &partition,
+            dtype: options.dtype,
+            run_id,
+        },
+        microbatches: pipeline.microbatches,
+        pad_id,
+        max_grad_norm: options.max_grad_norm,
     };
-    let pad_id = config
-        .pad_token_id
-        .or(config.eos_token_ids.first().copied())
-        .unwrap_or(0);
-    let shared = SharedOutput {
-        info: &info,
-        partition: &partition,
-        dtype: options.dtype,
-        run_id,
+    let run = Run {
+        options,
+        train_set: &train_set,
+        val_set: val_set.as_ref(),
+        schedule: schedule_plan,
+        pad_id,
     };
-    // Validation batches: the validation set in `--micro-batch-size` chunks.
-    let val_batches: Option<Vec<MicroBatch>> = val_set.as_ref().map(|set| {
-        let rows: Vec<&Sequence> = set.all().collect();
-        rows.chunks(options.micro_batch_size)
-            .map(|chunk| MicroBatch::new(chunk, pad_id))
-            .collect()
-    });
-    let validate = |worker: &mut RankWorker<B>,
-                    metrics: &mut Option<MetricsLog>,
-                    observer: &mut dyn Observer,
-                    step: u64|
-     -> Result<Option<f64>> {
-        let Some(batches) = &val_batches else {
-            return Ok(None);
-        };
-        let (sum, tokens) = worker
-            .evaluate(step, batches)
-            .map_err(|e| peer_error(e, worker))?;
-        let loss = sum / tokens.max(1) as f64;
-        observer.note(&format!(
-            "step {step}: validation loss {loss:.4}, perplexity {:.3}",
-            loss.exp()
-        ));
-        if let Some(metrics) = metrics.as_mut() {
-            metrics.record(step, &[("val/loss", loss), ("val/perplexity", loss.exp())])?;
-        }
-        Ok(Some(loss))
-    };
-    let first_val = validate(&mut worker, &mut metrics, observer, state.step)?;
-    // Training must beat the starting point to count as an improvement.
-    if state.best_val_loss.is_none() {
-        state.best_val_loss = first_val;
-    }
-    let mut last_val = first_val;
-    let mut stopped_early = false;
-    observer.started(state.step, total_steps);
-    let mut last_loss = None;
-    while state.step < total_steps {
-        let step = state.step;
-        let started = Instant::now();
-        let lr = schedule_plan.lr(step);
-        let (epoch, rows) = train_set.step(step, options.batch_size, options.shuffle_seed);
-        let micro_batches = split_micro_batches(&rows, pipeline.microbatches, pad_id, step)?;
-        let scored: usize = rows.iter().map(|s| s.scored_tokens()).sum();
-        let input_tokens: usize = rows.iter().map(|s| s.input_ids.len()).sum();
-        let result = worker
-            .step(step, &micro_batches, scored, lr, options.max_grad_norm)
-            .map_err(|e| peer_error(e, &worker))?;
-        let loss = result.loss_sum / scored as f64;
-        if !loss.is_finite() || !result.grad_norm.is_finite() {
-            return Err(Error::Training(format!(
-                "the loss diverged at step {} (loss {loss}, gradient norm {}); lower --lr or \
-                 keep --max-grad-norm on",
-                step + 1,
-                result.grad_norm
-            )));
-        }
-        last_loss = Some(loss);
-        state.step += 1;
-        state.tokens_seen += scored as u64;
-        let report = StepReport {
-            step: step + 1,
-            total_steps,
-            loss,
-            lr,
+    run.train(&mut engine, state, observer)
+}
+
+/// This rank's share of a pipeline.
+struct PipelineRank<'a, B: AutodiffBackend> {
+    worker: RankWorker<B>,
+    shared: SharedOutput<'a>,
+    microbatches: usize,
+    pad_id: u32,
+    max_grad_norm: Option<f64>,
+}
+
+impl<B: AutodiffBackend> Engine for PipelineRank<'_, B> {
+    fn step(
+        &mut self,
+        step: u64,
+        rows: &[&Sequence],
+        scored: usize,
+        lr: f64,
+    ) -> Result<StepOutcome> {
+        let micro_batches = split_micro_batches(rows, self.microbatches, self.pad_id, step)?;
+        let result = self
+            .worker
+            .step(step, &micro_batches, scored, lr, self.max_grad_norm)
+            .map_err(|e| peer_error(e, &self.worker))?;
+        let (measured, simulated) =
+            measured_and_simulated_bubble(self.worker.schedule(), &result.timings);
+        Ok(StepOutcome {
+            loss_sum: result.loss_sum,
             grad_norm: result.grad_norm,
-            tokens_per_s: input_tokens as f64 / started.elapsed().as_secs_f64(),
-            epoch,
-            scored_tokens: scored,
-        };
-        if let Some(metrics) = metrics.as_mut() {
-            let (measured, simulated) =
-                measured_and_simulated_bubble(worker.schedule(), &result.timings);
-            metrics.record(
-                step + 1,
-                &[
-                    ("train/loss", loss),
-                    ("train/lr", lr),
-                    ("train/grad_norm", result.grad_norm),
-                    ("train/tokens_per_s", report.tokens_per_s),
-                    ("train/epoch", epoch as f64),
-                    ("pipeline/bubble", measured),
-                    ("pipeline/bubble_simulated", simulated),
-                ],
-            )?;
-        }
-        observer.step(&report);
-        let eval_due = options
-            .eval_every
-            .is_some_and(|n| state.step.is_multiple_of(n))
-            || state.step == total_steps;
-        if eval_due {
-            if let Some(loss) = validate(&mut worker, &mut metrics, observer, state.step)? {
-                last_val = Some(loss);
-                stopped_early = track_early_stopping(&mut state, loss, options);
-                if stopped_early {
-                    observer.note(&format!(
-                        "early stopping at step {}: no better validation loss in {} evaluations",
-                        state.step, state.evals_without_improvement
-                    ));
-                }
-            }
-        }
-        let save_due = options
-            .save_every
-            .is_some_and(|n| state.step.is_multiple_of(n));
-        if save_due || result.interrupted {
-            let dir = checkpoint::step_dir(&checkpoints, state.step);
-            shared.write(&worker, &dir, state.step, Some(&state))?;
-            if worker.rank() == 0 {
-                if let Some(keep) = options.keep {
-                    checkpoint::prune(&checkpoints, keep, &dir)?;
-                }
-                observer.note(&format!("saved checkpoint {}", dir.display()));
-            }
-        }
-        if result.interrupted {
-            observer.note(&format!(
-                "interrupted after step {}; continue with --resume",
-                state.step
-            ));
-            return Err(Error::Interrupted);
-        }
-        if stopped_early {
-            break;
-        }
+            interrupted: result.interrupted,
+            metrics: vec![
+                ("pipeline/bubble", measured),
+                ("pipeline/bubble_simulated", simulated),
+            ],
+        })
     }
-    let final_dir = options.out_dir.join("final");
-    shared.write(&worker, &final_dir, state.step, None)?;
-    if rank == 0 {
-        observer.note(&format!("final model written to {}", final_dir.display()));
+
+    fn validate(&mut self, step: u64, batches: &[MicroBatch]) -> Result<(f64, usize)> {
+        self.worker
+            .evaluate(step, batches)
+            .map_err(|e| peer_error(e, &self.worker))
     }
-    Ok(TrainReport {
-        steps: state.step,
-        last_loss,
-        val_loss: first_val.zip(last_val),
-        stopped_early,
-        final_dir,
-    })
+
+    fn save(&mut self, dir: &Path, state: &TrainerState) -> Result<()> {
+        self.shared
+            .write(&self.worker, dir, state.step, Some(state))
+    }
+
+    fn write_final(&mut self, dir: &Path, step: u64) -> Result<()> {
+        self.shared.write(&self.worker, dir, step, None)
+    }
+
+    fn leads(&self) -> bool {
+        self.worker.rank() == 0
+    }
 }
 
 /// Checks the options of a pipeline run, before any worker starts: the single-device checks,
