@@ -15,7 +15,7 @@ use super::metrics::MetricsLog;
 use super::optim::{Optimizer, Rounder};
 use super::runtime::{as_matrix, MemorySavers, StageOutput, StageRunner};
 use super::schedule::LrSchedule;
-use crate::checkpoint::{checksum::Checksum, Format, ModelInfo};
+use crate::checkpoint::{checksum::Checksum, Format, ModelInfo, WeightSource};
 use crate::data::{
     read_jsonl, split_validation, LossOn, MicroBatch, RowOptions, RowTemplate, Sequence,
     SequenceOptions, SequenceSet,
@@ -154,60 +154,20 @@ pub fn train<B: AutodiffBackend>(
     observer: &mut dyn Observer,
 ) -> Result<TrainReport> {
     check_options(options)?;
-    let RunSetup {
-        config,
-        info,
-        train_set,
-        val_set,
-        schedule,
-        state,
-        resumed,
-    } = set_up(options)?;
-    let weights = crate::checkpoint::open(&info.dir)?;
-    let whole = StageSlice::whole(config.num_layers);
-    let mut stage = StageModel::<B>::load(&config, whole, weights.weights.as_ref(), &device)?;
-    if options.dtype != DType::F32 {
-        stage = stage.map(&mut Rounder(options.dtype));
-    }
-    let shapes = param_shapes(&stage);
-    let mut runner = StageRunner::new(
-        stage,
-        options.optimizer.clone(),
-        options.savers,
-        options.dtype,
-        device.clone(),
-    );
-    if resumed {
-        runner.set_optimizer_state(checkpoint::read_optimizer_state(
-            &info.dir,
-            info.stage_count(),
-            state.step,
-            &options.optimizer,
-            &shapes,
-            &device,
-        )?);
-        observer.note(&format!(
-            "resumed from {} at step {}",
-            info.dir.display(),
-            state.step
-        ));
-    }
-    let pad_id = pad_token(&config);
+    let setup = set_up(options)?;
+    let weights = crate::checkpoint::open(&setup.info.dir)?;
+    let whole = StageSlice::whole(setup.config.num_layers);
+    let runner = setup.stage_runner::<B>(options, whole, weights.weights.as_ref(), &device)?;
     let mut engine = SingleDevice {
         runner,
-        info: &info,
-        partition: output_partition(&info)?,
+        info: &setup.info,
+        partition: output_partition(&setup.info)?,
         options,
-        pad_id,
+        pad_id: pad_token(&setup.config),
     };
-    let run = Run {
-        options,
-        train_set: &train_set,
-        val_set: val_set.as_ref(),
-        schedule,
-        pad_id,
-    };
-    run.train(&mut engine, state, observer)
+    setup
+        .run(options)
+        .train(&mut engine, setup.state.clone(), observer)
 }
 
 /// The padding token: the model's, else its end-of-sequence token.
@@ -264,11 +224,13 @@ pub(super) fn clip_scale(grad_norm: f64, max_grad_norm: Option<f64>) -> f64 {
 
 /// The data and schedule of a run, and the loop that drives an [`Engine`] through it.
 pub(super) struct Run<'a> {
-    pub options: &'a TrainOptions,
-    pub train_set: &'a SequenceSet,
-    pub val_set: Option<&'a SequenceSet>,
-    pub schedule: LrSchedule,
-    pub pad_id: u32,
+    options: &'a TrainOptions,
+    train_set: &'a SequenceSet,
+    val_set: Option<&'a SequenceSet>,
+    schedule: LrSchedule,
+    pad_id: u32,
+    /// The checkpoint the run continues, if any.
+    resumed_from: Option<&'a Path>,
 }
 
 impl Run<'_> {
@@ -281,6 +243,13 @@ impl Run<'_> {
     ) -> Result<TrainReport> {
         let options = self.options;
         let total_steps = self.schedule.total_steps;
+        if let Some(dir) = self.resumed_from {
+            observer.note(&format!(
+                "resumed from {} at step {}",
+                dir.display(),
+                state.step
+            ));
+        }
         let checkpoints = options.out_dir.join("checkpoints");
         let mut metrics = if engine.leads() {
             Some(MetricsLog::open(&options.out_dir)?)
@@ -502,11 +471,7 @@ impl<B: AutodiffBackend> Engine for SingleDevice<'_, B> {
 }
 
 /// Records a validation loss; says whether early stopping's patience has run out.
-pub(super) fn track_early_stopping(
-    state: &mut TrainerState,
-    loss: f64,
-    options: &TrainOptions,
-) -> bool {
+fn track_early_stopping(state: &mut TrainerState, loss: f64, options: &TrainOptions) -> bool {
     if state.best_val_loss.is_none_or(|best| loss < best) {
         state.best_val_loss = Some(loss);
         state.evals_without_improvement = 0;
@@ -533,6 +498,54 @@ pub(super) struct RunSetup {
     pub state: TrainerState,
     /// Whether `info` is a checkpoint being resumed.
     pub resumed: bool,
+}
+
+impl RunSetup {
+    /// A runner for `slice`, loaded from `weights` in the training dtype, with the optimizer
+    /// state of the checkpoint being resumed, if any.
+    pub fn stage_runner<B: AutodiffBackend>(
+        &self,
+        options: &TrainOptions,
+        slice: StageSlice,
+        weights: &dyn WeightSource,
+        device: &B::Device,
+    ) -> Result<StageRunner<B>> {
+        let mut model = StageModel::<B>::load(&self.config, slice, weights, device)?;
+        if options.dtype != DType::F32 {
+            model = model.map(&mut Rounder(options.dtype));
+        }
+        let shapes = param_shapes(&model);
+        let mut runner = StageRunner::new(
+            model,
+            options.optimizer.clone(),
+            options.savers,
+            options.dtype,
+            device.clone(),
+        );
+        if self.resumed {
+            runner.set_optimizer_state(checkpoint::read_optimizer_state(
+                &self.info.dir,
+                self.info.stage_count(),
+                self.state.step,
+                &options.optimizer,
+                &shapes,
+                device,
+            )?);
+        }
+        Ok(runner)
+    }
+
+    /// The loop over this run's data.
+    pub fn run<'a>(&'a self, options: &'a TrainOptions) -> Run<'a> {
+        Run {
+            options,
+            train_set: &self.train_set,
+            val_set: self.val_set.as_ref(),
+            schedule: self.schedule,
+            pad_id: pad_token(&self.config),
+            resumed_from: self.resumed.then_some(self.info.dir.as_path()),
+        }
+    }
 }
 
 /// Reads the model's description and the data, works out the run's length, and finds and
@@ -660,7 +673,7 @@ pub(super) fn check_options(options: &TrainOptions) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn load_data(
+fn load_data(
     options: &TrainOptions,
     config: &ModelConfig,
     tokenizer: Option<&Tokenizer>,
@@ -806,9 +819,7 @@ fn output_partition(info: &ModelInfo) -> Result<Partition> {
     }
 }
 
-pub(super) fn param_shapes<B: AutodiffBackend>(
-    model: &StageModel<B>,
-) -> HashMap<String, [usize; 2]> {
+fn param_shapes<B: AutodiffBackend>(model: &StageModel<B>) -> HashMap<String, [usize; 2]> {
     struct Shapes(HashMap<ParamId, [usize; 2]>);
     impl<B: Backend> ModuleVisitor<B> for Shapes {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {

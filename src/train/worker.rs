@@ -7,18 +7,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use pp_stages::{Partition, Schedule, ScheduleKind};
 use pp_transport::{Transport, TransportError};
 
-use super::checkpoint::{self, read_optimizer_state, weights_of, TrainerState};
-use super::optim::Rounder;
+use super::checkpoint::{self, weights_of, TrainerState};
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
-use super::runtime::StageRunner;
 use super::trainer::{
-    check_options, pad_token, param_shapes, set_up, Engine, Run, RunSetup, StepOutcome,
-    TrainOptions, TrainReport,
+    check_options, pad_token, set_up, Engine, StepOutcome, TrainOptions, TrainReport,
 };
 use super::Observer;
 use crate::checkpoint::native::{stage_file_name, StageEntry};
@@ -27,7 +23,6 @@ use crate::convert::{write_native_manifest, write_native_stages};
 use crate::data::{MicroBatch, Sequence};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::StageModel;
 use crate::plan::{part_costs, Balance};
 
 /// How the pipeline is laid out.
@@ -59,15 +54,8 @@ pub fn train_rank<B: AutodiffBackend>(
 ) -> Result<TrainReport> {
     check_pipeline_options(options, pipeline)?;
     let rank = transport.rank();
-    let RunSetup {
-        config,
-        info,
-        train_set,
-        val_set,
-        schedule: schedule_plan,
-        state,
-        resumed,
-    } = set_up(options)?;
+    let setup = set_up(options)?;
+    let (config, info, train_set) = (&setup.config, &setup.info, &setup.train_set);
     let schedule = pipeline_schedule(pipeline)?;
     // Every step must have a row for each micro-batch; the last of an epoch may be short.
     let last_batch = train_set.len() % options.batch_size;
@@ -87,7 +75,7 @@ pub fn train_rank<B: AutodiffBackend>(
         }
         _ => {
             let costs = part_costs(
-                &config,
+                config,
                 Balance::Memory,
                 options.dtype,
                 options.sequences.max_len,
@@ -110,41 +98,13 @@ pub fn train_rank<B: AutodiffBackend>(
     let mut runners = BTreeMap::new();
     for stage in schedule.stages_of(rank) {
         let slice = partition.stages()[stage].clone();
-        let mut stage_model = StageModel::<B>::load(&config, slice, weights.as_ref(), &device)?;
-        if options.dtype != DType::F32 {
-            stage_model = stage_model.map(&mut Rounder(options.dtype));
-        }
-        let runner = StageRunner::new(
-            stage_model,
-            options.optimizer.clone(),
-            options.savers,
-            options.dtype,
-            device.clone(),
-        );
+        let runner = setup.stage_runner::<B>(options, slice, weights.as_ref(), &device)?;
         let runner = if pipeline.schedule.splits_backward() {
             runner.with_split_backward()
         } else {
             runner
         };
         runners.insert(stage, runner);
-    }
-    if resumed {
-        for runner in runners.values_mut() {
-            let shapes = param_shapes(runner.model());
-            runner.set_optimizer_state(read_optimizer_state(
-                &info.dir,
-                info.stage_count(),
-                state.step,
-                &options.optimizer,
-                &shapes,
-                &device,
-            )?);
-        }
-        observer.note(&format!(
-            "resumed from {} at step {}",
-            info.dir.display(),
-            state.step
-        ));
     }
     let worker = RankWorker::new(
         schedule,
@@ -154,11 +114,11 @@ pub fn train_rank<B: AutodiffBackend>(
         RECEIVE_TIMEOUT,
         device,
     );
-    let pad_id = pad_token(&config);
+    let pad_id = pad_token(config);
     let mut engine = PipelineRank {
         worker,
         shared: SharedOutput {
-            info: &info,
+            info,
             partition: &partition,
             dtype: options.dtype,
             run_id,
@@ -167,14 +127,9 @@ pub fn train_rank<B: AutodiffBackend>(
         pad_id,
         max_grad_norm: options.max_grad_norm,
     };
-    let run = Run {
-        options,
-        train_set: &train_set,
-        val_set: val_set.as_ref(),
-        schedule: schedule_plan,
-        pad_id,
-    };
-    run.train(&mut engine, state, observer)
+    setup
+        .run(options)
+        .train(&mut engine, setup.state.clone(), observer)
 }
 
 /// This rank's share of a pipeline.
