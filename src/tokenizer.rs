@@ -92,6 +92,15 @@ impl Tokenizer {
         })
     }
 
+    /// Loads the tokenizer of `dir` if it has a `tokenizer.json` (pre-tokenized data needs
+    /// none; text rows then report its absence).
+    pub fn load_if_present(dir: &Path) -> Result<Option<Self>> {
+        dir.join(TOKENIZER_FILE)
+            .exists()
+            .then(|| Self::load(dir))
+            .transpose()
+    }
+
     /// The `tokenizer.json` this was loaded from.
     pub fn path(&self) -> &Path {
         &self.path

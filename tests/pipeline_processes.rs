@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cli::{pp, stdout};
+use common::cli::{metric, pp, stdout};
 use common::fixture;
 use common::training::relative_l2;
 use pp::checkpoint::read_f32;
@@ -214,16 +214,6 @@ fn ctrl_c_stops_every_worker() {
     }
 }
 
-/// `(step, loss)` of every training step in `OUT/metrics.jsonl`.
-fn losses(out: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("train_loss")?.as_f64()?)))
-        .collect()
-}
-
 #[test]
 fn a_pipeline_checkpoint_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -256,7 +246,10 @@ fn a_pipeline_checkpoint_resumes_exactly() {
     let mut second = pipeline.to_vec();
     second.extend(["--resume", &from]);
     train(&model, &data, &resumed, &second);
-    assert_eq!(&losses(&whole)[2..], &losses(&resumed)[..]);
+    assert_eq!(
+        &metric(&whole, "train_loss")[2..],
+        &metric(&resumed, "train_loss")[..]
+    );
     // A pipeline checkpoint resumes on one device too: its state is found by name in both
     // stages' files (the same micro-batches, so the same losses up to summation order).
     let single = tmp.path().join("single");
@@ -273,7 +266,10 @@ fn a_pipeline_checkpoint_resumes_exactly() {
             &from,
         ],
     );
-    for ((s, a), (t, b)) in losses(&single).iter().zip(&losses(&whole)[2..]) {
+    for ((s, a), (t, b)) in metric(&single, "train_loss")
+        .iter()
+        .zip(&metric(&whole, "train_loss")[2..])
+    {
         assert_eq!(s, t);
         assert!((a - b).abs() <= 1e-5 * b.abs(), "step {s}: {a} vs {b}");
     }
@@ -291,16 +287,6 @@ fn a_pipeline_checkpoint_resumes_exactly() {
             "{file}"
         );
     }
-}
-
-/// `(step, validation loss)` in `OUT/metrics.jsonl`.
-fn val_losses(out: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("val_loss")?.as_f64()?)))
-        .collect()
 }
 
 #[test]
@@ -322,7 +308,7 @@ fn pipeline_validation_matches_single_device_and_stops_early() {
     let mut args = validation.to_vec();
     args.extend(["--stages", "2", "--microbatches", "2"]);
     train(&model, &data, &piped, &args);
-    let (want, got) = (val_losses(&single), val_losses(&piped));
+    let (want, got) = (metric(&single, "val_loss"), metric(&piped, "val_loss"));
     assert_eq!(want.len(), 4, "{want:?}");
     assert_eq!(got.len(), want.len());
     for ((s, a), (t, b)) in got.iter().zip(&want) {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cli::{assert_clean_error, copy_model, pp, stdout};
+use common::cli::{assert_clean_error, copy_model, metric, pp, stdout};
 use common::fixture;
 use serde_json::Value;
 
@@ -50,16 +50,6 @@ fn train(out: &Path, extra: &[&str]) -> std::process::Output {
     pp(&refs)
 }
 
-/// `(step, loss)` of every training step in `OUT/metrics.jsonl`.
-fn train_losses(out: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("train_loss")?.as_f64()?)))
-        .collect()
-}
-
 fn stage_bytes(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("stage-000.bin")).unwrap()
 }
@@ -78,7 +68,7 @@ fn resuming_a_checkpoint_continues_exactly() {
 
     let from = checkpoint.display().to_string();
     stdout(&train(&resumed, &["--steps", "6", "--resume", &from]));
-    let (all, after) = (train_losses(&whole), train_losses(&resumed));
+    let (all, after) = (metric(&whole, "train_loss"), metric(&resumed, "train_loss"));
     assert_eq!(after.iter().map(|s| s.0).collect::<Vec<_>>(), vec![4, 5, 6]);
     assert_eq!(
         &all[3..],
@@ -126,7 +116,7 @@ fn keep_removes_older_checkpoints_and_resume_picks_the_newest() {
         ],
     );
     assert!(stdout(&more).contains("trained 6 steps"));
-    assert_eq!(train_losses(&out).last().unwrap().0, 6);
+    assert_eq!(metric(&out, "train_loss").last().unwrap().0, 6);
     assert!(!partial.exists());
 }
 
@@ -144,7 +134,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits() {
         .unwrap();
     let started = Instant::now();
     while !out.join("metrics.jsonl").exists()
-        || train_losses(&out).len() < 2 && started.elapsed() < Duration::from_secs(60)
+        || metric(&out, "train_loss").len() < 2 && started.elapsed() < Duration::from_secs(60)
     {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -154,7 +144,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits() {
     assert_eq!(output.status.code(), Some(130));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("continue with --resume"), "{stderr}");
-    let saved = train_losses(&out).last().unwrap().0;
+    let saved = metric(&out, "train_loss").last().unwrap().0;
     assert!(out
         .join(format!("checkpoints/step-{saved}/trainer.json"))
         .is_file());
@@ -215,7 +205,7 @@ fn metrics_are_written_as_jsonl_and_tensorboard_events() {
         .filter(|(_, tag, _)| tag == "train/loss")
         .map(|(step, _, v)| (*step, *v))
         .collect();
-    let jsonl = train_losses(&out);
+    let jsonl = metric(&out, "train_loss");
     assert_eq!(losses.len(), 4);
     for ((step, loss), (jstep, jloss)) in losses.iter().zip(&jsonl) {
         assert_eq!(*step as u64, *jstep);
@@ -526,7 +516,10 @@ fn a_two_stage_tied_checkpoint_resumes_with_state_split_by_stage() {
             .is_file());
     }
     run(&resumed, &["--resume", &checkpoint.display().to_string()]);
-    assert_eq!(&train_losses(&whole)[2..], &train_losses(&resumed)[..]);
+    assert_eq!(
+        &metric(&whole, "train_loss")[2..],
+        &metric(&resumed, "train_loss")[..]
+    );
     for stage in ["000", "001"] {
         let file = format!("final/stage-{stage}.bin");
         assert_eq!(

@@ -7,8 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pp::backend::Cpu;
 use pp::model::loss::IGNORE_INDEX;
 use pp::model::StageModel;
-use pp::tokenizer::{Tokenizer, TOKENIZER_FILE};
-use pp_stages::StageSlice;
+use pp::tokenizer::Tokenizer;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -42,23 +41,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if max_len < 2 {
         bail!("--max-len must be at least 2 (a token and the one it predicts)");
     }
-    // Pre-tokenized datasets need no tokenizer; text rows report its absence.
-    let tokenizer = if args.model.join(TOKENIZER_FILE).exists() {
-        Some(Tokenizer::load(&args.model)?)
-    } else {
-        None
-    };
+    let tokenizer = Tokenizer::load_if_present(&args.model)?;
     let examples = pp::data::read_jsonl(
         &args.data,
         &pp::data::RowOptions::plain(tokenizer.as_ref(), cfg.vocab_size),
     )?;
     let device = Default::default();
-    let model = StageModel::<Cpu>::load(
-        cfg,
-        StageSlice::whole(cfg.num_layers),
-        files.weights.as_ref(),
-        &device,
-    )?;
+    let model = StageModel::<Cpu>::load_whole(cfg, files.weights.as_ref(), &device)?;
 
     let total: usize = examples
         .iter()

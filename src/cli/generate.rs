@@ -8,7 +8,6 @@ use pp::backend::Cpu;
 use pp::generate::{generate, GenerationOptions};
 use pp::model::StageModel;
 use pp::tokenizer::{Message, Tokenizer};
-use pp_stages::StageSlice;
 use serde_json::Value;
 
 #[derive(Debug, clap::Args)]
@@ -35,12 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = &files.info.config;
     let tokenizer = Tokenizer::load(&args.model)?;
     let device = Default::default();
-    let model = StageModel::<Cpu>::load(
-        cfg,
-        StageSlice::whole(cfg.num_layers),
-        files.weights.as_ref(),
-        &device,
-    )?;
+    let model = StageModel::<Cpu>::load_whole(cfg, files.weights.as_ref(), &device)?;
     let mut stop_tokens = cfg.eos_token_ids.clone();
     stop_tokens.extend(tokenizer.eos_id());
     let options = GenerationOptions {

@@ -91,6 +91,15 @@ impl<B: Backend> StageModel<B> {
         })
     }
 
+    /// Loads the whole model (the slice that owns every part).
+    pub fn load_whole(
+        config: &ModelConfig,
+        source: &dyn WeightSource,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Self::load(config, StageSlice::whole(config.num_layers), source, device)
+    }
+
     /// The parts this stage owns.
     pub fn slice(&self) -> &StageSlice {
         &self.slice

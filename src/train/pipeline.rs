@@ -312,8 +312,7 @@ impl<B: AutodiffBackend> RankWorker<B> {
             stage: stage as u32,
             kind: Kind::TiedGradient,
         };
-        self.transport
-            .send(peer, matrix_message(tag, own.clone()))?;
+        self.transport.send(peer, to_message(tag, own.clone()))?;
         let peer_tag = Tag {
             stage: (if stage == 0 { last } else { 0 }) as u32,
             ..tag
@@ -475,25 +474,14 @@ fn tag(step: u64, microbatch: usize, stage: usize, transfer: Transfer) -> Tag {
     }
 }
 
-fn to_message<B: Backend>(tag: Tag, tensor: Tensor<B, 3>) -> TensorMessage {
+fn to_message<B: Backend, const D: usize>(tag: Tag, tensor: Tensor<B, D>) -> TensorMessage {
     TensorMessage {
         tag,
         shape: tensor.dims().to_vec(),
         values: tensor
             .into_data()
             .to_vec::<f32>()
-            .expect("float32 activations"),
-    }
-}
-
-fn matrix_message<B: Backend>(tag: Tag, tensor: Tensor<B, 2>) -> TensorMessage {
-    TensorMessage {
-        tag,
-        shape: tensor.dims().to_vec(),
-        values: tensor
-            .into_data()
-            .to_vec::<f32>()
-            .expect("float32 gradients"),
+            .expect("float32 activations and gradients"),
     }
 }
 

@@ -80,6 +80,17 @@ enum Saved<B: AutodiffBackend> {
     Host(TensorData),
 }
 
+impl<B: AutodiffBackend> Saved<B> {
+    /// The part's input, back on the device: for the entries that keep inputs, not graphs.
+    fn into_input(self, device: &B::Device) -> Activation<B::InnerBackend> {
+        match self {
+            Saved::Input(activation) => activation,
+            Saved::Host(data) => Activation::Hidden(Tensor::from_data(data, device)),
+            Saved::Graph { .. } => unreachable!("a kept graph is not recomputed"),
+        }
+    }
+}
+
 /// One micro-batch in flight: what its parts need again in backward.
 struct InFlight<B: AutodiffBackend> {
     attention: AttentionInputs<B::InnerBackend>,
@@ -148,6 +159,16 @@ enum Upstream<B: Backend> {
     Gradient(Tensor<B, 3>),
     /// Its loss, scaled.
     Loss(f64),
+}
+
+impl<B: Backend> Upstream<B> {
+    /// The gradient that came down from the part above, or, for the head, the loss scale.
+    fn new(grad: Option<Tensor<B, 3>>, loss_scale: f64) -> Self {
+        match grad {
+            Some(g) => Upstream::Gradient(g),
+            None => Upstream::Loss(loss_scale),
+        }
+    }
 }
 
 impl<B: AutodiffBackend> StageRunner<B> {
@@ -344,16 +365,12 @@ impl<B: AutodiffBackend> StageRunner<B> {
             let part = self.parts[index];
             let (input, output) = match saved.pop().expect("one saved entry per part") {
                 Saved::Graph { input, output } => (input, output),
-                Saved::Input(activation) => self.recompute(part, activation, &attention, &targets),
-                Saved::Host(data) => {
-                    let hidden = Tensor::from_data(data, &self.device);
-                    self.recompute(part, Activation::Hidden(hidden), &attention, &targets)
+                kept => {
+                    let activation = kept.into_input(&self.device);
+                    self.recompute(part, activation, &attention, &targets)
                 }
             };
-            let upstream = match grad.take() {
-                Some(g) => Upstream::Gradient(g),
-                None => Upstream::Loss(loss_scale),
-            };
+            let upstream = Upstream::new(grad.take(), loss_scale);
             let mut grads = seed(output, &upstream);
             grad = input.and_then(|leaf| leaf.grad(&grads));
             let mut collector = GradCollector {
@@ -396,15 +413,11 @@ impl<B: AutodiffBackend> StageRunner<B> {
         let mut parts = Vec::with_capacity(self.parts.len());
         for index in (0..self.parts.len()).rev() {
             let part = self.parts[index];
-            let input = match saved.pop().expect("one saved entry per part") {
-                Saved::Input(activation) => activation,
-                Saved::Host(data) => Activation::Hidden(Tensor::from_data(data, &self.device)),
-                Saved::Graph { .. } => unreachable!("split backward saves inputs"),
-            };
-            let upstream = match grad.take() {
-                Some(g) => Upstream::Gradient(g),
-                None => Upstream::Loss(loss_scale),
-            };
+            let input = saved
+                .pop()
+                .expect("one saved entry per part")
+                .into_input(&self.device);
+            let upstream = Upstream::new(grad.take(), loss_scale);
             if let Activation::Hidden(_) = input {
                 let leaf = lift(&input);
                 let output = run_part(&frozen, part, &leaf, &attention.to_autodiff(), &targets);

@@ -23,7 +23,7 @@ use crate::data::{
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, StageModel};
-use crate::tokenizer::{Tokenizer, TOKENIZER_FILE};
+use crate::tokenizer::Tokenizer;
 
 /// Where validation data comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -554,12 +554,7 @@ pub(super) fn set_up(options: &TrainOptions) -> Result<RunSetup> {
     let info = crate::checkpoint::describe(&options.model_dir)?;
     let mut config = info.config.clone();
     config.dtype = options.dtype;
-    let tokenizer = options
-        .model_dir
-        .join(TOKENIZER_FILE)
-        .exists()
-        .then(|| Tokenizer::load(&options.model_dir))
-        .transpose()?;
+    let tokenizer = Tokenizer::load_if_present(&options.model_dir)?;
     let (train_set, val_set) = load_data(options, &config, tokenizer.as_ref())?;
     let total_steps = match options.length {
         Length::Steps(n) => n,

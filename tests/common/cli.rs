@@ -51,3 +51,14 @@ pub fn copy_model(name: &str) -> (tempfile::TempDir, PathBuf) {
     }
     (tmp, dir)
 }
+
+/// `(step, value)` of every record of `key` (`train_loss`, `val_loss`, …) in a training run's
+/// `OUT/metrics.jsonl`.
+pub fn metric(out: &std::path::Path, key: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get(key)?.as_f64()?)))
+        .collect()
+}
