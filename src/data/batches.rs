@@ -1,6 +1,7 @@
 //! Examples to training sequences (truncated or refused at `--max-len`, optionally packed), the
 //! seeded order they are visited in, and micro-batches ready for the model.
 
+use std::cell::RefCell;
 use std::path::Path;
 
 use super::{dataset_error, Example};
@@ -45,6 +46,16 @@ impl Sequence {
 #[derive(Debug, Clone)]
 pub struct SequenceSet {
     sequences: Vec<Sequence>,
+    /// The order of the epoch last asked for: drawn once per epoch, not once per step.
+    order: RefCell<Option<EpochOrder>>,
+}
+
+/// The visiting order of one epoch.
+#[derive(Debug, Clone)]
+struct EpochOrder {
+    epoch: u64,
+    seed: Option<u64>,
+    order: Vec<usize>,
 }
 
 impl SequenceSet {
@@ -99,7 +110,10 @@ impl SequenceSet {
         } else {
             rows
         };
-        Ok(Self { sequences })
+        Ok(Self {
+            sequences,
+            order: RefCell::new(None),
+        })
     }
 
     /// Number of sequences.
@@ -130,10 +144,22 @@ impl SequenceSet {
         let per_epoch = self.steps_per_epoch(batch_size);
         let epoch = step / per_epoch;
         let index = (step % per_epoch) as usize;
-        let mut order: Vec<usize> = (0..self.len()).collect();
-        if let Some(seed) = shuffle {
-            shuffle_in_place(&mut order, seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut cached = self.order.borrow_mut();
+        if cached
+            .as_ref()
+            .is_none_or(|c| c.epoch != epoch || c.seed != shuffle)
+        {
+            let mut order: Vec<usize> = (0..self.len()).collect();
+            if let Some(seed) = shuffle {
+                shuffle_in_place(&mut order, seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            }
+            *cached = Some(EpochOrder {
+                epoch,
+                seed: shuffle,
+                order,
+            });
         }
+        let order = &cached.as_ref().expect("set above").order;
         let start = index * batch_size;
         let end = (start + batch_size).min(self.len());
         (
