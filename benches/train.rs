@@ -10,13 +10,13 @@
 
 use std::time::Instant;
 
-use pp::backend::CpuAutodiff;
 use pp::checkpoint::OwnedWeights;
 use pp::data::{MicroBatch, Sequence};
+use pp::device::CpuAutodiff;
 use pp::dtype::DType;
 use pp::model::{ModelConfig, StageModel};
 use pp::train::optim::Optimizer;
-use pp::train::runtime::{MemorySavers, StageRunner};
+use pp::train::runtime::{MemorySavers, Precision, StageRunner};
 use pp_stages::StageSlice;
 
 fn main() {
@@ -65,7 +65,7 @@ fn main() {
         checkpoint_activations: checkpointing,
         ..Default::default()
     };
-    let mut runner = StageRunner::new(model, optimizer, savers, DType::F32, device);
+    let mut runner = StageRunner::new(model, optimizer, savers, Precision::F32, device);
     runner.set_lr(1e-4);
 
     // Random tokens, labels = inputs, as the PyTorch script trains.

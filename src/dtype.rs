@@ -35,6 +35,15 @@ impl DType {
         }
     }
 
+    /// The same dtype as Burn names it.
+    pub fn burn(self) -> burn::tensor::DType {
+        match self {
+            DType::F32 => burn::tensor::DType::F32,
+            DType::BF16 => burn::tensor::DType::BF16,
+            DType::F16 => burn::tensor::DType::F16,
+        }
+    }
+
     /// Parses the name transformers writes in `config.json`.
     pub fn from_torch_name(name: &str) -> Option<Self> {
         match name {

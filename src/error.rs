@@ -54,6 +54,9 @@ pub enum Error {
     /// Training cannot go on (for example, the loss diverged).
     #[error("{0}")]
     Training(String),
+    /// The device asked for is not usable here (no driver, index out of range, not built in).
+    #[error("{0}")]
+    Device(String),
     /// The user pressed Ctrl-C; the operation stopped and cleaned up.
     #[error("interrupted")]
     Interrupted,

@@ -4,10 +4,10 @@
 //! and chat templates ([`tokenizer`]), datasets ([`data`]) and the commands built on them.
 //! The `pp` binary is a thin command-line layer over it.
 
-pub mod backend;
 pub mod checkpoint;
 pub mod convert;
 pub mod data;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod eval;

@@ -130,7 +130,7 @@ fn tied_embedding_is_held_by_first_and_last_stage() {
     let checkpoint = NativeCheckpoint::open(&native).unwrap();
     let weights = checkpoint.weights(&[2]).unwrap();
     let slice = checkpoint.partition().stages()[2].clone();
-    pp::model::StageModel::<pp::backend::Cpu>::load(
+    pp::model::StageModel::<pp::device::Cpu>::load(
         checkpoint.config(),
         slice,
         &weights,
@@ -153,7 +153,7 @@ fn a_stage_maps_only_its_own_file() {
         head: false,
     };
     assert_eq!(checkpoint.partition().stages()[1], slice);
-    pp::model::StageModel::<pp::backend::Cpu>::load(
+    pp::model::StageModel::<pp::device::Cpu>::load(
         checkpoint.config(),
         slice,
         &weights,
@@ -442,15 +442,17 @@ fn self_check_catches_a_changed_weight() {
         },
         weights: Box::new(changed),
     };
-    let error = pp::convert::verify(&source, &converted, None)
-        .unwrap_err()
-        .to_string();
+    let error =
+        pp::convert::verify::<pp::device::Cpu>(&source, &converted, None, &Default::default())
+            .unwrap_err()
+            .to_string();
     assert!(
         error.contains("self-check failed") && error.contains("layer 2"),
         "{error}"
     );
     let same = checkpoint::open(&hf("llama3-tiny")).unwrap();
-    let report = pp::convert::verify(&source, &same, None).unwrap();
+    let report =
+        pp::convert::verify::<pp::device::Cpu>(&source, &same, None, &Default::default()).unwrap();
     assert_eq!(report.max_abs_diff, 0.0);
     assert_eq!(report.parts, 6);
 }

@@ -13,15 +13,15 @@ use std::time::Duration;
 use common::pipeline::{fixture_model, ReferenceBatch};
 use common::training::{param_values, relative_l2};
 use common::FIXTURES;
-use pp::backend::CpuAutodiff;
 use pp::checkpoint::{OwnedWeights, WeightSource};
 use pp::data::{MicroBatch, Sequence};
+use pp::device::CpuAutodiff;
 use pp::dtype::DType;
 use pp::model::{ModelConfig, StageModel};
 use pp::plan::{part_costs, Balance};
 use pp::train::optim::Optimizer;
 use pp::train::pipeline::RankWorker;
-use pp::train::runtime::{MemorySavers, StageOutput, StageRunner};
+use pp::train::runtime::{MemorySavers, Precision, StageOutput, StageRunner};
 use pp_stages::{Partition, Schedule, ScheduleKind, StageSlice};
 use pp_transport::InProcessHub;
 
@@ -107,7 +107,7 @@ fn single_device(name: &str, batches: &[MicroBatch]) -> (Vec<f64>, HashMap<Strin
         whole_model,
         adamw(),
         MemorySavers::default(),
-        DType::F32,
+        Precision::F32,
         device,
     );
     let tokens = scored(batches);
@@ -161,7 +161,7 @@ fn pipelined(
                         stage_model,
                         adamw(),
                         MemorySavers::default(),
-                        DType::F32,
+                        Precision::F32,
                         device,
                     );
                     let runner = if kind.splits_backward() {

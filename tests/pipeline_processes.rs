@@ -116,6 +116,37 @@ fn every_schedule_over_quic_equals_single_device_training() {
     }
 }
 
+/// A wgpu stage beside a CPU stage: activations and gradients cross as host tensors, and the
+/// pipeline trains the weights one CPU device trains (within wgpu's 1e-4).
+#[cfg(feature = "wgpu")]
+#[test]
+fn a_wgpu_stage_and_a_cpu_stage_train_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let model = fixture("llama3-tiny").join("hf").display().to_string();
+    let single = tmp.path().join("single");
+    let cpu = ["--device", "cpu", "--micro-batch-size", "3"];
+    train(&model, &data, &single, &cpu);
+    let mixed = tmp.path().join("mixed");
+    let pipeline = ["--stages", "2", "--schedule", "1f1b", "--microbatches", "2"];
+    train(
+        &model,
+        &data,
+        &mixed,
+        &[&pipeline[..], &["--devices", "wgpu,cpu"]].concat(),
+    );
+    let (want, got) = (
+        weights(&single.join("final")),
+        weights(&mixed.join("final")),
+    );
+    assert_eq!(got.len(), want.len());
+    for ((n, g), (m, w)) in got.iter().zip(&want) {
+        assert_eq!(n, m);
+        let relative = relative_l2(g, w);
+        assert!(relative <= 1e-4, "{n} off by {relative:e}");
+    }
+}
+
 /// The worker processes the launcher `pid` started.
 fn children(pid: u32) -> Vec<u32> {
     let path = format!("/proc/{pid}/task/{pid}/children");

@@ -18,7 +18,7 @@ fn slice(embedding: bool, layers: std::ops::Range<usize>, head: bool) -> StageSl
 
 fn check(name: &str, slices: &[StageSlice]) {
     let expected = Expected::load(name);
-    let run = run_pipeline(name, slices);
+    let run = run_pipeline(name, slices, pp::device::DeviceSpec::Cpu);
     let err = max_abs_diff(&run.logits, &expected.f32("logits").values);
     assert!(err < 1e-4, "{name} {slices:?}: logits off by {err}");
     let expected_count = expected

@@ -54,11 +54,21 @@ fn stage_bytes(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("stage-000.bin")).unwrap()
 }
 
-#[test]
-fn resuming_a_checkpoint_continues_exactly() {
+crate::on_devices! {
+    resuming_a_checkpoint_continues_exactly => resumes_exactly;
+}
+
+/// Six steps in one run equal three steps, a checkpoint, and three more after resuming it:
+/// the same losses and byte-identical final weights.
+fn resumes_exactly(device: pp::device::DeviceSpec) {
+    let device = device.to_string();
+    let on_device = ["--device", device.as_str()];
     let tmp = tempfile::tempdir().unwrap();
     let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
-    stdout(&train(&whole, &["--steps", "6", "--save-every", "3"]));
+    stdout(&train(
+        &whole,
+        &[&on_device[..], &["--steps", "6", "--save-every", "3"]].concat(),
+    ));
     let checkpoint = whole.join("checkpoints/step-3");
     assert!(checkpoint.join("optimizer-000.safetensors").is_file());
     let state: Value =
@@ -67,7 +77,10 @@ fn resuming_a_checkpoint_continues_exactly() {
     assert_eq!(state["step"], 3);
 
     let from = checkpoint.display().to_string();
-    stdout(&train(&resumed, &["--steps", "6", "--resume", &from]));
+    stdout(&train(
+        &resumed,
+        &[&on_device[..], &["--steps", "6", "--resume", &from]].concat(),
+    ));
     let (all, after) = (metric(&whole, "train_loss"), metric(&resumed, "train_loss"));
     assert_eq!(after.iter().map(|s| s.0).collect::<Vec<_>>(), vec![4, 5, 6]);
     assert_eq!(
@@ -82,8 +95,24 @@ fn resuming_a_checkpoint_continues_exactly() {
         "identical final weights"
     );
     // The checkpoint is a model every command reads.
-    let eval = pp(&["eval", &from, "--data", &chat_data(), "--json"]);
+    let eval = pp(&[
+        "eval",
+        &from,
+        "--data",
+        &chat_data(),
+        "--json",
+        "--device",
+        &device,
+    ]);
     assert!(stdout(&eval).contains("\"loss\""));
+    // A GPU backend reports the allocator's peak every step; the CPU does not.
+    let peaks = metric(&whole, "train_device_memory_peak");
+    if device == "cpu" {
+        assert!(peaks.is_empty(), "{peaks:?}");
+    } else {
+        assert_eq!(peaks.len(), 6);
+        assert!(peaks.iter().all(|&(_, bytes)| bytes > 0.0), "{peaks:?}");
+    }
 }
 
 #[test]
@@ -257,24 +286,61 @@ fn early_stopping_ends_a_run_that_stopped_improving() {
 #[test]
 fn bf16_training_writes_bf16_weights() {
     let tmp = tempfile::tempdir().unwrap();
+    let manifest = |dir: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap()
+    };
+    let bf16 = ["--dtype", "bf16", "--pack", "--max-len", "128"];
+    // Float32 master weights (the default): checkpoints keep them, the final model is bf16.
     let out = tmp.path().join("run");
+    let steps = ["--steps", "2", "--save-every", "1"];
+    stdout(&train(&out, &[&bf16[..], &steps].concat()));
+    let final_manifest = manifest(&out.join("final"));
+    assert_eq!(final_manifest["dtype"], "bf16");
+    assert_eq!(final_manifest["config"]["dtype"], "bfloat16");
+    assert_eq!(manifest(&out.join("checkpoints/step-1"))["dtype"], "f32");
+    // Resuming from float32 masters continues exactly.
+    let resumed = tmp.path().join("resumed");
+    let from = out.join("checkpoints/step-1").display().to_string();
     stdout(&train(
-        &out,
-        &[
-            "--steps",
-            "2",
-            "--dtype",
-            "bf16",
-            "--pack",
-            "--max-len",
-            "128",
-        ],
+        &resumed,
+        &[&bf16[..], &["--steps", "2", "--resume", &from]].concat(),
     ));
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("final/manifest.json")).unwrap())
-            .unwrap();
-    assert_eq!(manifest["dtype"], "bf16");
-    assert_eq!(manifest["config"]["dtype"], "bfloat16");
+    assert_eq!(
+        metric(&out, "train_loss")[1..],
+        metric(&resumed, "train_loss")[..]
+    );
+    assert_eq!(
+        stage_bytes(&out.join("final")),
+        stage_bytes(&resumed.join("final"))
+    );
+    // bf16 master weights: every update rounded, checkpoints in bf16; a different master
+    // dtype cannot resume the float32 run.
+    let rounded = tmp.path().join("rounded");
+    let master = ["--master-weights", "bf16"];
+    stdout(&train(&rounded, &[&bf16[..], &steps, &master].concat()));
+    assert_eq!(
+        manifest(&rounded.join("checkpoints/step-1"))["dtype"],
+        "bf16"
+    );
+    assert_ne!(
+        stage_bytes(&out.join("final")),
+        stage_bytes(&rounded.join("final")),
+        "rounding every update trains other weights"
+    );
+    let refused = train(
+        &tmp.path().join("refused"),
+        &[&bf16[..], &["--steps", "2", "--resume", &from], &master].concat(),
+    );
+    assert_clean_error(&refused, &["master weights were f32"]);
+    // Master weights in a third dtype are refused.
+    let odd = train(
+        &tmp.path().join("odd"),
+        &[&bf16[..], &["--master-weights", "f16"]].concat(),
+    );
+    assert_clean_error(
+        &odd,
+        &["--master-weights must be f32 or the training dtype"],
+    );
 }
 
 fn write_data(dir: &Path, name: &str, bytes: &[u8]) -> String {

@@ -49,6 +49,9 @@ pub struct Args {
     /// Skip the self-check that runs source and result on a probe input.
     #[arg(long)]
     no_verify: bool,
+    /// Where the self-check computes.
+    #[command(flatten)]
+    device: super::DeviceFlag,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -76,7 +79,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         target,
         dtype: args.dtype,
         force: args.force,
-        verify: !args.no_verify,
+        verify: if args.no_verify {
+            None
+        } else {
+            Some(args.device.resolve()?)
+        },
     };
     let progress = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes}  {bytes_per_sec}  eta {eta}")

@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
+use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
-use pp::backend::Cpu;
 use pp::model::loss::IGNORE_INDEX;
 use pp::model::StageModel;
 use pp::tokenizer::Tokenizer;
@@ -27,12 +27,23 @@ pub struct Args {
     /// Print one JSON object on one line of stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: super::DeviceFlag,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    let device = args.device.resolve()?;
+    pp::with_backend!(device, |B, dev| evaluate_on::<B>(&args, &device, &dev))
+}
+
+fn evaluate_on<B: Backend>(
+    args: &Args,
+    target: &pp::device::Device,
+    device: &B::Device,
+) -> anyhow::Result<()> {
     let files = pp::checkpoint::open(&args.model)?;
     let cfg = &files.info.config;
     let max_len = args
@@ -46,8 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &args.data,
         &pp::data::RowOptions::plain(tokenizer.as_ref(), cfg.vocab_size),
     )?;
-    let device = Default::default();
-    let model = StageModel::<Cpu>::load_whole(cfg, files.weights.as_ref(), &device)?;
+    let model = StageModel::<B>::load_whole(cfg, files.weights.as_ref(), device)?;
 
     let total: usize = examples
         .iter()
@@ -59,6 +69,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .count()
         })
         .sum();
+    if total == 0 {
+        bail!(
+            "{}: no token has a label to score (every label is -100)",
+            args.data.display()
+        );
+    }
+    super::announce(target);
     let progress = ProgressBar::new(total as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} tokens  {per_sec}  eta {eta}")
             .expect("valid progress template"),
@@ -70,16 +87,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_len,
         args.batch_size,
         pad_id,
-        &device,
+        device,
         |n| progress.inc(n as u64),
     );
     progress.finish_and_clear();
-    let Some(result) = result else {
-        bail!(
-            "{}: no token has a label to score (every label is -100)",
-            args.data.display()
-        );
-    };
+    let result = result.context("no token was scored")?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use pp::backend::Cpu;
+use burn::tensor::backend::Backend;
 use pp::generate::{generate, GenerationOptions};
 use pp::model::StageModel;
 use pp::tokenizer::{Message, Tokenizer};
@@ -27,14 +27,25 @@ pub struct Args {
     /// Also stop at this text (repeatable), e.g. a chat template's end-of-turn marker.
     #[arg(long)]
     stop: Vec<String>,
+    #[command(flatten)]
+    device: super::DeviceFlag,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = args.device.resolve()?;
+    pp::with_backend!(device, |B, dev| generate_on::<B>(&args, &device, &dev))
+}
+
+fn generate_on<B: Backend>(
+    args: &Args,
+    target: &pp::device::Device,
+    device: &B::Device,
+) -> anyhow::Result<()> {
     let files = pp::checkpoint::open(&args.model)?;
     let cfg = &files.info.config;
     let tokenizer = Tokenizer::load(&args.model)?;
-    let device = Default::default();
-    let model = StageModel::<Cpu>::load_whole(cfg, files.weights.as_ref(), &device)?;
+    let model = StageModel::<B>::load_whole(cfg, files.weights.as_ref(), device)?;
+    super::announce(target);
     let mut stop_tokens = cfg.eos_token_ids.clone();
     stop_tokens.extend(tokenizer.eos_id());
     let options = GenerationOptions {
@@ -44,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if let Some(prompt) = &args.prompt {
         let ids = tokenizer.encode(prompt, true)?;
-        println!("{}", generate(&model, &tokenizer, &ids, &options, &device)?);
+        println!("{}", generate(&model, &tokenizer, &ids, &options, device)?);
         return Ok(());
     }
     let path = args
@@ -78,7 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 path.display()
             );
         };
-        let completion = generate(&model, &tokenizer, &ids, &options, &device)?;
+        let completion = generate(&model, &tokenizer, &ids, &options, device)?;
         let record = serde_json::json!({"line": line_no, "completion": completion});
         writeln!(out, "{record}")?;
     }

@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use pp::backend::CpuAutodiff;
+use burn::backend::Autodiff;
+use pp::device::{Device, DeviceSpec};
 use pp::train::worker::{train_rank, PipelineOptions};
 use pp::train::{Observer, StepReport, TrainOptions, TrainReport};
 use pp_stages::ScheduleKind;
@@ -41,6 +42,11 @@ pub struct PipelineFlags {
     /// Stage slices per worker for interleaved.
     #[arg(long = "virtual", default_value_t = 2)]
     virtual_stages: usize,
+    /// Each worker's device, by rank (cuda:0,cuda:1), or one for all; kinds may differ
+    /// (a wgpu stage beside a cpu stage) since activations cross as host tensors
+    /// [default: --device; with auto, worker R takes CUDA device R mod the count].
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<DeviceSpec>,
     /// Internal: this process is the worker of this rank.
     #[arg(long, hide = true, requires = "worker_addresses")]
     pub(super) worker_rank: Option<usize>,
@@ -50,6 +56,28 @@ pub struct PipelineFlags {
 }
 
 impl PipelineFlags {
+    /// The device this process computes on: its worker's entry of `--devices`, else `device`
+    /// (`--device`), spread over the CUDA devices by rank when it is `auto`.
+    pub fn device_spec(&self, device: DeviceSpec) -> anyhow::Result<DeviceSpec> {
+        let ranks = self.stages.unwrap_or(1);
+        if self.devices.len() > 1 && self.devices.len() != ranks {
+            bail!(
+                "--devices lists {} devices for {ranks} workers: give one per worker, or one for all",
+                self.devices.len()
+            );
+        }
+        let rank = self.worker_rank.unwrap_or(0);
+        let spec = match self.devices.as_slice() {
+            [] => device,
+            [one] => *one,
+            many => many[rank],
+        };
+        Ok(match spec {
+            DeviceSpec::Auto => Device::auto_for_rank(rank),
+            other => other,
+        })
+    }
+
     /// The pipeline layout, when `--stages` asks for one.
     pub fn options(&self) -> anyhow::Result<Option<PipelineOptions>> {
         if self.stages == Some(0) {
@@ -178,14 +206,16 @@ pub fn run_worker(
     })?;
     let mut quiet = Quiet;
     let observer: &mut dyn Observer = if rank == 0 { progress } else { &mut quiet };
-    Ok(train_rank::<CpuAutodiff>(
-        options,
-        pipeline,
-        Box::new(transport),
-        &run_id,
-        Default::default(),
-        observer,
-    )?)
+    Ok(pp::with_backend!(options.device, |B, device| {
+        train_rank::<Autodiff<B>>(
+            options,
+            pipeline,
+            Box::new(transport),
+            &run_id,
+            device,
+            observer,
+        )
+    })?)
 }
 
 /// Workers other than rank 0 report nothing.

@@ -10,6 +10,7 @@ mod schedule;
 mod train;
 
 use clap::{Parser, Subcommand};
+use pp::device::{Device, DeviceSpec};
 
 /// Pipeline-parallel fine-tuning of Llama and Mistral models.
 #[derive(Debug, Parser)]
@@ -49,6 +50,27 @@ pub fn run() -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::Schedule(args) => schedule::run(args),
     }
+}
+
+/// `--device`, for the commands that compute.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceFlag {
+    /// Where to compute: auto (the first usable NVIDIA GPU, else the CPU), cpu, cuda[:N] or
+    /// wgpu[:N] (Vulkan, Metal or DirectX 12).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+}
+
+impl DeviceFlag {
+    /// The device, checked usable (an unusable one is a one-line error).
+    pub fn resolve(&self) -> anyhow::Result<Device> {
+        Ok(Device::resolve(self.device)?)
+    }
+}
+
+/// Says on stderr which device a command computes on.
+pub fn announce(device: &Device) {
+    eprintln!("device: {device}");
 }
 
 /// Logs go to stderr; `PP_LOG=debug` (or any `tracing` filter) shows more.

@@ -5,10 +5,11 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use burn::backend::Autodiff;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use indicatif::{ProgressBar, ProgressStyle};
-use pp::backend::CpuAutodiff;
 use pp::data::{LossOn, RowTemplate, SequenceOptions};
+use pp::device::Device;
 use pp::dtype::DType;
 use pp::train::optim::Optimizer;
 use pp::train::runtime::MemorySavers;
@@ -123,9 +124,18 @@ pub struct Args {
     /// Hold out this fraction of the training rows for validation.
     #[arg(long)]
     val_split: Option<f64>,
-    /// Dtype of the trained weights [default: the checkpoint's].
+    /// Dtype of the trained weights [default: the checkpoint's]. bf16 computes matmuls and
+    /// activations in bf16 on GPUs that have it (norm statistics, softmax, the loss and the
+    /// optimizer state stay float32); on the CPU it is emulated (bf16 weights, float32
+    /// arithmetic).
     #[arg(long)]
     dtype: Option<DType>,
+    /// Dtype the weights are kept in between steps: f32 (master weights; the model is cast
+    /// where it is used) or the --dtype itself (each update rounded to it, less memory).
+    #[arg(long, default_value = "f32")]
+    master_weights: DType,
+    #[command(flatten)]
+    device: super::DeviceFlag,
     /// Which tokens of prompt/completion and chat rows are scored.
     #[arg(long, value_enum, default_value_t = LossOn::Completion)]
     loss_on: LossOn,
@@ -230,8 +240,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(pipeline) => {
             super::launch::run_worker(&options, &pipeline, &args.pipeline, &mut observer)
         }
-        None => pp::train::train::<CpuAutodiff>(&options, Default::default(), &mut observer)
-            .map_err(anyhow::Error::from),
+        None => pp::with_backend!(options.device, |B, device| {
+            pp::train::train::<Autodiff<B>>(&options, device, &mut observer)
+        })
+        .map_err(anyhow::Error::from),
     };
     observer.bar.finish_and_clear();
     let report = report?;
@@ -329,6 +341,14 @@ fn options(args: &Args) -> anyhow::Result<TrainOptions> {
     let model_dir = require(&args.model, "MODEL_DIR")?;
     let info = pp::checkpoint::describe(&model_dir)?;
     let cfg = &info.config;
+    let dtype = args.dtype.unwrap_or(cfg.dtype);
+    if args.master_weights != DType::F32 && args.master_weights != dtype {
+        bail!(
+            "--master-weights must be f32 or the training dtype ({dtype}), not {}",
+            args.master_weights
+        );
+    }
+    let device = Device::resolve(args.pipeline.device_spec(args.device.device)?)?;
     let savers = args.savers.savers();
     let max_grad_norm = match args.max_grad_norm {
         Some(n) if n > 0.0 => Some(n),
@@ -361,7 +381,9 @@ fn options(args: &Args) -> anyhow::Result<TrainOptions> {
             pack: args.pack,
         },
         shuffle_seed: (!args.no_shuffle).then_some(args.seed),
-        dtype: args.dtype.unwrap_or(cfg.dtype),
+        dtype,
+        master_weights: args.master_weights,
+        device,
         optimizer: args.optimizer.optimizer(),
         schedule: LrSchedule {
             decay: args.lr_schedule,
@@ -418,8 +440,11 @@ impl Observer for Progress {
     }
 
     fn step(&mut self, report: &StepReport) {
+        let memory = report.device_memory_peak.map_or(String::new(), |bytes| {
+            format!("  peak {:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+        });
         self.bar.set_message(format!(
-            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s{memory}",
             report.loss, report.lr, report.tokens_per_s
         ));
         self.bar.set_position(report.step);

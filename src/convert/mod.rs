@@ -22,6 +22,7 @@ use crate::checkpoint::native::{
 use crate::checkpoint::{
     self, checksum, Format, ModelFiles, ModelInfo, TensorSink, TensorSpec, WeightSource,
 };
+use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::names::{Part, EMBED};
@@ -82,8 +83,8 @@ pub struct ConvertOptions {
     pub dtype: Option<DType>,
     /// Replace an existing output directory.
     pub force: bool,
-    /// Run the self-check before committing the output.
-    pub verify: bool,
+    /// Run the self-check on this device before committing the output.
+    pub verify: Option<Device>,
 }
 
 /// What a conversion did.
@@ -152,11 +153,17 @@ pub fn convert(
         }
     };
     progress.finish_and_clear();
-    let verify = if options.verify {
-        let converted = checkpoint::open(staging.path())?;
-        Some(verify(&source, &converted, options.dtype)?)
-    } else {
-        None
+    let verify = match &options.verify {
+        Some(device) => {
+            let converted = checkpoint::open(staging.path())?;
+            Some(crate::with_backend!(device, |B, dev| verify::<B>(
+                &source,
+                &converted,
+                options.dtype,
+                &dev
+            ))?)
+        }
+        None => None,
     };
     staging.commit()?;
     Ok(ConvertReport {

@@ -3,10 +3,10 @@
 //! One part of one model is in memory at a time, so checking a large model needs about one
 //! layer's memory in float32.
 
-use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor};
 use pp_stages::StageSlice;
 
-use crate::backend::Cpu;
 use crate::checkpoint::{ModelFiles, OwnedWeights, WeightSource};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -29,10 +29,11 @@ pub struct VerifyReport {
 
 /// Runs `source` and `converted` side by side. With `cast`, the source's weights are first
 /// rounded to that dtype, as the conversion did, so the comparison is exact either way.
-pub fn verify(
+pub fn verify<B: Backend>(
     source: &ModelFiles,
     converted: &ModelFiles,
     cast: Option<DType>,
+    device: &B::Device,
 ) -> Result<VerifyReport> {
     let fail = |message: String| Error::Checkpoint {
         path: converted.info.dir.clone(),
@@ -48,17 +49,15 @@ pub fn verify(
             "the converted config.json differs from the source's".into(),
         ));
     }
-    let device = Default::default();
     let ids: Vec<u32> = (0..PROBE_TOKENS)
         .map(|i| ((i * 7919 + 1) % cfg.vocab_size) as u32)
         .collect();
-    let inputs =
-        AttentionInputs::<Cpu>::new(cfg, &TokenLayout::contiguous(1, PROBE_TOKENS), &device);
+    let inputs = AttentionInputs::<B>::new(cfg, &TokenLayout::contiguous(1, PROBE_TOKENS), device);
     let parts = std::iter::once(Part::Embedding)
         .chain((0..cfg.num_layers).map(Part::Layer))
         .chain(std::iter::once(Part::Head));
     let source_names = source.weights.names();
-    let mut hidden: Option<Tensor<Cpu, 3>> = None;
+    let mut hidden: Option<Tensor<B, 3>> = None;
     let mut max_abs_diff = 0.0f32;
     let mut compared = 0;
     for part in parts {
@@ -83,12 +82,14 @@ pub fn verify(
         // One model in memory at a time: the source's part runs, is dropped, then the
         // converted part runs on the same input.
         let input = hidden.take();
-        let run = |weights: &dyn WeightSource| -> Result<Tensor<Cpu, 3>> {
-            let model = StageModel::<Cpu>::load(cfg, slice.clone(), weights, &device)?;
+        let run = |weights: &dyn WeightSource| -> Result<Tensor<B, 3>> {
+            let model = StageModel::<B>::load(cfg, slice.clone(), weights, device)?;
             Ok(match (part, input.clone()) {
-                (Part::Embedding, _) => model.embed(token_tensor(&ids, 1, PROBE_TOKENS, &device)),
+                (Part::Embedding, _) => {
+                    model.embed(token_tensor(&ids, 1, PROBE_TOKENS, device), &inputs)
+                }
                 (Part::Layer(_), Some(h)) => model.run_layers(h, &inputs),
-                (Part::Head, Some(h)) => model.logits(h),
+                (Part::Head, Some(h)) => model.logits(h, &inputs),
                 (_, None) => unreachable!("the embedding runs first"),
             })
         };
@@ -114,8 +115,8 @@ pub fn verify(
         // The configs are equal but for the dtype, checked above; the probe's rotary tables
         // (`inputs`) are the source's for both.
         let got = run(converted.weights.as_ref())?;
-        let scale: f32 = want.clone().abs().max().into_scalar();
-        let diff: f32 = (want.clone() - got).abs().max().into_scalar();
+        let scale: f32 = want.clone().abs().max().into_scalar().elem();
+        let diff: f32 = (want.clone() - got).abs().max().into_scalar().elem();
         // Identical weights through identical kernels give identical outputs; the slack only
         // absorbs summation-order noise a threaded kernel could introduce.
         let within = diff <= 1e-6 * scale.max(1.0);

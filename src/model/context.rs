@@ -2,9 +2,10 @@
 //! the attention mask. Built once per micro-batch from a [`TokenLayout`] and reused by all layers.
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Tensor, TensorData};
 
 use super::config::ModelConfig;
+use super::layers::in_dtype;
 use super::rope::RotaryEmbedding;
 
 /// Where each token of a `[batch, seq]` block sits: its position id and the document it belongs
@@ -41,18 +42,20 @@ impl TokenLayout {
     }
 }
 
-/// Rotary tables and mask for one block, on the device.
+/// Rotary tables and mask for one block, on the device, and the dtype the block computes in.
 #[derive(Debug, Clone)]
 pub struct AttentionInputs<B: Backend> {
-    /// `[batch, 1, seq, head_dim]`.
+    /// `[batch, 1, seq, head_dim]`, in the compute dtype.
     cos: Tensor<B, 4>,
-    /// `[batch, 1, seq, head_dim]`.
+    /// `[batch, 1, seq, head_dim]`, in the compute dtype.
     sin: Tensor<B, 4>,
     /// `[batch, 1, seq, seq]`, true where attention is not allowed.
     mask: Tensor<B, 4, Bool>,
+    /// Matmuls and activations run in this dtype: float32, or bfloat16 under mixed precision.
+    compute: DType,
 }
 
-/// Added in place of masked scores: far below any real score, yet finite in bf16.
+/// Put in place of masked scores (in float32): far below any real score, yet finite.
 const MASKED_SCORE: f32 = -1.0e9;
 
 impl<B: Backend> AttentionInputs<B> {
@@ -78,7 +81,24 @@ impl<B: Backend> AttentionInputs<B> {
             cos: table(cos),
             sin: table(sin),
             mask: Tensor::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device),
+            compute: DType::F32,
         }
+    }
+
+    /// The same block computed in `dtype` (mixed precision): the rotary tables, computed in
+    /// float32, are cast once, as transformers casts them to the activations' dtype.
+    pub fn computing_in(self, dtype: DType) -> Self {
+        Self {
+            cos: in_dtype(self.cos, dtype),
+            sin: in_dtype(self.sin, dtype),
+            mask: self.mask,
+            compute: dtype,
+        }
+    }
+
+    /// `x` in the block's compute dtype.
+    pub fn compute<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        in_dtype(x, self.compute)
     }
 
     /// The same tables on the autodiff backend over `B` (constants: nothing flows back to them).
@@ -87,6 +107,7 @@ impl<B: Backend> AttentionInputs<B> {
             cos: Tensor::from_inner(self.cos.clone()),
             sin: Tensor::from_inner(self.sin.clone()),
             mask: Tensor::from_inner(self.mask.clone()),
+            compute: self.compute,
         }
     }
 

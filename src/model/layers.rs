@@ -4,7 +4,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use super::config::ModelConfig;
 use super::context::AttentionInputs;
@@ -30,6 +30,16 @@ pub(crate) fn load_param<B: Backend, const D: usize>(
     Ok(param(read_f32(source, name, &shape)?, shape, device))
 }
 
+/// `t` in `dtype` (a no-op when it already is): how mixed precision moves between bfloat16
+/// compute and the float32 kept for weights, norms' statistics, softmax and the loss.
+pub fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(dtype)
+    }
+}
+
 /// A bias-free linear map with the weight in the checkpoint's `[out, in]` layout.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
@@ -50,12 +60,14 @@ impl<B: Backend> Linear<B> {
         })
     }
 
-    /// `[batch, seq, in] -> [batch, seq, out]`.
+    /// `[batch, seq, in] -> [batch, seq, out]`, in the dtype of `x`: under mixed precision the
+    /// float32 weight is cast to bf16 where it is used, and its gradient flows back in float32.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, inp] = x.dims();
         let [out, _] = self.weight.dims();
+        let weight = in_dtype(self.weight.val(), x.dtype());
         x.reshape([batch * seq, inp])
-            .matmul(self.weight.val().transpose())
+            .matmul(weight.transpose())
             .reshape([batch, seq, out])
     }
 }
@@ -82,10 +94,13 @@ impl<B: Backend> RmsNorm<B> {
         })
     }
 
-    /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
+    /// `[batch, seq, hidden] -> [batch, seq, hidden]`. The statistics are taken in float32
+    /// whatever the compute dtype, as transformers does; the result is in the dtype of `x`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dtype = x.dtype();
+        let x = in_dtype(x, DType::F32);
         let inv_rms = (x.clone().square().mean_dim(2) + self.eps).sqrt().recip();
-        (x * inv_rms) * self.weight.val().unsqueeze::<3>()
+        in_dtype(x * inv_rms, dtype) * in_dtype(self.weight.val(), dtype).unsqueeze::<3>()
     }
 }
 
@@ -154,7 +169,13 @@ impl<B: Backend> Attention<B> {
         };
         let (k, v) = (repeat_kv(k), repeat_kv(v));
         let scores = q.matmul(k.swap_dims(2, 3)) * (dim as f64).powf(-0.5);
-        let probs = softmax(inputs.mask_scores(scores), 3);
+        // Mask and softmax in float32 (the mask's fill value is finite there whatever the compute
+        // dtype), back to the compute dtype for the product with the values.
+        let dtype = scores.dtype();
+        let probs = in_dtype(
+            softmax(inputs.mask_scores(in_dtype(scores, DType::F32)), 3),
+            dtype,
+        );
         let out = probs
             .matmul(v)
             .swap_dims(1, 2)

@@ -3,7 +3,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 /// The label that marks a position without loss.
 pub const IGNORE_INDEX: i64 = -100;
@@ -47,7 +47,9 @@ pub fn cross_entropy_sum<B: Backend>(logits: Tensor<B, 3>, targets: &Targets) ->
     let [batch, seq, vocab] = logits.dims();
     let device = logits.device();
     let n = batch * seq;
-    let log_probs = log_softmax(logits.reshape([n, vocab]), 1);
+    // In float32 whatever the compute dtype, as transformers' loss upcasts the logits.
+    let logits = crate::model::layers::in_dtype(logits.reshape([n, vocab]), DType::F32);
+    let log_probs = log_softmax(logits, 1);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.ids.clone(), [n, 1]), &device);
     let weights = Tensor::<B, 1>::from_data(TensorData::new(targets.weights.clone(), [n]), &device);
     let picked = log_probs.gather(1, ids).reshape([n]);

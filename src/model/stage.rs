@@ -110,28 +110,33 @@ impl<B: Backend> StageModel<B> {
         &self.config
     }
 
-    /// Token ids `[batch, seq]` to embeddings `[batch, seq, hidden]`. Panics if the stage does
-    /// not own the embedding; callers check [`StageSlice::is_first`].
-    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    /// Token ids `[batch, seq]` to embeddings `[batch, seq, hidden]` in the compute dtype.
+    /// Panics if the stage does not own the embedding; callers check [`StageSlice::is_first`].
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
         let table = self
             .embed_tokens
             .as_ref()
             .expect("stage owns the embedding");
-        burn::tensor::module::embedding(table.weight.val(), input_ids)
+        inputs.compute(burn::tensor::module::embedding(
+            table.weight.val(),
+            input_ids,
+        ))
     }
 
-    /// Runs the stage's decoder layers on hidden states `[batch, seq, hidden]`.
+    /// Runs the stage's decoder layers on hidden states `[batch, seq, hidden]` (from the
+    /// previous stage in any dtype; computed in the block's).
     pub fn run_layers(&self, hidden: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
         self.layers
             .iter()
-            .fold(hidden, |h, layer| layer.forward(h, inputs))
+            .fold(inputs.compute(hidden), |h, layer| layer.forward(h, inputs))
     }
 
-    /// Final norm and output projection: `[batch, seq, hidden] -> [batch, seq, vocab]`.
-    /// Panics if the stage does not own the head; callers check [`StageSlice::is_last`].
-    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// Final norm and output projection: `[batch, seq, hidden] -> [batch, seq, vocab]`, in the
+    /// compute dtype (the loss takes them to float32). Panics if the stage does not own the
+    /// head; callers check [`StageSlice::is_last`].
+    pub fn logits(&self, hidden: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
         let norm = self.norm.as_ref().expect("stage owns the head");
-        let hidden = norm.forward(hidden);
+        let hidden = norm.forward(inputs.compute(hidden));
         match (&self.lm_head, &self.embed_tokens) {
             (Some(head), _) => head.forward(hidden),
             (None, Some(tied)) => Linear {
@@ -148,7 +153,10 @@ impl<B: Backend> StageModel<B> {
         input_ids: Tensor<B, 2, Int>,
         inputs: &AttentionInputs<B>,
     ) -> Tensor<B, 3> {
-        self.logits(self.run_layers(self.embed(input_ids), inputs))
+        self.logits(
+            self.run_layers(self.embed(input_ids, inputs), inputs),
+            inputs,
+        )
     }
 
     /// The parts this stage runs, in forward order (layers numbered as in the whole model).

@@ -37,6 +37,9 @@ pub struct TrainerState {
     pub optimizer: String,
     /// Dtype of the trained weights.
     pub dtype: DType,
+    /// Dtype of the master weights, which the checkpoint's weights are stored in.
+    #[serde(default = "float32")]
+    pub master_weights: DType,
     /// Rows per step: with the step, it fixes the position in the data.
     pub batch_size: usize,
     /// The data order's seed (`null` without shuffling). The order of each epoch is drawn
@@ -53,6 +56,11 @@ pub struct TrainerState {
     pub evals_without_improvement: u32,
     /// Scored tokens trained on so far.
     pub tokens_seen: u64,
+}
+
+/// Checkpoints written before `master_weights` was recorded kept float32 masters.
+fn float32() -> DType {
+    DType::F32
 }
 
 /// The directory of the checkpoint after `step` under `checkpoints`.

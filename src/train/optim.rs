@@ -240,12 +240,16 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Stepper<'_, B> {
     }
 }
 
-/// Rounds float32 values to `dtype` (round to nearest even), keeping them in float32.
+/// Rounds float32 values to `dtype` (round to nearest even), keeping them in float32: on the
+/// device where the backend has the dtype, else through the host.
 fn round_to<B: Backend>(t: Tensor<B, 2>, dtype: DType) -> Tensor<B, 2> {
     if dtype == DType::F32 {
         return t;
     }
     let device = t.device();
+    if B::supports_dtype(&device, dtype.burn()) {
+        return t.cast(dtype.burn()).cast(burn::tensor::DType::F32);
+    }
     let shape = t.dims();
     let values: Vec<f32> = t
         .into_data()
@@ -273,7 +277,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Rounder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Cpu;
+    use crate::device::Cpu;
 
     fn values(t: Tensor<Cpu, 2>) -> Vec<f32> {
         t.into_data().to_vec::<f32>().unwrap()

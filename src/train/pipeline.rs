@@ -16,6 +16,7 @@ use pp_transport::{Kind, Tag, TensorMessage, Transport, TransportError};
 use super::runtime::{StageOutput, StageRunner};
 use super::trainer::clip_scale;
 use crate::data::MicroBatch;
+use crate::model::layers::in_dtype;
 use crate::model::names::EMBED;
 
 /// What one rank reports after a step; the sums are over the whole pipeline.
@@ -478,7 +479,8 @@ fn to_message<B: Backend, const D: usize>(tag: Tag, tensor: Tensor<B, D>) -> Ten
     TensorMessage {
         tag,
         shape: tensor.dims().to_vec(),
-        values: tensor
+        // Float32 on the wire whatever the compute dtype.
+        values: in_dtype(tensor, burn::tensor::DType::F32)
             .into_data()
             .to_vec::<f32>()
             .expect("float32 activations and gradients"),

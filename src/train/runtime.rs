@@ -22,6 +22,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use super::optim::{Optimizer, OptimizerState, Stepper};
 use crate::data::MicroBatch;
 use crate::dtype::DType;
+use crate::model::layers::in_dtype;
 use crate::model::loss::{cross_entropy_sum, Targets};
 use crate::model::names::Part;
 use crate::model::{token_tensor, AttentionInputs, StageModel};
@@ -50,6 +51,25 @@ pub struct MemorySavers {
     pub offload_activations: bool,
     /// Step each part's parameters during backward and free their gradients at once.
     pub optimizer_in_backward: bool,
+}
+
+/// How a stage keeps and computes its numbers (`--dtype`, `--master-weights`, the device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    /// The weights between steps: float32, or the training dtype, each update rounded to it.
+    pub master: DType,
+    /// Matmuls and activations: bfloat16 when training in bf16 on a device that computes in
+    /// it, else float32. Norms' statistics, softmax, the loss, gradients of float32 weights
+    /// and the optimizer state stay float32 either way.
+    pub compute: DType,
+}
+
+impl Precision {
+    /// Float32 throughout.
+    pub const F32: Self = Self {
+        master: DType::F32,
+        compute: DType::F32,
+    };
 }
 
 /// Gradients accumulated per parameter name, each viewed as a `[rows, cols]` matrix.
@@ -129,8 +149,8 @@ pub struct StageRunner<B: AutodiffBackend> {
     stepped_sum_squares: f64,
     /// Learning rate for steps taken inside backward.
     lr: f64,
-    /// Parameters are rounded to this dtype after each step (bf16 training on f32 compute).
-    weight_dtype: DType,
+    /// Master-weight and compute dtypes.
+    precision: Precision,
     in_flight: HashMap<usize, InFlight<B>>,
     /// Zero-bubble schedules: backward runs as an input-gradient pass (I) and, later, a
     /// weight-gradient pass (W).
@@ -177,7 +197,7 @@ impl<B: AutodiffBackend> StageRunner<B> {
         model: StageModel<B>,
         optimizer: Optimizer,
         savers: MemorySavers,
-        weight_dtype: DType,
+        precision: Precision,
         device: B::Device,
     ) -> Self {
         let parts = model.parts();
@@ -212,7 +232,7 @@ impl<B: AutodiffBackend> StageRunner<B> {
             grads: GradStore::new(),
             stepped_sum_squares: 0.0,
             lr: 0.0,
-            weight_dtype,
+            precision,
             in_flight: HashMap::new(),
             split_backward: false,
             recompute_always: false,
@@ -261,6 +281,12 @@ impl<B: AutodiffBackend> StageRunner<B> {
         self.lr = lr;
     }
 
+    /// The rotary tables and mask of `batch`, in the compute dtype.
+    fn attention_inputs(&self, batch: &MicroBatch) -> AttentionInputs<B::InnerBackend> {
+        AttentionInputs::new(self.model.config(), &batch.layout, &self.device)
+            .computing_in(self.precision.compute.burn())
+    }
+
     fn inner_model(&mut self) -> &StageModel<B::InnerBackend> {
         self.inner.get_or_insert_with(|| self.model.valid())
     }
@@ -275,7 +301,7 @@ impl<B: AutodiffBackend> StageRunner<B> {
     ) -> StageOutput<B::InnerBackend> {
         let _turn = autodiff_turn();
         let [rows, seq] = [batch.layout.batch, batch.layout.seq];
-        let attention = AttentionInputs::new(self.model.config(), &batch.layout, &self.device);
+        let attention = self.attention_inputs(batch);
         let mut x = Some(match input {
             Some(hidden) => Activation::Hidden(hidden),
             None => Activation::Tokens(token_tensor(&batch.input_ids, rows, seq, &self.device)),
@@ -542,7 +568,7 @@ impl<B: AutodiffBackend> StageRunner<B> {
             names: &self.names,
             only,
             state: &mut self.state,
-            weight_dtype: self.weight_dtype,
+            weight_dtype: self.precision.master,
         };
         self.model.map_part(part, &mut stepper);
         self.inner = None;
@@ -556,7 +582,7 @@ impl<B: AutodiffBackend> StageRunner<B> {
         input: Option<Tensor<B::InnerBackend, 3>>,
     ) -> StageOutput<B::InnerBackend> {
         let [rows, seq] = [batch.layout.batch, batch.layout.seq];
-        let attention = AttentionInputs::new(self.model.config(), &batch.layout, &self.device);
+        let attention = self.attention_inputs(batch);
         let mut x = match input {
             Some(hidden) => Activation::Hidden(hidden),
             None => Activation::Tokens(token_tensor(&batch.input_ids, rows, seq, &self.device)),
@@ -595,14 +621,18 @@ fn run_part<BB: Backend>(
     };
     match part {
         Part::Embedding => match input {
-            Activation::Tokens(ids) => PartOutput::Hidden(model.embed(ids.clone())),
+            Activation::Tokens(ids) => PartOutput::Hidden(model.embed(ids.clone(), attention)),
             Activation::Hidden(_) => unreachable!("the embedding takes token ids"),
         },
         Part::Layer(i) => {
             let layer = &model.layers[i - model.slice().layers.start];
-            PartOutput::Hidden(layer.forward(hidden(input), attention))
+            // A previous stage's output arrives in float32 from the wire.
+            PartOutput::Hidden(layer.forward(attention.compute(hidden(input)), attention))
         }
-        Part::Head => PartOutput::Loss(cross_entropy_sum(model.logits(hidden(input)), targets)),
+        Part::Head => PartOutput::Loss(cross_entropy_sum(
+            model.logits(hidden(input), attention),
+            targets,
+        )),
     }
 }
 
@@ -631,7 +661,9 @@ fn seed<B: AutodiffBackend>(
     match (output, upstream) {
         (PartOutput::Loss(loss), Upstream::Loss(scale)) => (loss * *scale).backward(),
         (PartOutput::Hidden(out), Upstream::Gradient(g)) => {
-            (out * Tensor::from_inner(g.clone())).sum().backward()
+            // The gradient may come from the wire in float32 while the output is bf16.
+            let g = in_dtype(Tensor::from_inner(g.clone()), out.dtype());
+            (out * g).sum().backward()
         }
         _ => unreachable!("the head starts from its loss, every other part from a gradient"),
     }

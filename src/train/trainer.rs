@@ -13,16 +13,18 @@ use pp_stages::{Partition, StageSlice};
 use super::checkpoint::{self, TrainerState};
 use super::metrics::MetricsLog;
 use super::optim::{Optimizer, Rounder};
-use super::runtime::{as_matrix, MemorySavers, StageOutput, StageRunner};
+use super::runtime::{as_matrix, MemorySavers, Precision, StageOutput, StageRunner};
 use super::schedule::LrSchedule;
 use crate::checkpoint::{checksum::Checksum, Format, ModelInfo, WeightSource};
 use crate::data::{
     read_jsonl, split_validation, LossOn, MicroBatch, RowOptions, RowTemplate, Sequence,
     SequenceOptions, SequenceSet,
 };
+use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, StageModel};
+use crate::plan::{human_bytes, plan_training, TrainingSetup};
 use crate::tokenizer::Tokenizer;
 
 /// Where validation data comes from.
@@ -73,8 +75,14 @@ pub struct TrainOptions {
     pub sequences: SequenceOptions,
     /// Seed of the data order, or `None` to keep file order.
     pub shuffle_seed: Option<u64>,
-    /// Dtype of the trained weights.
+    /// Dtype of the trained weights (what the final model is saved in; bf16 computes in bf16
+    /// on devices that have it).
     pub dtype: DType,
+    /// Dtype the optimizer keeps the weights in between steps: float32 (master weights), or
+    /// `dtype` (each update rounded to it). Checkpoints store the weights in it.
+    pub master_weights: DType,
+    /// The device the run computes on (its memory is reported each step).
+    pub device: Device,
     /// The update rule.
     pub optimizer: Optimizer,
     /// Peak learning rate, decay, floor and warmup (its `total_steps` is filled in).
@@ -101,6 +109,17 @@ pub struct TrainOptions {
     pub early_stopping_patience: Option<u32>,
 }
 
+impl TrainOptions {
+    /// How the stages keep and compute their numbers on this run's device.
+    pub fn precision(&self) -> Precision {
+        let mixed = self.dtype == DType::BF16 && self.device.supports_bf16();
+        Precision {
+            master: self.master_weights,
+            compute: if mixed { DType::BF16 } else { DType::F32 },
+        }
+    }
+}
+
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy)]
 pub struct StepReport {
@@ -120,6 +139,8 @@ pub struct StepReport {
     pub epoch: u64,
     /// Scored tokens of the step.
     pub scored_tokens: usize,
+    /// Most device memory the allocator has held so far (GPU backends).
+    pub device_memory_peak: Option<u64>,
 }
 
 /// What the run reports to its user as it goes.
@@ -157,7 +178,17 @@ pub fn train<B: AutodiffBackend>(
     let setup = set_up(options)?;
     let weights = crate::checkpoint::open(&setup.info.dir)?;
     let whole = StageSlice::whole(setup.config.num_layers);
-    let runner = setup.stage_runner::<B>(options, whole, weights.weights.as_ref(), &device)?;
+    let runner =
+        setup.stage_runner::<B>(options, whole.clone(), weights.weights.as_ref(), &device)?;
+    let whole_model = Partition::new(vec![whole], setup.config.num_layers)
+        .expect("one stage holding everything tiles the model");
+    observer.note(&device_note(
+        options,
+        &setup.config,
+        &whole_model,
+        &[0],
+        options.micro_batch_size,
+    ));
     let mut engine = SingleDevice {
         runner,
         info: &setup.info,
@@ -168,6 +199,35 @@ pub fn train<B: AutodiffBackend>(
     setup
         .run(options)
         .train(&mut engine, setup.state.clone(), observer)
+}
+
+/// The line a run starts with: its device, and on a GPU `pp plan`'s estimate of the peak
+/// memory of `stages` of `partition`, to read beside the measured peak of each step.
+pub(super) fn device_note(
+    options: &TrainOptions,
+    config: &ModelConfig,
+    partition: &Partition,
+    stages: &[usize],
+    micro_batch_size: usize,
+) -> String {
+    let device = &options.device;
+    if !device.is_gpu() {
+        return format!("device: {device}");
+    }
+    let setup = TrainingSetup {
+        dtype: options.dtype,
+        seq_len: options.sequences.max_len,
+        micro_batch_size,
+        optimizer: options.optimizer.clone(),
+        savers: options.savers,
+    };
+    let plans = plan_training(config, partition, &setup);
+    let planned: u64 = stages.iter().map(|&stage| plans[stage].total).sum();
+    format!(
+        "device: {device}; pp plan estimates a peak of {} at --max-len {}",
+        human_bytes(planned),
+        options.sequences.max_len
+    )
 }
 
 /// The padding token: the model's, else its end-of-sequence token.
@@ -291,6 +351,7 @@ impl Run<'_> {
         let mut last_val = first_val;
         let mut last_loss = None;
         let mut stopped_early = false;
+        let mut memory_peak: Option<u64> = None;
         observer.started(state.step, total_steps);
         while state.step < total_steps {
             let started = Instant::now();
@@ -313,6 +374,9 @@ impl Run<'_> {
             state.step += 1;
             state.tokens_seen += scored as u64;
             last_loss = Some(loss);
+            if let Some(bytes) = options.device.memory_reserved() {
+                memory_peak = Some(memory_peak.unwrap_or(0).max(bytes));
+            }
             let report = StepReport {
                 step: state.step,
                 total_steps,
@@ -322,6 +386,7 @@ impl Run<'_> {
                 tokens_per_s: input_tokens as f64 / started.elapsed().as_secs_f64(),
                 epoch,
                 scored_tokens: scored,
+                device_memory_peak: memory_peak,
             };
             if let Some(metrics) = metrics.as_mut() {
                 let mut values = vec![
@@ -331,6 +396,9 @@ impl Run<'_> {
                     ("train/tokens_per_s", report.tokens_per_s),
                     ("train/epoch", epoch as f64),
                 ];
+                if let Some(bytes) = memory_peak {
+                    values.push(("train/device_memory_peak", bytes as f64));
+                }
                 values.extend(outcome.metrics);
                 metrics.record(state.step, &values)?;
             }
@@ -449,7 +517,7 @@ impl<B: AutodiffBackend> Engine for SingleDevice<'_, B> {
             self.runner.optimizer_state(),
             self.info,
             &self.partition,
-            self.options.dtype,
+            self.options.master_weights,
             state,
         )
     }
@@ -511,15 +579,16 @@ impl RunSetup {
         device: &B::Device,
     ) -> Result<StageRunner<B>> {
         let mut model = StageModel::<B>::load(&self.config, slice, weights, device)?;
-        if options.dtype != DType::F32 {
-            model = model.map(&mut Rounder(options.dtype));
+        let precision = options.precision();
+        if precision.master != DType::F32 {
+            model = model.map(&mut Rounder(precision.master));
         }
         let shapes = param_shapes(&model);
         let mut runner = StageRunner::new(
             model,
             options.optimizer.clone(),
             options.savers,
-            options.dtype,
+            precision,
             device.clone(),
         );
         if self.resumed {
@@ -591,6 +660,7 @@ pub(super) fn set_up(options: &TrainOptions) -> Result<RunSetup> {
                 total_steps,
                 optimizer: options.optimizer.name().into(),
                 dtype: options.dtype,
+                master_weights: options.master_weights,
                 batch_size: options.batch_size,
                 shuffle_seed: options.shuffle_seed,
                 data_sequences: train_set.len(),
@@ -781,6 +851,12 @@ fn open_resume(
         return Err(incompatible(format!(
             "it was trained in {}, this run uses --dtype {}",
             saved.dtype, options.dtype
+        )));
+    }
+    if saved.master_weights != options.master_weights {
+        return Err(incompatible(format!(
+            "its master weights were {}, this run uses --master-weights {}",
+            saved.master_weights, options.master_weights
         )));
     }
     if saved.batch_size != options.batch_size || saved.shuffle_seed != options.shuffle_seed {

@@ -14,7 +14,7 @@ use pp_transport::{Transport, TransportError};
 use super::checkpoint::{self, weights_of, TrainerState};
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
 use super::trainer::{
-    check_options, pad_token, set_up, Engine, StepOutcome, TrainOptions, TrainReport,
+    check_options, device_note, pad_token, set_up, Engine, StepOutcome, TrainOptions, TrainReport,
 };
 use super::Observer;
 use crate::checkpoint::native::{stage_file_name, StageEntry};
@@ -95,6 +95,13 @@ pub fn train_rank<B: AutodiffBackend>(
         }
         _ => crate::checkpoint::open(&info.dir)?.weights,
     };
+    observer.note(&device_note(
+        options,
+        config,
+        &partition,
+        &schedule.stages_of(rank),
+        options.batch_size.div_ceil(pipeline.microbatches),
+    ));
     let mut runners = BTreeMap::new();
     for stage in schedule.stages_of(rank) {
         let slice = partition.stages()[stage].clone();
@@ -120,7 +127,8 @@ pub fn train_rank<B: AutodiffBackend>(
         shared: SharedOutput {
             info,
             partition: &partition,
-            dtype: options.dtype,
+            final_dtype: options.dtype,
+            checkpoint_dtype: options.master_weights,
             run_id,
         },
         microbatches: pipeline.microbatches,
@@ -276,7 +284,10 @@ fn peer_error<B: AutodiffBackend>(error: TransportError, worker: &RankWorker<B>)
 struct SharedOutput<'a> {
     info: &'a ModelInfo,
     partition: &'a Partition,
-    dtype: DType,
+    /// The final model's weights are saved in the training dtype.
+    final_dtype: DType,
+    /// A checkpoint's in the master weights' dtype, so that resuming is exact.
+    checkpoint_dtype: DType,
     run_id: &'a str,
 }
 
@@ -295,9 +306,13 @@ impl SharedOutput<'_> {
         let name = target.file_name().unwrap_or_default().to_string_lossy();
         let staging = parent.join(format!(".{name}.pp-pipeline-{}", self.run_id));
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        let dtype = match state {
+            Some(_) => self.checkpoint_dtype,
+            None => self.final_dtype,
+        };
         let mut weights = OwnedWeights::default();
         for runner in worker.runners().values() {
-            weights.extend(weights_of(runner.model(), self.dtype));
+            weights.extend(weights_of(runner.model(), dtype));
         }
         let stages: Vec<usize> = worker.runners().keys().copied().collect();
         for entry in write_native_stages(&weights, self.info, self.partition, &stages, &staging)? {

@@ -17,6 +17,35 @@ pub const FIXTURES: [&str; 3] = [
     "mistral-tiny-swa",
 ];
 
+/// How close a device's results must be to the reference: the CPU within 1e-5; wgpu (a GPU,
+/// or Mesa's software Vulkan in CI) within 1e-4, since its kernels sum in other orders.
+pub fn tolerance(device: pp::device::DeviceSpec) -> f64 {
+    match device {
+        pp::device::DeviceSpec::Cpu => 1e-5,
+        _ => 1e-4,
+    }
+}
+
+/// Defines each test once per device: `cpu::NAME` always, `wgpu::NAME` when the `wgpu`
+/// feature is built (CI runs it on Mesa's software Vulkan driver). Each body is a function of
+/// the `DeviceSpec`.
+#[macro_export]
+macro_rules! on_devices {
+    ($($name:ident => $body:expr;)*) => {
+        mod cpu {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[test] fn $name() { ($body)(pp::device::DeviceSpec::Cpu) })*
+        }
+        #[cfg(feature = "wgpu")]
+        mod wgpu {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[test] fn $name() { ($body)(pp::device::DeviceSpec::Wgpu(0)) })*
+        }
+    };
+}
+
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

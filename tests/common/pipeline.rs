@@ -1,19 +1,19 @@
 //! Runs a fixture's reference batch through a model cut into stage slices, the way pipeline
 //! stages on different devices run it. One slice that owns everything is the whole model.
 
+use burn::backend::Autodiff;
 use burn::module::ParamId;
 use burn::optim::GradientsParams;
-use burn::tensor::{Int, Tensor};
-use pp::backend::{Cpu, CpuAutodiff};
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Int, Tensor};
 use pp::checkpoint::SafetensorsWeights;
 use pp::data::Sequence;
+use pp::device::{Device, DeviceSpec};
 use pp::model::loss::{cross_entropy_sum, Targets};
 use pp::model::{token_tensor, AttentionInputs, ModelConfig, StageModel, TokenLayout};
 use pp_stages::StageSlice;
 
 use super::Expected;
-
-type B = CpuAutodiff;
 
 /// A fixture's configuration and weights.
 pub fn fixture_model(name: &str) -> (ModelConfig, SafetensorsWeights) {
@@ -28,7 +28,8 @@ pub struct ReferenceBatch {
     pub seq: usize,
     ids: Vec<u32>,
     labels: Vec<i64>,
-    pub inputs: AttentionInputs<B>,
+    layout: TokenLayout,
+    config: ModelConfig,
     pub targets: Targets,
 }
 
@@ -43,7 +44,8 @@ impl ReferenceBatch {
             seq,
             ids: ids.values.iter().map(|&i| i as u32).collect(),
             labels: labels.values.clone(),
-            inputs: AttentionInputs::new(config, &layout, &Default::default()),
+            layout,
+            config: config.clone(),
             targets: Targets::from_labels(&labels.values, batch, seq),
         }
     }
@@ -62,19 +64,27 @@ impl ReferenceBatch {
     }
 
     /// The token ids as a `[batch, seq]` tensor.
-    pub fn tokens(&self) -> Tensor<B, 2, Int> {
-        token_tensor(&self.ids, self.batch, self.seq, &Default::default())
+    pub fn tokens<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
+        token_tensor(&self.ids, self.batch, self.seq, device)
+    }
+
+    /// The batch's rotary tables and mask.
+    pub fn inputs<B: Backend>(&self, device: &B::Device) -> AttentionInputs<B> {
+        AttentionInputs::new(&self.config, &self.layout, device)
     }
 }
 
-fn grads_by_name(model: &StageModel<B>, grads: &mut GradientsParams) -> Vec<(String, Vec<f32>)> {
+fn grads_by_name<B: Backend>(
+    model: &StageModel<Autodiff<B>>,
+    grads: &mut GradientsParams,
+) -> Vec<(String, Vec<f32>)> {
     let take = |grads: &mut GradientsParams, id: ParamId| {
         grads
-            .remove::<Cpu, 2>(id)
+            .remove::<B, 2>(id)
             .map(|g| g.into_data().to_vec::<f32>().unwrap())
             .or_else(|| {
                 grads
-                    .remove::<Cpu, 1>(id)
+                    .remove::<B, 1>(id)
                     .map(|g| g.into_data().to_vec::<f32>().unwrap())
             })
     };
@@ -102,26 +112,35 @@ pub struct PipelineRun {
 /// turn, each receiving a detached copy of the previous output as if over the network; backward
 /// from the loss on the last stage, then through each earlier stage with the gradient of the next
 /// stage's input. Gradients of a parameter held by two stages (tied embeddings) are summed.
-pub fn run_pipeline(name: &str, slices: &[StageSlice]) -> PipelineRun {
+pub fn run_pipeline(name: &str, slices: &[StageSlice], device: DeviceSpec) -> PipelineRun {
+    let device = Device::resolve(device).unwrap();
+    pp::with_backend!(device, |B, dev| run_pipeline_on::<B>(name, slices, &dev))
+}
+
+fn run_pipeline_on<I: Backend>(
+    name: &str,
+    slices: &[StageSlice],
+    device: &I::Device,
+) -> PipelineRun {
+    type B<X> = Autodiff<X>;
     let (config, weights) = fixture_model(name);
-    let device = Default::default();
-    let stages: Vec<StageModel<B>> = slices
+    let stages: Vec<StageModel<B<I>>> = slices
         .iter()
-        .map(|s| StageModel::load(&config, s.clone(), &weights, &device).unwrap())
+        .map(|s| StageModel::load(&config, s.clone(), &weights, device).unwrap())
         .collect();
     let reference = ReferenceBatch::load(name, &config);
-    let (inputs, targets) = (&reference.inputs, &reference.targets);
+    let (inputs, targets) = (&reference.inputs::<B<I>>(device), &reference.targets);
 
     // Forward: each stage receives a detached copy of the previous stage's output, as if it had
     // come over the network, and marks it as requiring a gradient.
-    let mut stage_inputs: Vec<Option<Tensor<B, 3>>> = Vec::new();
-    let mut stage_outputs: Vec<Tensor<B, 3>> = Vec::new();
-    let mut hidden: Option<Tensor<B, 3>> = None;
+    let mut stage_inputs: Vec<Option<Tensor<B<I>, 3>>> = Vec::new();
+    let mut stage_outputs: Vec<Tensor<B<I>, 3>> = Vec::new();
+    let mut hidden: Option<Tensor<B<I>, 3>> = None;
     for stage in &stages {
         let input = hidden.take().map(|h| h.detach().require_grad());
         let start = match &input {
             Some(h) => h.clone(),
-            None => stage.embed(reference.tokens()),
+            None => stage.embed(reference.tokens(device), inputs),
         };
         let out = stage.run_layers(start, inputs);
         stage_inputs.push(input);
@@ -129,9 +148,9 @@ pub fn run_pipeline(name: &str, slices: &[StageSlice]) -> PipelineRun {
         stage_outputs.push(out);
     }
     let last = stages.last().unwrap();
-    let logits = last.logits(stage_outputs.pop().unwrap());
+    let logits = last.logits(stage_outputs.pop().unwrap(), inputs);
     let loss_tensor = cross_entropy_sum(logits.clone(), targets) / targets.count as f64;
-    let loss = loss_tensor.clone().into_scalar();
+    let loss = loss_tensor.clone().into_scalar().elem::<f32>();
 
     // Backward: the last stage from the loss, every earlier stage from the gradient of the next
     // stage's input.
@@ -148,7 +167,7 @@ pub fn run_pipeline(name: &str, slices: &[StageSlice]) -> PipelineRun {
             backward_from = Some((previous_output * Tensor::from_inner(incoming)).sum());
         }
         let mut by_id = GradientsParams::from_grads(grads, stage);
-        for (name, grad) in grads_by_name(stage, &mut by_id) {
+        for (name, grad) in grads_by_name::<I>(stage, &mut by_id) {
             match all.iter_mut().find(|(n, _)| *n == name) {
                 Some((_, sum)) => sum.iter_mut().zip(&grad).for_each(|(s, g)| *s += g),
                 None => all.push((name, grad)),

@@ -2,19 +2,18 @@
 
 use std::collections::HashMap;
 
+use burn::backend::Autodiff;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
-use pp::backend::CpuAutodiff;
 use pp::data::MicroBatch;
-use pp::dtype::DType;
+use pp::device::{Device, DeviceSpec};
 use pp::model::StageModel;
 use pp::train::optim::Optimizer;
-use pp::train::runtime::{MemorySavers, StageOutput, StageRunner};
+use pp::train::runtime::{MemorySavers, Precision, StageOutput, StageRunner};
 use pp_stages::StageSlice;
 
 use super::pipeline::{fixture_model, ReferenceBatch};
-
-type B = CpuAutodiff;
 
 /// What some steps on a fixture's batch gave.
 pub struct Run {
@@ -27,7 +26,7 @@ pub struct Run {
 /// Collects every float parameter's values by id.
 struct Values(HashMap<ParamId, Vec<f32>>);
 
-impl ModuleVisitor<B> for Values {
+impl<B: Backend> ModuleVisitor<B> for Values {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let values = param.val().into_data().to_vec::<f32>().unwrap();
         self.0.insert(param.id, values);
@@ -35,7 +34,7 @@ impl ModuleVisitor<B> for Values {
 }
 
 /// Every parameter of `model` by Hugging Face name.
-pub fn param_values(model: &StageModel<B>) -> HashMap<String, Vec<f32>> {
+pub fn param_values<B: Backend>(model: &StageModel<B>) -> HashMap<String, Vec<f32>> {
     let mut values = Values(HashMap::new());
     model.visit(&mut values);
     model
@@ -48,6 +47,8 @@ pub fn param_values(model: &StageModel<B>) -> HashMap<String, Vec<f32>> {
 /// How a test run trains.
 #[derive(Debug, Clone, Copy)]
 pub struct Setup {
+    /// Where it computes.
+    pub device: DeviceSpec,
     /// Rows per micro-batch (the fixture batch is one step).
     pub micro_batch: usize,
     /// Memory savers.
@@ -56,26 +57,49 @@ pub struct Setup {
     pub max_grad_norm: Option<f64>,
     /// Backward as separate I and W passes (zero-bubble schedules).
     pub split_backward: bool,
+    /// Master-weight and compute dtypes.
+    pub precision: Precision,
 }
 
 impl Default for Setup {
     fn default() -> Self {
         Self {
+            device: DeviceSpec::Cpu,
             micro_batch: usize::MAX,
             savers: MemorySavers::default(),
             max_grad_norm: None,
             split_backward: false,
+            precision: Precision::F32,
         }
     }
 }
 
 /// `steps` optimizer steps on the fixture's reference batch as `setup` says.
 pub fn train_steps(name: &str, optimizer: &Optimizer, lr: f64, steps: usize, setup: Setup) -> Run {
+    let device = Device::resolve(setup.device).unwrap();
+    pp::with_backend!(device, |I, dev| {
+        train_steps_on::<Autodiff<I>>(name, optimizer, lr, steps, setup, dev)
+    })
+}
+
+fn train_steps_on<B: AutodiffBackend>(
+    name: &str,
+    optimizer: &Optimizer,
+    lr: f64,
+    steps: usize,
+    setup: Setup,
+    device: B::Device,
+) -> Run {
     let (config, weights) = fixture_model(name);
-    let device = Default::default();
     let whole = StageSlice::whole(config.num_layers);
     let model: StageModel<B> = StageModel::load(&config, whole, &weights, &device).unwrap();
-    let mut runner = StageRunner::new(model, optimizer.clone(), setup.savers, DType::F32, device);
+    let mut runner = StageRunner::new(
+        model,
+        optimizer.clone(),
+        setup.savers,
+        setup.precision,
+        device,
+    );
     if setup.split_backward {
         runner = runner.with_split_backward();
     }
