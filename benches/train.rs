@@ -13,7 +13,6 @@ use std::time::Instant;
 use pp::checkpoint::OwnedWeights;
 use pp::data::{MicroBatch, Sequence};
 use pp::device::CpuAutodiff;
-use pp::dtype::DType;
 use pp::model::{ModelConfig, StageModel};
 use pp::train::optim::Optimizer;
 use pp::train::runtime::{MemorySavers, Precision, StageRunner};

@@ -306,7 +306,7 @@ class Bench:
         model = self.model(shape)
         seq, steps = args.curve_seq, args.curve_steps
         # A small vocabulary makes the loss fall, so the curves have a shape to compare.
-        data = self.data(f"curve-{seq}", args.batch * steps, seq, 1000)
+        data = self.data(f"curve-{seq}", args.batch * steps, seq, min(1000, SHAPES[shape]["vocab_size"]))
         try:
             ours = self.pp_train(f"{shape}-curve", model, data, seq, steps, "adamw", lr=1e-4)
             theirs = self.torch_train(f"{shape}-curve", model, data, seq, steps, "adamw", "sdpa", lr=1e-4)

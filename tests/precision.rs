@@ -6,7 +6,6 @@
 mod common;
 
 use common::training::{relative_l2, train_steps, Setup};
-use common::FIXTURES;
 use pp::device::{Device, DeviceSpec};
 use pp::dtype::DType;
 use pp::train::optim::Optimizer;
@@ -48,9 +47,10 @@ fn half_precision_compute_trains_close_to_float32() {
         },
         ..float32
     };
-    for name in FIXTURES {
-        let want = train_steps(name, &adamw(), 1e-3, 3, float32);
-        let got = train_steps(name, &adamw(), 1e-3, 3, mixed);
+    // One fixture: the tied one, whose head reuses the embedding (software Vulkan is slow).
+    for name in ["llama32-tied-bf16-sharded"] {
+        let want = train_steps(name, &adamw(), 1e-3, 2, float32);
+        let got = train_steps(name, &adamw(), 1e-3, 2, mixed);
         for (step, (a, b)) in got.losses.iter().zip(&want.losses).enumerate() {
             let relative = (a - b).abs() / b.abs();
             // Float16 keeps 11 bits: a percent at most over these few layers and steps.

@@ -62,7 +62,9 @@ crate::on_devices! {
 /// the same losses and byte-identical final weights.
 fn resumes_exactly(device: pp::device::DeviceSpec) {
     let device = device.to_string();
-    let on_device = ["--device", device.as_str()];
+    // Packed 64-token rows: every step has the same shapes, so a GPU backend compiles its
+    // kernels once (software Vulkan compiles slowly).
+    let on_device = ["--device", device.as_str(), "--pack", "--max-len", "64"];
     let tmp = tempfile::tempdir().unwrap();
     let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
     stdout(&train(
@@ -451,6 +453,37 @@ fn bad_settings_are_clear_errors() {
     assert_clean_error(
         &train_on(&data, &out, &["--resume"]),
         &["no checkpoint to resume from"],
+    );
+    // Devices: a kind that does not exist, an adapter index past the last, a CUDA device on a
+    // machine without the driver (CI's), and a pipeline's device list of the wrong length or
+    // with an unusable entry, refused by the launcher before any worker starts.
+    assert_clean_error(
+        &train_on(&data, &out, &["--device", "tpu"]),
+        &["unknown device `tpu`"],
+    );
+    assert_clean_error(
+        &train_on(&data, &out, &["--device", "wgpu:99"]),
+        &["wgpu:99"],
+    );
+    if std::env::var_os("PP_TEST_HAS_CUDA").is_none() {
+        assert_clean_error(&train_on(&data, &out, &["--device", "cuda"]), &["cuda:0"]);
+    }
+    let pipeline = ["--stages", "2", "--batch-size", "2"];
+    assert_clean_error(
+        &train_on(
+            &data,
+            &out,
+            &[&pipeline[..], &["--devices", "cpu,cpu,cpu"]].concat(),
+        ),
+        &["--devices lists 3 devices for 2 workers"],
+    );
+    assert_clean_error(
+        &train_on(
+            &data,
+            &out,
+            &[&pipeline[..], &["--devices", "cpu,wgpu:99"]].concat(),
+        ),
+        &["wgpu:99"],
     );
 }
 

@@ -120,12 +120,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("  stage {i}: {}", parts.join(" + "));
         }
     }
-    match report.verify {
-        Some(v) => println!(
-            "self-check passed: {} parts run on a {}-token probe, max |Δ| {:e}",
+    match (report.verify, &options.verify) {
+        (Some(v), Some(device)) => println!(
+            "self-check passed on {device}: {} parts run on a {}-token probe, max |Δ| {:e}",
             v.parts, v.probe_tokens, v.max_abs_diff
         ),
-        None => println!("self-check skipped (--no-verify)"),
+        _ => println!("self-check skipped (--no-verify)"),
     }
     Ok(())
 }

@@ -78,6 +78,15 @@ impl PipelineFlags {
         })
     }
 
+    /// Checks every worker's device before any worker starts, so that an unusable one is one
+    /// line from the launcher rather than a failed worker.
+    pub fn check_devices(&self) -> anyhow::Result<()> {
+        for spec in &self.devices {
+            Device::resolve(*spec)?;
+        }
+        Ok(())
+    }
+
     /// The pipeline layout, when `--stages` asks for one.
     pub fn options(&self) -> anyhow::Result<Option<PipelineOptions>> {
         if self.stages == Some(0) {

@@ -231,6 +231,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let options = options(&args)?;
     if let Some(pipeline) = args.pipeline.options()? {
         if args.pipeline.worker_rank.is_none() {
+            args.pipeline.check_devices()?;
             pp::train::worker::check_pipeline_options(&options, &pipeline)?;
             return super::launch::launch(&pipeline);
         }
