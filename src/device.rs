@@ -215,9 +215,8 @@ impl Device {
         }
         let handle = driver::device::get(index as i32)
             .map_err(|e| fail(format!("cannot open the device: {e}")))?;
-        // SAFETY: `handle` is a valid device from `get` above.
         let name = driver::device::get_name(handle).unwrap_or_else(|_| "NVIDIA GPU".into());
-        // SAFETY: as above.
+        // SAFETY: `handle` is a valid device from `get` above.
         let memory = unsafe { driver::device::total_mem(handle) }
             .ok()
             .map(|b| b as u64);
