@@ -2,30 +2,38 @@
 """pp against PyTorch + transformers on one GPU, in one run: full fine-tuning steps of Llama
 models with random weights, and the memory of the 24 GB recipe.
 
-Phases (each one bounded in time; a failure is recorded and the run goes on):
+Phases, in this order (each run bounded in time, the whole within --budget seconds; a failure
+is recorded and the run goes on):
 
+  sanity      One step of `pp train --device cuda` on the tiny shape: a missing driver, NVRTC
+              or CUDA header shows here in seconds.
   throughput  For each --shapes entry (1b = Llama-3.2-1B, 8b = Llama-3-8B; tiny for a quick
               check on any machine): a random bf16 checkpoint and random token rows, then
               `pp train --dtype bf16` (float32 master weights, bf16 compute) and PyTorch with
               the same weights, data and settings (float32 master weights under bf16 autocast;
               attention `eager` and `sdpa`). Reports tokens/s, MFU and peak device memory.
+              The 8B shape runs with activation checkpointing on both sides, and only on a GPU
+              with at least --min-8b-gib of memory (float32 weights and gradients: 64 GB).
+  curve       --curve-steps steps of both on the same data (a small vocabulary so the loss
+              falls): the largest relative difference of the per-step losses (target: 1%).
   recipe      The 8B shape (or the first shape) at --recipe-seq tokens with Adafactor,
               optimizer-in-backward, activation checkpointing and CPU offload: pp's measured
               peak next to `pp plan`'s estimate.
-  curve       --curve-steps steps of both on the same data (a small vocabulary so the loss
-              falls): the largest relative difference of the per-step losses (target: 1%).
 
     # on the GPU machine, with the carried binary:
     python3 scripts/gpu_bench.py --pp ./pp --out gpu-bench
     # here, to check the script end to end on a tiny shape:
     python3 scripts/gpu_bench.py --pp target/release/pp --out /tmp/gb --shapes tiny \\
-        --device cpu --torch-device cpu --steps 2 --warmup 1 --seq 64 --recipe-seq 128
+        --device cpu --torch-device cpu --steps 2 --warmup 1 --seq 64 --recipe-seq 128 \\
+        --curve-steps 5 --curve-seq 64
 
 MFU = tokens/s x (6 N + 12 L H Q S) / peak, with N the parameters of every matmul (all but the
 input embedding), L layers, H heads, Q head size, S the sequence (PaLM's accounting), and the
 peak dense bf16 rate of the GPU (--peak-tflops, else looked up by name).
 
-Writes OUT/results.json and OUT/results.md; the commands' output is kept in OUT/logs/.
+Writes OUT/results.json and OUT/results.md as it goes; every command's output is kept in
+OUT/logs/. Each PyTorch run is a child process (`--torch-run`), so a hung or failed one is killed
+and frees its memory before the next run.
 Needs torch and transformers (not needed by pp itself or its tests).
 """
 import argparse
@@ -72,10 +80,14 @@ def parse_args():
     p.add_argument("--recipe-seq", type=int, default=4096)
     p.add_argument("--curve-steps", type=int, default=50)
     p.add_argument("--curve-seq", type=int, default=512)
-    p.add_argument("--phases", default="throughput,recipe,curve")
+    p.add_argument("--phases", default="sanity,throughput,curve,recipe")
+    p.add_argument("--budget", type=int, default=540, help="seconds for the whole run")
+    p.add_argument("--min-8b-gib", type=float, default=130.0,
+                   help="GPU memory the 8B throughput run needs (skipped below)")
     p.add_argument("--attn", default="eager,sdpa", help="PyTorch attention implementations")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak")
-    p.add_argument("--timeout", type=int, default=420, help="seconds per pp or PyTorch run")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per pp or PyTorch run")
+    p.add_argument("--torch-run", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -86,6 +98,11 @@ class Bench:
         self.logs = args.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.results = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": [], "errors": []}
+        self.started = time.time()
+
+    def left(self):
+        """Seconds left of --budget."""
+        return self.args.budget - (time.time() - self.started)
 
     # --- bookkeeping -------------------------------------------------------------------------
 
@@ -110,8 +127,12 @@ class Bench:
         with open(log, "w") as f:
             f.write("$ " + " ".join(map(str, command)) + "\n")
             f.flush()
-            proc = subprocess.run(list(map(str, command)), stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=timeout or self.args.timeout)
+            limit = max(10, min(timeout or self.args.timeout, self.left()))
+            try:
+                proc = subprocess.run(list(map(str, command)), stdout=f, stderr=subprocess.STDOUT,
+                                      timeout=limit)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"timed out after {limit:.0f}s (log: {log})") from None
         text = log.read_text()
         if proc.returncode != 0:
             raise RuntimeError(f"exit {proc.returncode} after {time.time() - started:.0f}s: "
@@ -188,6 +209,9 @@ class Bench:
         timed = steps_seen[self.args.warmup:] or steps_seen[-1:]
         note = next((line for line in log.splitlines() if line.startswith("device:")), "")
         peaks = [m["train_device_memory_peak"] for m in steps_seen if "train_device_memory_peak" in m]
+        # The final model is not needed, and an 8B one is 16 GB of a small disk.
+        (self.logs / f"pp-{name}.metrics.jsonl").write_text((out / "metrics.jsonl").read_text())
+        subprocess.run(["rm", "-rf", str(out)])
         return {
             "tokens_per_s": statistics.median(m["train_tokens_per_s"] for m in timed),
             "losses": [m["train_loss"] for m in steps_seen],
@@ -196,56 +220,14 @@ class Bench:
             "wall_s": round(time.time() - started, 1),
         }
 
-    def torch_train(self, name, model_dir, data, seq, steps, optimizer, attn, lr=1e-5):
-        """PyTorch + transformers, the same step as pp's: float32 master weights, bf16 autocast,
-        global-norm clipping at 1, a constant learning rate, rows in file order."""
-        import torch
-        from transformers import LlamaForCausalLM
-        from transformers.optimization import Adafactor
-        device = self.args.torch_device
-        started = time.time()
-        model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
-                                                 attn_implementation=attn).to(device)
-        model.config.use_cache = False
-        model.train()
-        if optimizer == "adamw":
-            opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        else:
-            opt = Adafactor(model.parameters(), lr=lr, scale_parameter=False, relative_step=False,
-                            warmup_init=False, beta1=None, weight_decay=0.0)
-        rows = [json.loads(line)["input_ids"] for line in open(data)]
-        batch = self.args.batch
-        cuda = device.startswith("cuda")
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        times, losses = [], []
-        for step in range(steps):
-            chunk = rows[(step * batch) % len(rows):][:batch]
-            ids = torch.tensor(chunk, device=device)
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
-        timed = times[self.args.warmup:] or times[-1:]
-        result = {
-            "tokens_per_s": batch * seq / statistics.median(timed),
-            "losses": losses,
-            "peak_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
-            "wall_s": round(time.time() - started, 1),
-        }
-        del model, opt
-        if cuda:
-            torch.cuda.empty_cache()
-        return result
+    def torch_train(self, name, model_dir, data, seq, steps, optimizer, attn, lr=1e-5, checkpointing=False):
+        """PyTorch + transformers in a child process (see `torch_steps`)."""
+        spec = dict(model=str(model_dir), data=str(data), seq=seq, steps=steps, optimizer=optimizer,
+                    attn=attn, lr=lr, checkpointing=checkpointing, batch=self.args.batch,
+                    warmup=self.args.warmup, device=self.args.torch_device)
+        log = self.run(f"torch-{name}", [sys.executable, __file__, "--pp", "-", "--out", self.out,
+                                         "--torch-run", json.dumps(spec)])
+        return json.loads(log.strip().splitlines()[-1])
 
     def mfu(self, shape, seq, tokens_per_s):
         if not self.peak_flops:
@@ -261,18 +243,41 @@ class Bench:
 
     # --- phases ------------------------------------------------------------------------------
 
+    def sanity(self):
+        """One tiny step on the device: a broken CUDA setup shows in seconds, not in every phase."""
+        model = self.model("tiny")
+        data = self.data("sanity", 1, 32, SHAPES["tiny"]["vocab_size"])
+        try:
+            r = self.pp_train("sanity", model, data, 32, 1, "adamw")
+            self.record({"phase": "sanity", "shape": "tiny", "seq": 32, "framework": "pp",
+                         "note": r["device_note"], "wall_s": r["wall_s"]})
+            return True
+        except Exception as e:  # noqa: BLE001
+            self.fail("sanity", e)
+            return False
+
     def throughput(self, shape):
         args = self.args
         optimizer = args.optimizer_8b if shape == "8b" else args.optimizer_1b
+        # 8B's float32 weights and gradients are 64 GB: its activations are checkpointed on both
+        # sides, and it runs only where that leaves room.
+        checkpointing = shape == "8b"
+        memory = self.results["environment"].get("gpu_memory_gib", 0)
+        if shape == "8b" and memory < args.min_8b_gib:
+            self.fail("throughput 8b", f"skipped: {memory} GiB of GPU memory < --min-8b-gib {args.min_8b_gib}")
+            return
         model = self.model(shape)
         steps = args.warmup + args.steps
         data = self.data(f"{shape}-{args.seq}", args.batch * steps, args.seq, SHAPES[shape]["vocab_size"])
         common = {"phase": "throughput", "shape": shape, "seq": args.seq, "batch": args.batch,
-                  "optimizer": optimizer}
-        trainers = [("pp", lambda: self.pp_train(f"{shape}-throughput", model, data, args.seq, steps, optimizer))]
+                  "optimizer": optimizer, "checkpointing": checkpointing}
+        extra = ["--checkpoint-activations"] if checkpointing else []
+        trainers = [("pp", lambda: self.pp_train(f"{shape}-throughput", model, data, args.seq, steps,
+                                                 optimizer, extra))]
         for attn in args.attn.split(","):
             trainers.append((f"pytorch-{attn}", lambda attn=attn: self.torch_train(
-                f"{shape}-{attn}", model, data, args.seq, steps, optimizer, attn)))
+                f"{shape}-{attn}", model, data, args.seq, steps, optimizer, attn,
+                checkpointing=checkpointing)))
         for framework, go in trainers:
             try:
                 r = go()
@@ -319,6 +324,56 @@ class Bench:
             self.fail(f"curve {shape}", e)
 
 
+def torch_steps(spec):
+    """The same step as pp's: float32 master weights under bf16 autocast, global-norm clipping
+    at 1, a constant learning rate, rows in file order. Returns tokens/s, losses, peak memory."""
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.optimization import Adafactor
+    device, batch, seq = spec["device"], spec["batch"], spec["seq"]
+    started = time.time()
+    model = LlamaForCausalLM.from_pretrained(spec["model"], torch_dtype=torch.float32,
+                                             attn_implementation=spec["attn"]).to(device)
+    model.config.use_cache = False
+    if spec["checkpointing"]:
+        model.gradient_checkpointing_enable()
+    model.train()
+    if spec["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8,
+                                weight_decay=0.0)
+    else:
+        opt = Adafactor(model.parameters(), lr=spec["lr"], scale_parameter=False, relative_step=False,
+                        warmup_init=False, beta1=None, weight_decay=0.0)
+    rows = [json.loads(line)["input_ids"] for line in open(spec["data"])]
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(spec["steps"]):
+        chunk = rows[(step * batch) % len(rows):][:batch]
+        ids = torch.tensor(chunk, device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    timed = times[spec["warmup"]:] or times[-1:]
+    return {
+        "tokens_per_s": batch * seq / statistics.median(timed),
+        "losses": losses,
+        "peak_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        "wall_s": round(time.time() - started, 1),
+    }
+
+
 def markdown(results):
     env = results.get("environment", {})
     lines = [f"GPU: {env.get('gpu', 'none')} · CUDA {env.get('cuda', '-')} · torch {env.get('torch', '-')} · "
@@ -342,6 +397,9 @@ def markdown(results):
 
 def main():
     args = parse_args()
+    if args.torch_run:
+        print(json.dumps(torch_steps(json.loads(args.torch_run))))
+        return 0
     bench = Bench(args)
     bench.environment()
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -349,13 +407,19 @@ def main():
     if unknown:
         sys.exit(f"unknown shapes {unknown}: choose from {list(SHAPES)}")
     phases = args.phases.split(",")
-    for shape in shapes:
-        if "throughput" in phases:
+    if "sanity" in phases and not bench.sanity():
+        phases = []  # nothing else can work on this device
+    # Most telling first: the 1B throughput, the bf16 loss curve, the 24 GB recipe, then 8B.
+    small = [s for s in shapes if s != "8b"]
+    for shape in small:
+        if "throughput" in phases and bench.left() > 60:
             bench.throughput(shape)
-    if "recipe" in phases:
-        bench.recipe("8b" if "8b" in shapes else shapes[0])
-    if "curve" in phases:
+    if "curve" in phases and bench.left() > 60:
         bench.curve("1b" if "1b" in shapes else shapes[0])
+    if "recipe" in phases and bench.left() > 60:
+        bench.recipe("8b" if "8b" in shapes else shapes[0])
+    if "8b" in shapes and "throughput" in phases and bench.left() > 60:
+        bench.throughput("8b")
     bench.save()
     print((args.out / "results.md").read_text())
     return 1 if bench.results["errors"] else 0

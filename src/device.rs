@@ -126,9 +126,9 @@ impl Device {
     /// What `auto` means for pipeline worker `rank`: CUDA device `rank` modulo their count, so
     /// that the workers of one machine spread over its GPUs, else the CPU.
     pub fn auto_for_rank(rank: usize) -> DeviceSpec {
-        match cuda_device_count() {
-            0 => DeviceSpec::Cpu,
-            count => DeviceSpec::Cuda(rank % count),
+        match cuda_devices() {
+            Ok(count) if count > 0 => DeviceSpec::Cuda(rank % count),
+            _ => DeviceSpec::Cpu,
         }
     }
 
@@ -187,30 +187,17 @@ impl Device {
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn cuda(_index: usize) -> Result<Self> {
-        Err(Error::Device(
-            "this pp was built without CUDA support (cargo feature `cuda`)".into(),
-        ))
+    fn cuda(index: usize) -> Result<Self> {
+        let reason = cuda_devices().err().unwrap_or_default();
+        Err(Error::Device(format!("cuda:{index}: {reason}")))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda(index: usize) -> Result<Self> {
         use cudarc::driver::result as driver;
         let fail = |what: String| Error::Device(format!("cuda:{index}: {what}"));
-        // SAFETY: these only try to load the shared libraries.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(fail("no NVIDIA driver (libcuda) found".into()));
-        }
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            return Err(fail(
-                "CUDA's runtime compiler (libnvrtc) not found; pp compiles its kernels with it"
-                    .into(),
-            ));
-        }
-        driver::init().map_err(|e| fail(format!("the driver did not start: {e}")))?;
-        let count = driver::device::get_count()
-            .map_err(|e| fail(format!("cannot count CUDA devices: {e}")))?;
-        if index >= count as usize {
+        let count = cuda_devices().map_err(fail)?;
+        if index >= count {
             return Err(fail(format!("there are {count} CUDA device(s)")));
         }
         let handle = driver::device::get(index as i32)
@@ -229,10 +216,10 @@ impl Device {
     }
 
     #[cfg(not(feature = "wgpu"))]
-    fn wgpu(_index: usize) -> Result<Self> {
-        Err(Error::Device(
-            "this pp was built without wgpu support (cargo feature `wgpu`)".into(),
-        ))
+    fn wgpu(index: usize) -> Result<Self> {
+        Err(Error::Device(format!(
+            "wgpu:{index}: this pp was built without wgpu support (cargo feature `wgpu`)"
+        )))
     }
 
     /// Adapter `index` of the graphics API Burn uses here (Vulkan on Linux, Metal on macOS,
@@ -283,19 +270,41 @@ impl Device {
     }
 }
 
-/// Usable CUDA devices (0 without a driver, or without NVRTC to compile kernels).
-fn cuda_device_count() -> usize {
-    #[cfg(feature = "cuda")]
-    {
-        // SAFETY: these only try to load the shared libraries.
-        let present = unsafe {
-            cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present()
-        };
-        if present && cudarc::driver::result::init().is_ok() {
-            return cudarc::driver::result::device::get_count().map_or(0, |n| n.max(0) as usize);
-        }
+/// How many CUDA devices there are, once the driver and NVRTC (which compiles pp's kernels)
+/// are found and the driver has started; else why not.
+#[cfg(feature = "cuda")]
+fn cuda_devices() -> std::result::Result<usize, String> {
+    use cudarc::driver::result as driver;
+    // SAFETY: these only try to load the shared libraries.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no NVIDIA driver (libcuda) found".into());
     }
-    0
+    // SAFETY: as above.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(
+            "CUDA's runtime compiler (libnvrtc) not found; pp compiles its kernels with it".into(),
+        );
+    }
+    // CubeCL's kernels include the CUDA runtime's headers, found as CubeCL finds them.
+    let headers = cubecl::cuda::install::cuda_path()
+        .map(|path| path.join("include"))
+        .filter(|include| include.join("cuda_runtime.h").is_file());
+    if headers.is_none() {
+        return Err(
+            "CUDA's headers (include/cuda_runtime.h) not found: install the CUDA toolkit, \
+                    or set CUDA_PATH to it; pp compiles its kernels against them"
+                .into(),
+        );
+    }
+    driver::init().map_err(|e| format!("the driver did not start: {e}"))?;
+    driver::device::get_count()
+        .map(|n| n.max(0) as usize)
+        .map_err(|e| format!("cannot count CUDA devices: {e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_devices() -> std::result::Result<usize, String> {
+    Err("this pp was built without CUDA support (cargo feature `cuda`)".into())
 }
 
 /// Runs `$body` with `$B` bound to the Burn backend of `$device` (a [`Device`]) and `$dev` to

@@ -182,7 +182,7 @@ fn adafactor_layer_elements(cfg: &ModelConfig) -> u64 {
 /// A training configuration to plan memory for.
 #[derive(Debug, Clone)]
 pub struct TrainingSetup {
-    /// Dtype of weights, gradients and activations.
+    /// Dtype of the activations (the compute dtype); weights and gradients are float32.
     pub dtype: DType,
     /// Tokens per sequence.
     pub seq_len: usize,
@@ -230,6 +230,9 @@ pub fn plan_training(
     setup: &TrainingSetup,
 ) -> Vec<StagePlan> {
     let bytes = setup.dtype.size() as u64;
+    // The runtime keeps every parameter and its gradient in float32 on the device (the master
+    // weights; bf16 compute casts them where they are used), whatever the training dtype.
+    let param_bytes = STATE_BYTES;
     let tokens = (setup.seq_len * setup.micro_batch_size) as u64;
     let h = cfg.hidden_size as u64;
     let layer_full = layer_activations_per_token(cfg, setup.dtype, setup.seq_len) * tokens;
@@ -263,7 +266,7 @@ pub fn plan_training(
                 embedding
                     .max(head)
                     .max(if layers > 0 { cfg.layer_params() } else { 0 });
-            let gradients = bytes
+            let gradients = param_bytes
                 * if setup.savers.optimizer_in_backward {
                     largest_part
                 } else {
@@ -304,14 +307,14 @@ pub fn plan_training(
             StagePlan {
                 slice: slice.clone(),
                 params,
-                weights: params * bytes,
+                weights: params * param_bytes,
                 gradients,
                 optimizer_state,
                 activations,
                 host_activations,
                 transient,
                 in_flight,
-                total: params * bytes + gradients + optimizer_state + activations + transient,
+                total: params * param_bytes + gradients + optimizer_state + activations + transient,
             }
         })
         .collect()
@@ -381,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn savers_bring_llama3_8b_at_4096_tokens_under_24_gib() {
+    fn savers_leave_llama3_8b_at_4096_tokens_little_beside_its_float32_weights() {
         let cfg = ModelConfig::from_hf_json(LLAMA3_8B).unwrap();
         let whole = Partition::from_split(&[], cfg.num_layers).unwrap();
         let adafactor = Optimizer::Adafactor {
@@ -410,21 +413,24 @@ mod tests {
             offload_activations: true,
             optimizer_in_backward: true,
         });
-        assert_eq!(plain.weights, 2 * 8_030_261_248);
+        assert_eq!(plain.weights, 4 * 8_030_261_248);
         assert!(
             plain.total > 60 << 30,
             "plain: {}",
             human_bytes(plain.total)
         );
+        // Beside the float32 weights (30 GiB) the savers leave under 9 GiB: the head's logits,
+        // its gradient and one part's gradients. The weights keep 8B off a 24 GB card.
         assert!(
-            all.total < 24 << 30,
+            all.total - all.weights < 9 << 30,
             "all savers: {}",
             human_bytes(all.total)
         );
+        assert!(all.total > 24 << 30);
         assert_eq!(all.activations, 0);
         assert_eq!(all.host_activations, 33 * 4096 * 4096 * 2);
         // Optimizer-in-backward keeps one part's gradients: the head (output matrix and norm).
-        assert_eq!(all.gradients, 2 * (128_256 * 4096 + 4096));
+        assert_eq!(all.gradients, 4 * (128_256 * 4096 + 4096));
     }
 
     #[test]

@@ -126,12 +126,11 @@ pub struct Args {
     val_split: Option<f64>,
     /// Dtype of the trained weights [default: the checkpoint's]. bf16 computes matmuls and
     /// activations in bf16 on GPUs that have it (norm statistics, softmax, the loss and the
-    /// optimizer state stay float32); on the CPU it is emulated (bf16 weights, float32
-    /// arithmetic).
+    /// optimizer state stay float32); on the CPU and wgpu the arithmetic stays float32.
     #[arg(long)]
     dtype: Option<DType>,
     /// Dtype the weights are kept in between steps: f32 (master weights; the model is cast
-    /// where it is used) or the --dtype itself (each update rounded to it, less memory).
+    /// where it is used) or the --dtype itself (each update rounded to it).
     #[arg(long, default_value = "f32")]
     master_weights: DType,
     #[command(flatten)]

@@ -37,9 +37,10 @@ pub struct TrainerState {
     pub optimizer: String,
     /// Dtype of the trained weights.
     pub dtype: DType,
-    /// Dtype of the master weights, which the checkpoint's weights are stored in.
-    #[serde(default = "float32")]
-    pub master_weights: DType,
+    /// Dtype of the master weights, which the checkpoint's weights are stored in (absent in
+    /// checkpoints written before it was recorded, whose weights were kept in `dtype`).
+    #[serde(default)]
+    pub master_weights: Option<DType>,
     /// Rows per step: with the step, it fixes the position in the data.
     pub batch_size: usize,
     /// The data order's seed (`null` without shuffling). The order of each epoch is drawn
@@ -56,11 +57,6 @@ pub struct TrainerState {
     pub evals_without_improvement: u32,
     /// Scored tokens trained on so far.
     pub tokens_seen: u64,
-}
-
-/// Checkpoints written before `master_weights` was recorded kept float32 masters.
-fn float32() -> DType {
-    DType::F32
 }
 
 /// The directory of the checkpoint after `step` under `checkpoints`.

@@ -553,8 +553,8 @@ fn track_early_stopping(state: &mut TrainerState, loss: f64, options: &TrainOpti
 
 /// What single-device and pipeline training both set up from the options.
 pub(super) struct RunSetup {
-    /// The model's configuration, in the training dtype (RoPE's frequencies follow it, as
-    /// transformers' buffer follows the dtype a model is loaded in).
+    /// The model's configuration, in the master weights' dtype (RoPE's frequencies follow it,
+    /// as transformers' buffer follows the dtype a model is loaded in).
     pub config: ModelConfig,
     /// Where the weights come from: the model, or the checkpoint being resumed.
     pub info: ModelInfo,
@@ -622,7 +622,9 @@ impl RunSetup {
 pub(super) fn set_up(options: &TrainOptions) -> Result<RunSetup> {
     let info = crate::checkpoint::describe(&options.model_dir)?;
     let mut config = info.config.clone();
-    config.dtype = options.dtype;
+    // RoPE's frequencies follow the dtype the weights are kept in, as transformers' buffer
+    // follows the model's: bf16 for a bf16 model, float32 under autocast with float32 masters.
+    config.dtype = options.master_weights;
     let tokenizer = Tokenizer::load_if_present(&options.model_dir)?;
     let (train_set, val_set) = load_data(options, &config, tokenizer.as_ref())?;
     let total_steps = match options.length {
@@ -660,7 +662,7 @@ pub(super) fn set_up(options: &TrainOptions) -> Result<RunSetup> {
                 total_steps,
                 optimizer: options.optimizer.name().into(),
                 dtype: options.dtype,
-                master_weights: options.master_weights,
+                master_weights: Some(options.master_weights),
                 batch_size: options.batch_size,
                 shuffle_seed: options.shuffle_seed,
                 data_sequences: train_set.len(),
@@ -853,10 +855,11 @@ fn open_resume(
             saved.dtype, options.dtype
         )));
     }
-    if saved.master_weights != options.master_weights {
+    let saved_master = saved.master_weights.unwrap_or(saved.dtype);
+    if saved_master != options.master_weights {
         return Err(incompatible(format!(
-            "its master weights were {}, this run uses --master-weights {}",
-            saved.master_weights, options.master_weights
+            "its master weights were {saved_master}, this run uses --master-weights {}",
+            options.master_weights
         )));
     }
     if saved.batch_size != options.batch_size || saved.shuffle_seed != options.shuffle_seed {

@@ -174,7 +174,11 @@ impl Transport for QuicTransport {
                 let sent = async {
                     let mut stream = connection.open_uni().await.ok()?;
                     stream.write_all(&frame).await.ok()?;
-                    stream.finish().ok()
+                    stream.finish().ok()?;
+                    // Until the peer acknowledges every byte: closing the connection (when this
+                    // rank is done) drops unacknowledged data, and the peer would see a lost
+                    // rank instead of the last message.
+                    stream.stopped().await.ok().map(|_| ())
                 };
                 if sent.await.is_none() {
                     mark_lost(&inbox, to);
