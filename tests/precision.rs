@@ -5,19 +5,7 @@
 
 mod common;
 
-use common::training::{relative_l2, train_steps, Setup};
 use pp::device::{Device, DeviceSpec};
-use pp::dtype::DType;
-use pp::train::optim::Optimizer;
-use pp::train::runtime::Precision;
-
-fn adamw() -> Optimizer {
-    Optimizer::AdamW {
-        betas: (0.9, 0.999),
-        eps: 1e-8,
-        weight_decay: 0.0,
-    }
-}
 
 #[test]
 fn the_cpu_emulates_bf16() {
@@ -28,6 +16,16 @@ fn the_cpu_emulates_bf16() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn half_precision_compute_trains_close_to_float32() {
+    use common::training::{relative_l2, train_steps, Setup};
+    use pp::dtype::DType;
+    use pp::train::optim::Optimizer;
+    use pp::train::runtime::Precision;
+
+    let adamw = || Optimizer::AdamW {
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
     let device = Device::resolve(DeviceSpec::Wgpu(0)).unwrap();
     let half = pp::with_backend!(device, |B, dev| {
         <B as burn::tensor::backend::Backend>::supports_dtype(&dev, burn::tensor::DType::F16)
