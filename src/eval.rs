@@ -1,11 +1,11 @@
 //! Mean token cross-entropy and perplexity of a model over a dataset.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::ElementConversion;
 use serde::Serialize;
 
+use crate::kernels::Kernels;
 use crate::data::Example;
-use crate::model::loss::{cross_entropy_sum, Targets, IGNORE_INDEX};
+use crate::model::loss::{Targets, IGNORE_INDEX};
 use crate::model::{token_tensor, AttentionInputs, StageModel, TokenLayout};
 
 /// What `pp eval` reports.
@@ -47,7 +47,7 @@ fn windows(example: &Example, max_len: usize) -> impl Iterator<Item = Window<'_>
 /// at a time; `on_batch` is told how many scored tokens each batch had, for progress.
 ///
 /// Returns `None` when no token is scored (every label is `-100`).
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: Kernels>(
     model: &StageModel<B>,
     examples: &[Example],
     max_len: usize,
@@ -86,8 +86,14 @@ pub fn evaluate<B: Backend>(
             &TokenLayout::contiguous(batch.len(), seq),
             device,
         );
-        let logits = model.forward(token_tensor(&ids, batch.len(), seq, device), &inputs);
-        let sum: f32 = cross_entropy_sum(logits, &targets).into_scalar().elem();
+        let sum: f32 = model
+            .loss_sum(
+                token_tensor(&ids, batch.len(), seq, device),
+                &inputs,
+                &targets.to_device(model.config().vocab_size, device),
+            )
+            .into_scalar()
+            .elem();
         loss_sum += f64::from(sum);
         tokens += targets.count;
         on_batch(targets.count);

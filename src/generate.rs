@@ -2,9 +2,9 @@
 //! whole sequence (no key/value cache): simple and exact, and fast enough for small models and
 //! short answers; serving is where a cache belongs.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::ElementConversion;
 
+use crate::kernels::Kernels;
 use crate::error::Result;
 use crate::model::{token_tensor, AttentionInputs, StageModel, TokenLayout};
 use crate::tokenizer::Tokenizer;
@@ -21,7 +21,7 @@ pub struct GenerationOptions {
 }
 
 /// Continues `prompt` (token ids) greedily and returns the new text.
-pub fn generate<B: Backend>(
+pub fn generate<B: Kernels>(
     model: &StageModel<B>,
     tokenizer: &Tokenizer,
     prompt: &[u32],

@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod interrupt;
+pub mod kernels;
 pub mod model;
 pub mod plan;
 pub mod tokenizer;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use burn::tensor::backend::Backend;
+use pp::kernels::Kernels;
 use indicatif::{ProgressBar, ProgressStyle};
 use pp::model::loss::IGNORE_INDEX;
 use pp::model::StageModel;
@@ -39,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     pp::with_backend!(device, |B, dev| evaluate_on::<B>(&args, &device, &dev))
 }
 
-fn evaluate_on<B: Backend>(
+fn evaluate_on<B: Kernels>(
     args: &Args,
     target: &pp::device::Device,
     device: &B::Device,

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use burn::tensor::backend::Backend;
+use pp::kernels::Kernels;
 use pp::generate::{generate, GenerationOptions};
 use pp::model::StageModel;
 use pp::tokenizer::{Message, Tokenizer};
@@ -36,7 +36,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     pp::with_backend!(device, |B, dev| generate_on::<B>(&args, &device, &dev))
 }
 
-fn generate_on<B: Backend>(
+fn generate_on<B: Kernels>(
     args: &Args,
     target: &pp::device::Device,
     device: &B::Device,

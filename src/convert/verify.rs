@@ -3,10 +3,10 @@
 //! One part of one model is in memory at a time, so checking a large model needs about one
 //! layer's memory in float32.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
 use pp_stages::StageSlice;
 
+use crate::kernels::Kernels;
 use crate::checkpoint::{ModelFiles, OwnedWeights, WeightSource};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -29,7 +29,7 @@ pub struct VerifyReport {
 
 /// Runs `source` and `converted` side by side. With `cast`, the source's weights are first
 /// rounded to that dtype, as the conversion did, so the comparison is exact either way.
-pub fn verify<B: Backend>(
+pub fn verify<B: Kernels>(
     source: &ModelFiles,
     converted: &ModelFiles,
     cast: Option<DType>,

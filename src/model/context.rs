@@ -2,11 +2,12 @@
 //! the attention mask. Built once per micro-batch from a [`TokenLayout`] and reused by all layers.
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, DType, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
 use super::layers::in_dtype;
 use super::rope::RotaryEmbedding;
+use crate::kernels::AttentionSpec;
 
 /// Where each token of a `[batch, seq]` block sits: its position id and the document it belongs
 /// to. Tokens attend only to earlier tokens of the same document (packing keeps documents apart).
@@ -32,14 +33,6 @@ impl TokenLayout {
             documents: vec![0; batch * seq],
         }
     }
-
-    /// Whether query `q` may not attend to key `k` in row `row`.
-    fn blocked(&self, row: usize, q: usize, k: usize, window: Option<usize>) -> bool {
-        let base = row * self.seq;
-        k > q
-            || self.documents[base + q] != self.documents[base + k]
-            || window.is_some_and(|w| q - k >= w)
-    }
 }
 
 /// Rotary tables and mask for one block, on the device, and the dtype the block computes in.
@@ -49,14 +42,11 @@ pub struct AttentionInputs<B: Backend> {
     cos: Tensor<B, 4>,
     /// `[batch, 1, seq, head_dim]`, in the compute dtype.
     sin: Tensor<B, 4>,
-    /// `[batch, 1, seq, seq]`, true where attention is not allowed.
-    mask: Tensor<B, 4, Bool>,
+    /// Which keys each query sees (causal, per document, sliding window).
+    spec: AttentionSpec<B>,
     /// Matmuls and activations run in this dtype: float32, or bfloat16 under mixed precision.
     compute: DType,
 }
-
-/// Put in place of masked scores (in float32): far below any real score, yet finite.
-const MASKED_SCORE: f32 = -1.0e9;
 
 impl<B: Backend> AttentionInputs<B> {
     /// Builds the tables and mask for `layout` under `cfg` (causal, per document, and Mistral's
@@ -69,18 +59,18 @@ impl<B: Backend> AttentionInputs<B> {
         let table = |values: Vec<f32>| {
             Tensor::<B, 4>::from_data(TensorData::new(values, [batch, 1, seq, dim]), device)
         };
-        let mut mask = Vec::with_capacity(batch * seq * seq);
-        for row in 0..batch {
-            for q in 0..seq {
-                for k in 0..seq {
-                    mask.push(layout.blocked(row, q, k, cfg.sliding_window));
-                }
-            }
-        }
+        let documents: Vec<i64> = layout.documents.iter().map(|&d| i64::from(d)).collect();
+        let documents =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(documents, [batch, seq]), device);
         Self {
             cos: table(cos),
             sin: table(sin),
-            mask: Tensor::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device),
+            spec: AttentionSpec::new(
+                documents,
+                cfg.sliding_window,
+                (dim as f64).powf(-0.5),
+                cfg.num_heads,
+            ),
             compute: DType::F32,
         }
     }
@@ -91,7 +81,7 @@ impl<B: Backend> AttentionInputs<B> {
         Self {
             cos: in_dtype(self.cos, dtype),
             sin: in_dtype(self.sin, dtype),
-            mask: self.mask,
+            spec: self.spec,
             compute: dtype,
         }
     }
@@ -106,7 +96,7 @@ impl<B: Backend> AttentionInputs<B> {
         AttentionInputs {
             cos: Tensor::from_inner(self.cos.clone()),
             sin: Tensor::from_inner(self.sin.clone()),
-            mask: Tensor::from_inner(self.mask.clone()),
+            spec: self.spec.to_autodiff(),
             compute: self.compute,
         }
     }
@@ -123,30 +113,8 @@ impl<B: Backend> AttentionInputs<B> {
         x * expand(&self.cos) + rotated * expand(&self.sin)
     }
 
-    /// Replaces the scores `[batch, heads, seq, seq]` of blocked pairs.
-    pub fn mask_scores(&self, scores: Tensor<B, 4>) -> Tensor<B, 4> {
-        let shape = scores.dims();
-        scores.mask_fill(self.mask.clone().expand(shape), MASKED_SCORE)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mask_is_causal_windowed_and_per_document() {
-        let mut layout = TokenLayout::contiguous(1, 5);
-        layout.documents = vec![0, 0, 0, 1, 1];
-        let allowed = |q, k, w| !layout.blocked(0, q, k, w);
-        assert!(allowed(2, 0, None));
-        assert!(!allowed(1, 2, None), "future token");
-        assert!(!allowed(3, 2, None), "other document");
-        assert!(allowed(4, 3, None));
-        assert!(allowed(2, 1, Some(2)));
-        assert!(
-            !allowed(2, 0, Some(2)),
-            "outside the window of 2 (itself and one before)"
-        );
+    /// Which keys each query sees.
+    pub fn spec(&self) -> &AttentionSpec<B> {
+        &self.spec
     }
 }

@@ -2,7 +2,7 @@
 //! (`self_attn.q_proj.weight`, `mlp.gate_proj.weight`, …), so a module path is a tensor name.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
@@ -10,6 +10,7 @@ use super::config::ModelConfig;
 use super::context::AttentionInputs;
 use crate::checkpoint::{read_f32, WeightSource};
 use crate::error::Result;
+use crate::kernels::Kernels;
 
 /// Makes a parameter from host values.
 pub(crate) fn param<B: Backend, const D: usize>(
@@ -146,6 +147,9 @@ impl<B: Backend> Attention<B> {
         })
     }
 
+}
+
+impl<B: Kernels> Attention<B> {
     /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
@@ -156,28 +160,8 @@ impl<B: Backend> Attention<B> {
         let q = inputs.rotate(split_heads(self.q_proj.forward(x.clone()), heads));
         let k = inputs.rotate(split_heads(self.k_proj.forward(x.clone()), kv_heads));
         let v = split_heads(self.v_proj.forward(x), kv_heads);
-        // Each key/value head serves `heads / kv_heads` consecutive query heads.
-        let groups = heads / kv_heads;
-        let repeat_kv = |t: Tensor<B, 4>| {
-            if groups == 1 {
-                t
-            } else {
-                t.reshape([batch, kv_heads, 1, seq, dim])
-                    .repeat_dim(2, groups)
-                    .reshape([batch, heads, seq, dim])
-            }
-        };
-        let (k, v) = (repeat_kv(k), repeat_kv(v));
-        let scores = q.matmul(k.swap_dims(2, 3)) * (dim as f64).powf(-0.5);
-        // Mask and softmax in float32 (the mask's fill value is finite there whatever the compute
-        // dtype), back to the compute dtype for the product with the values.
-        let dtype = scores.dtype();
-        let probs = in_dtype(
-            softmax(inputs.mask_scores(in_dtype(scores, DType::F32)), 3),
-            dtype,
-        );
-        let out = probs
-            .matmul(v)
+        // Tiled: neither the scores nor repeated keys and values are materialised.
+        let out = B::flash_attention(q, k, v, inputs.spec())
             .swap_dims(1, 2)
             .reshape([batch, seq, heads * dim]);
         self.o_proj.forward(out)
@@ -257,6 +241,9 @@ impl<B: Backend> DecoderLayer<B> {
         })
     }
 
+}
+
+impl<B: Kernels> DecoderLayer<B> {
     /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
         let h = x.clone()

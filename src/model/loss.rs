@@ -5,6 +5,8 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
+use crate::kernels::LossTargets;
+
 /// The label that marks a position without loss.
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -41,8 +43,18 @@ impl Targets {
     }
 }
 
-/// Summed cross-entropy `[1]` of `logits` `[batch, seq, vocab]` against `targets`. Divide by
-/// [`Targets::count`] (or by the count of a whole step) for the token-weighted mean.
+impl Targets {
+    /// The targets on `device`, chunked for a vocabulary of `vocab` (for
+    /// [`Kernels::head_loss`](crate::kernels::Kernels::head_loss)).
+    pub fn to_device<B: Backend>(&self, vocab: usize, device: &B::Device) -> LossTargets<B> {
+        LossTargets::new(self.ids.clone(), self.weights.clone(), vocab, device)
+    }
+}
+
+/// Summed cross-entropy `[1]` of `logits` `[batch, seq, vocab]` against `targets`, the plain
+/// composition that the fused [`head_loss`](crate::kernels::Kernels::head_loss) is tested
+/// against. Divide
+/// by [`Targets::count`] (or by the count of a whole step) for the token-weighted mean.
 pub fn cross_entropy_sum<B: Backend>(logits: Tensor<B, 3>, targets: &Targets) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
     let device = logits.device();

@@ -8,10 +8,11 @@ use pp_stages::StageSlice;
 
 use super::config::ModelConfig;
 use super::context::AttentionInputs;
-use super::layers::{load_param, DecoderLayer, Linear, RmsNorm};
+use super::layers::{in_dtype, load_param, DecoderLayer, Linear, RmsNorm};
 use super::names::{Part, EMBED, FINAL_NORM, LM_HEAD};
 use crate::checkpoint::WeightSource;
 use crate::error::{Error, Result};
+use crate::kernels::{Kernels, LossTargets};
 
 /// Token embedding table.
 #[derive(Module, Debug)]
@@ -110,55 +111,6 @@ impl<B: Backend> StageModel<B> {
         &self.config
     }
 
-    /// Token ids `[batch, seq]` to embeddings `[batch, seq, hidden]` in the compute dtype.
-    /// Panics if the stage does not own the embedding; callers check [`StageSlice::is_first`].
-    pub fn embed(&self, input_ids: Tensor<B, 2, Int>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
-        let table = self
-            .embed_tokens
-            .as_ref()
-            .expect("stage owns the embedding");
-        inputs.compute(burn::tensor::module::embedding(
-            table.weight.val(),
-            input_ids,
-        ))
-    }
-
-    /// Runs the stage's decoder layers on hidden states `[batch, seq, hidden]` (from the
-    /// previous stage in any dtype; computed in the block's).
-    pub fn run_layers(&self, hidden: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
-        self.layers
-            .iter()
-            .fold(inputs.compute(hidden), |h, layer| layer.forward(h, inputs))
-    }
-
-    /// Final norm and output projection: `[batch, seq, hidden] -> [batch, seq, vocab]`, in the
-    /// compute dtype (the loss takes them to float32). Panics if the stage does not own the
-    /// head; callers check [`StageSlice::is_last`].
-    pub fn logits(&self, hidden: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
-        let norm = self.norm.as_ref().expect("stage owns the head");
-        let hidden = norm.forward(inputs.compute(hidden));
-        match (&self.lm_head, &self.embed_tokens) {
-            (Some(head), _) => head.forward(hidden),
-            (None, Some(tied)) => Linear {
-                weight: tied.weight.clone(),
-            }
-            .forward(hidden),
-            (None, None) => unreachable!("load() gives a head stage an output weight"),
-        }
-    }
-
-    /// The whole slice for a stage that owns every part: ids `[batch, seq]` to logits.
-    pub fn forward(
-        &self,
-        input_ids: Tensor<B, 2, Int>,
-        inputs: &AttentionInputs<B>,
-    ) -> Tensor<B, 3> {
-        self.logits(
-            self.run_layers(self.embed(input_ids, inputs), inputs),
-            inputs,
-        )
-    }
-
     /// The parts this stage runs, in forward order (layers numbered as in the whole model).
     pub fn parts(&self) -> Vec<Part> {
         let embedding = self.slice.embedding.then_some(Part::Embedding);
@@ -212,6 +164,95 @@ impl<B: Backend> StageModel<B> {
         };
         self.visit(&mut collector);
         collector.names
+    }
+}
+
+impl<B: Kernels> StageModel<B> {
+    /// Token ids `[batch, seq]` to embeddings `[batch, seq, hidden]` in the compute dtype.
+    /// Panics if the stage does not own the embedding; callers check [`StageSlice::is_first`].
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
+        let table = self
+            .embed_tokens
+            .as_ref()
+            .expect("stage owns the embedding");
+        inputs.compute(burn::tensor::module::embedding(
+            table.weight.val(),
+            input_ids,
+        ))
+    }
+
+    /// Runs the stage's decoder layers on hidden states `[batch, seq, hidden]` (from the
+    /// previous stage in any dtype; computed in the block's).
+    pub fn run_layers(&self, hidden: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
+        self.layers
+            .iter()
+            .fold(inputs.compute(hidden), |h, layer| layer.forward(h, inputs))
+    }
+
+    /// The final norm's output `[batch, seq, hidden]` and the output weight `[vocab, hidden]`,
+    /// both in the compute dtype. Panics if the stage does not own the head; callers check
+    /// [`StageSlice::is_last`].
+    fn head_inputs(
+        &self,
+        hidden: Tensor<B, 3>,
+        inputs: &AttentionInputs<B>,
+    ) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let norm = self.norm.as_ref().expect("stage owns the head");
+        let hidden = norm.forward(inputs.compute(hidden));
+        let weight = match (&self.lm_head, &self.embed_tokens) {
+            (Some(head), _) => head.weight.val(),
+            (None, Some(tied)) => tied.weight.val(),
+            (None, None) => unreachable!("load() gives a head stage an output weight"),
+        };
+        let weight = in_dtype(weight, hidden.dtype());
+        (hidden, weight)
+    }
+
+    /// Final norm and output projection: `[batch, seq, hidden] -> [batch, seq, vocab]`, in the
+    /// compute dtype.
+    pub fn logits(&self, hidden: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
+        let (hidden, weight) = self.head_inputs(hidden, inputs);
+        Linear {
+            weight: Param::from_tensor(weight),
+        }
+        .forward(hidden)
+    }
+
+    /// Final norm, output projection and summed cross-entropy `[1]` against `targets`, fused
+    /// so that no `[tokens, vocab]` logits exist (see [`crate::kernels::head_loss`]).
+    pub fn head_loss(
+        &self,
+        hidden: Tensor<B, 3>,
+        inputs: &AttentionInputs<B>,
+        targets: &LossTargets<B>,
+    ) -> Tensor<B, 1> {
+        let (hidden, weight) = self.head_inputs(hidden, inputs);
+        let [batch, seq, dim] = hidden.dims();
+        B::head_loss(hidden.reshape([batch * seq, dim]), weight, targets)
+    }
+
+    /// The whole slice for a stage that owns every part: ids `[batch, seq]` to the summed
+    /// loss `[1]` against `targets`.
+    pub fn loss_sum(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        inputs: &AttentionInputs<B>,
+        targets: &LossTargets<B>,
+    ) -> Tensor<B, 1> {
+        let hidden = self.run_layers(self.embed(input_ids, inputs), inputs);
+        self.head_loss(hidden, inputs, targets)
+    }
+
+    /// The whole slice for a stage that owns every part: ids `[batch, seq]` to logits.
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        inputs: &AttentionInputs<B>,
+    ) -> Tensor<B, 3> {
+        self.logits(
+            self.run_layers(self.embed(input_ids, inputs), inputs),
+            inputs,
+        )
     }
 }
 

@@ -9,12 +9,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use pp_stages::Partition;
 use serde::{Deserialize, Serialize};
 
 use super::optim::{Optimizer, OptimizerState, ParamState};
+use crate::kernels::TrainBackend;
 use crate::checkpoint::hf_writer::SafetensorsWriter;
 use crate::checkpoint::{ModelInfo, OwnedWeights, TensorSink, TensorSpec};
 use crate::convert::{write_native_model, Staging};
@@ -101,7 +102,7 @@ pub fn prune(checkpoints: &Path, keep: usize, just_saved: &Path) -> Result<()> {
 
 /// Writes the checkpoint of a whole model held by one runner: weights in `dtype` with
 /// `partition`, the optimizer state split by the stages of the partition, and `state`.
-pub fn save<B: AutodiffBackend>(
+pub fn save<B: TrainBackend>(
     dir: &Path,
     model: &StageModel<B>,
     optimizer_state: &OptimizerState<B::InnerBackend>,

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use pp_stages::schedule::{simulate, Action, Costs, Pass, Transfer};
 use pp_stages::Schedule;
@@ -15,6 +15,7 @@ use pp_transport::{Kind, Tag, TensorMessage, Transport, TransportError};
 
 use super::runtime::{StageOutput, StageRunner};
 use super::trainer::clip_scale;
+use crate::kernels::TrainBackend;
 use crate::data::MicroBatch;
 use crate::model::layers::in_dtype;
 use crate::model::names::EMBED;
@@ -33,7 +34,7 @@ pub struct PipelineStep {
 }
 
 /// One rank's stages and its connection to the others.
-pub struct RankWorker<B: AutodiffBackend> {
+pub struct RankWorker<B: TrainBackend> {
     schedule: Schedule,
     runners: BTreeMap<usize, StageRunner<B>>,
     tied: bool,
@@ -42,7 +43,7 @@ pub struct RankWorker<B: AutodiffBackend> {
     device: B::Device,
 }
 
-impl<B: AutodiffBackend> RankWorker<B> {
+impl<B: TrainBackend> RankWorker<B> {
     /// A worker for `transport.rank()` running `runners` (by stage) under `schedule`.
     /// `tied` says the model ties its embedding and output weight.
     pub fn new(

@@ -16,15 +16,16 @@
 use std::collections::{HashMap, HashSet};
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use super::optim::{Optimizer, OptimizerState, Stepper};
 use crate::data::MicroBatch;
 use crate::dtype::DType;
 use crate::model::layers::in_dtype;
-use crate::model::loss::{cross_entropy_sum, Targets};
+use crate::model::loss::Targets;
 use crate::model::names::Part;
+use crate::kernels::{Kernels, TrainBackend};
 use crate::model::{token_tensor, AttentionInputs, StageModel};
 
 /// Held while a backward pass builds and consumes its graphs, and while a step makes new
@@ -88,7 +89,7 @@ enum PartOutput<B: Backend> {
 }
 
 /// What a part keeps between its forward and backward.
-enum Saved<B: AutodiffBackend> {
+enum Saved<B: TrainBackend> {
     /// The part's graph: its input leaf (none for token ids) and its output.
     Graph {
         input: Option<Tensor<B, 3>>,
@@ -100,7 +101,7 @@ enum Saved<B: AutodiffBackend> {
     Host(TensorData),
 }
 
-impl<B: AutodiffBackend> Saved<B> {
+impl<B: TrainBackend> Saved<B> {
     /// The part's input, back on the device: for the entries that keep inputs, not graphs.
     fn into_input(self, device: &B::Device) -> Activation<B::InnerBackend> {
         match self {
@@ -112,7 +113,7 @@ impl<B: AutodiffBackend> Saved<B> {
 }
 
 /// One micro-batch in flight: what its parts need again in backward.
-struct InFlight<B: AutodiffBackend> {
+struct InFlight<B: TrainBackend> {
     attention: AttentionInputs<B::InnerBackend>,
     targets: Targets,
     saved: Vec<Saved<B>>,
@@ -132,7 +133,7 @@ pub enum StageOutput<B: Backend> {
 }
 
 /// Runs one stage's parts and owns its optimizer state.
-pub struct StageRunner<B: AutodiffBackend> {
+pub struct StageRunner<B: TrainBackend> {
     model: StageModel<B>,
     /// The same parameters without autodiff, for forward passes that build no graph; rebuilt
     /// after each step.
@@ -164,7 +165,7 @@ pub struct StageRunner<B: AutodiffBackend> {
 
 /// What a W pass needs: each part's input and the gradient of its output (or, for the head,
 /// the loss scale), with the micro-batch's attention inputs and targets.
-struct PendingWeight<B: AutodiffBackend> {
+struct PendingWeight<B: TrainBackend> {
     attention: AttentionInputs<B::InnerBackend>,
     targets: Targets,
     parts: Vec<WeightWork<B::InnerBackend>>,
@@ -191,7 +192,7 @@ impl<B: Backend> Upstream<B> {
     }
 }
 
-impl<B: AutodiffBackend> StageRunner<B> {
+impl<B: TrainBackend> StageRunner<B> {
     /// A runner for `model`, with fresh optimizer state.
     pub fn new(
         model: StageModel<B>,
@@ -608,7 +609,7 @@ impl<B: AutodiffBackend> StageRunner<B> {
 }
 
 /// Runs one part of `model` on `input`.
-fn run_part<BB: Backend>(
+fn run_part<BB: Kernels>(
     model: &StageModel<BB>,
     part: Part,
     input: &Activation<BB>,
@@ -629,15 +630,16 @@ fn run_part<BB: Backend>(
             // A previous stage's output arrives in float32 from the wire.
             PartOutput::Hidden(layer.forward(attention.compute(hidden(input)), attention))
         }
-        Part::Head => PartOutput::Loss(cross_entropy_sum(
-            model.logits(hidden(input), attention),
-            targets,
-        )),
+        Part::Head => {
+            let hidden = hidden(input);
+            let targets = targets.to_device(model.config().vocab_size, &hidden.device());
+            PartOutput::Loss(model.head_loss(hidden, attention, &targets))
+        }
     }
 }
 
 /// The input of a part as a leaf of a new graph on the autodiff backend.
-fn lift<B: AutodiffBackend>(input: &Activation<B::InnerBackend>) -> Activation<B> {
+fn lift<B: TrainBackend>(input: &Activation<B::InnerBackend>) -> Activation<B> {
     match input {
         Activation::Tokens(ids) => Activation::Tokens(Tensor::from_inner(ids.clone())),
         Activation::Hidden(h) => Activation::Hidden(Tensor::from_inner(h.clone()).require_grad()),
@@ -645,7 +647,7 @@ fn lift<B: AutodiffBackend>(input: &Activation<B::InnerBackend>) -> Activation<B
 }
 
 /// A part's output as a plain value for the next part.
-fn detach<B: AutodiffBackend>(output: &PartOutput<B>) -> PartOutput<B::InnerBackend> {
+fn detach<B: TrainBackend>(output: &PartOutput<B>) -> PartOutput<B::InnerBackend> {
     match output {
         PartOutput::Hidden(h) => PartOutput::Hidden(h.clone().inner()),
         PartOutput::Loss(l) => PartOutput::Loss(l.clone().inner()),
@@ -654,7 +656,7 @@ fn detach<B: AutodiffBackend>(output: &PartOutput<B>) -> PartOutput<B::InnerBack
 
 /// Backpropagates from a part's output: its scaled loss, or its output times the gradient that
 /// came from above.
-fn seed<B: AutodiffBackend>(
+fn seed<B: TrainBackend>(
     output: PartOutput<B>,
     upstream: &Upstream<B::InnerBackend>,
 ) -> B::Gradients {
@@ -688,13 +690,13 @@ pub(crate) fn as_matrix<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B
 
 /// Moves each parameter's gradient out of a backward pass into the store, adding it to what
 /// earlier micro-batches (or the other use of a tied weight) left there.
-struct GradCollector<'a, B: AutodiffBackend> {
+struct GradCollector<'a, B: TrainBackend> {
     names: &'a HashMap<ParamId, String>,
     grads: &'a mut B::Gradients,
     store: &'a mut GradStore<B::InnerBackend>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
+impl<B: TrainBackend> ModuleVisitor<B> for GradCollector<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let Some(grad) = param.val().grad_remove(self.grads) else {
             return;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use pp_stages::{Partition, StageSlice};
 
@@ -15,6 +15,7 @@ use super::metrics::MetricsLog;
 use super::optim::{Optimizer, Rounder};
 use super::runtime::{as_matrix, MemorySavers, Precision, StageOutput, StageRunner};
 use super::schedule::LrSchedule;
+use crate::kernels::TrainBackend;
 use crate::checkpoint::{checksum::Checksum, Format, ModelInfo, WeightSource};
 use crate::data::{
     read_jsonl, split_validation, LossOn, MicroBatch, RowOptions, RowTemplate, Sequence,
@@ -169,7 +170,7 @@ pub struct TrainReport {
 }
 
 /// Trains on `device` as `options` say.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: TrainBackend>(
     options: &TrainOptions,
     device: B::Device,
     observer: &mut dyn Observer,
@@ -459,7 +460,7 @@ impl Run<'_> {
 }
 
 /// The whole model on one device, in one runner.
-struct SingleDevice<'a, B: AutodiffBackend> {
+struct SingleDevice<'a, B: TrainBackend> {
     runner: StageRunner<B>,
     info: &'a ModelInfo,
     /// The partition checkpoints are written with.
@@ -468,7 +469,7 @@ struct SingleDevice<'a, B: AutodiffBackend> {
     pad_id: u32,
 }
 
-impl<B: AutodiffBackend> Engine for SingleDevice<'_, B> {
+impl<B: TrainBackend> Engine for SingleDevice<'_, B> {
     /// The rows `--micro-batch-size` at a time, each micro-batch's backward right after its
     /// forward (so one graph is alive at a time), then the step.
     fn step(
@@ -571,7 +572,7 @@ pub(super) struct RunSetup {
 impl RunSetup {
     /// A runner for `slice`, loaded from `weights` in the training dtype, with the optimizer
     /// state of the checkpoint being resumed, if any.
-    pub fn stage_runner<B: AutodiffBackend>(
+    pub fn stage_runner<B: TrainBackend>(
         &self,
         options: &TrainOptions,
         slice: StageSlice,
@@ -893,7 +894,7 @@ fn output_partition(info: &ModelInfo) -> Result<Partition> {
     }
 }
 
-fn param_shapes<B: AutodiffBackend>(model: &StageModel<B>) -> HashMap<String, [usize; 2]> {
+fn param_shapes<B: TrainBackend>(model: &StageModel<B>) -> HashMap<String, [usize; 2]> {
     struct Shapes(HashMap<ParamId, [usize; 2]>);
     impl<B: Backend> ModuleVisitor<B> for Shapes {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use burn::tensor::backend::AutodiffBackend;
 use pp_stages::{Partition, Schedule, ScheduleKind};
 use pp_transport::{Transport, TransportError};
 
@@ -17,6 +16,7 @@ use super::trainer::{
     check_options, device_note, pad_token, set_up, Engine, StepOutcome, TrainOptions, TrainReport,
 };
 use super::Observer;
+use crate::kernels::TrainBackend;
 use crate::checkpoint::native::{stage_file_name, StageEntry};
 use crate::checkpoint::{Format, ModelInfo, OwnedWeights, WeightSource};
 use crate::convert::{write_native_manifest, write_native_stages};
@@ -44,7 +44,7 @@ const RECEIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Trains this rank's share of the pipeline; `run_id` names the shared staging directory of
 /// the final checkpoint (the same on every rank).
-pub fn train_rank<B: AutodiffBackend>(
+pub fn train_rank<B: TrainBackend>(
     options: &TrainOptions,
     pipeline: &PipelineOptions,
     transport: Box<dyn Transport>,
@@ -141,7 +141,7 @@ pub fn train_rank<B: AutodiffBackend>(
 }
 
 /// This rank's share of a pipeline.
-struct PipelineRank<'a, B: AutodiffBackend> {
+struct PipelineRank<'a, B: TrainBackend> {
     worker: RankWorker<B>,
     shared: SharedOutput<'a>,
     microbatches: usize,
@@ -149,7 +149,7 @@ struct PipelineRank<'a, B: AutodiffBackend> {
     max_grad_norm: Option<f64>,
 }
 
-impl<B: AutodiffBackend> Engine for PipelineRank<'_, B> {
+impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
     fn step(
         &mut self,
         step: u64,
@@ -265,7 +265,7 @@ fn split_micro_batches(
 }
 
 /// Names the stages behind a transport failure.
-fn peer_error<B: AutodiffBackend>(error: TransportError, worker: &RankWorker<B>) -> Error {
+fn peer_error<B: TrainBackend>(error: TransportError, worker: &RankWorker<B>) -> Error {
     let stages = |rank: usize| worker.schedule().stages_of(rank);
     match error {
         TransportError::PeerLost { rank } => Error::Training(format!(
@@ -295,7 +295,7 @@ impl SharedOutput<'_> {
     /// Every rank writes its stage files (and with `state`, a training checkpoint's optimizer
     /// files) into one staging directory beside `target`; after a barrier, rank 0 writes the
     /// manifest from their entries (and `trainer.json`) and renames the directory into place.
-    fn write<B: AutodiffBackend>(
+    fn write<B: TrainBackend>(
         &self,
         worker: &RankWorker<B>,
         target: &Path,

@@ -9,7 +9,8 @@ use burn::tensor::{ElementConversion, Int, Tensor};
 use pp::checkpoint::SafetensorsWeights;
 use pp::data::Sequence;
 use pp::device::{Device, DeviceSpec};
-use pp::model::loss::{cross_entropy_sum, Targets};
+use pp::kernels::Kernels;
+use pp::model::loss::Targets;
 use pp::model::{token_tensor, AttentionInputs, ModelConfig, StageModel, TokenLayout};
 use pp_stages::StageSlice;
 
@@ -117,7 +118,7 @@ pub fn run_pipeline(name: &str, slices: &[StageSlice], device: DeviceSpec) -> Pi
     pp::with_backend!(device, |B, dev| run_pipeline_on::<B>(name, slices, &dev))
 }
 
-fn run_pipeline_on<I: Backend>(
+fn run_pipeline_on<I: Kernels>(
     name: &str,
     slices: &[StageSlice],
     device: &I::Device,
@@ -148,8 +149,11 @@ fn run_pipeline_on<I: Backend>(
         stage_outputs.push(out);
     }
     let last = stages.last().unwrap();
-    let logits = last.logits(stage_outputs.pop().unwrap(), inputs);
-    let loss_tensor = cross_entropy_sum(logits.clone(), targets) / targets.count as f64;
+    let last_hidden = stage_outputs.pop().unwrap();
+    let logits = last.logits(last_hidden.clone(), inputs);
+    // The loss, and so every gradient, comes from the fused head loss.
+    let device_targets = targets.to_device(config.vocab_size, device);
+    let loss_tensor = last.head_loss(last_hidden, inputs, &device_targets) / targets.count as f64;
     let loss = loss_tensor.clone().into_scalar().elem::<f32>();
 
     // Backward: the last stage from the loss, every earlier stage from the gradient of the next

@@ -4,10 +4,11 @@ use std::collections::HashMap;
 
 use burn::backend::Autodiff;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use pp::data::MicroBatch;
 use pp::device::{Device, DeviceSpec};
+use pp::kernels::TrainBackend;
 use pp::model::StageModel;
 use pp::train::optim::Optimizer;
 use pp::train::runtime::{MemorySavers, Precision, StageOutput, StageRunner};
@@ -82,7 +83,7 @@ pub fn train_steps(name: &str, optimizer: &Optimizer, lr: f64, steps: usize, set
     })
 }
 
-fn train_steps_on<B: AutodiffBackend>(
+fn train_steps_on<B: TrainBackend>(
     name: &str,
     optimizer: &Optimizer,
     lr: f64,

@@ -1,0 +1,141 @@
+//! The kernels as single nodes of Burn's autodiff graph: the node keeps what the inner
+//! backend's forward saved, and its backward step calls the inner backend's backward. Without
+//! this, autodiff would record (and keep) every intermediate of the tiled compositions.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::Autodiff;
+use burn::tensor::backend::{Backend, BackendTypes};
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use super::attention::{AttentionSpec, Saved as AttentionSaved};
+use super::head_loss::{LossTargets, Saved as HeadLossSaved};
+use super::Kernels;
+
+type AutodiffPrimitive<B> = <Autodiff<B> as BackendTypes>::FloatTensorPrimitive;
+
+/// The autodiff primitive of a float tensor (its inner value and graph node).
+fn primitive<B: Backend, C: CheckpointStrategy, const D: usize>(
+    t: Tensor<Autodiff<B, C>, D>,
+) -> AutodiffPrimitive<B> {
+    t.into_primitive().tensor()
+}
+
+/// A plain tensor of the inner backend from its primitive.
+fn inner<B: Backend, const D: usize>(primitive: B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// Registers `grad` for the parent `node`, when that parent wants a gradient.
+fn register<B: Backend, const D: usize>(
+    grads: &mut Gradients,
+    node: Option<NodeId>,
+    grad: Tensor<B, D>,
+) {
+    if let Some(node) = node {
+        grads.register::<B>(node, grad.into_primitive().tensor());
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: Kernels> Backward<B, 3> for AttentionBackward {
+    type State = (AttentionSaved<B>, AttentionSpec<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad_output = inner::<B, 4>(grads.consume::<B>(&ops.node));
+        let (saved, spec) = ops.state;
+        let result = B::flash_attention_backward(saved, grad_output, &spec);
+        let [q, k, v] = ops.parents.map(|parent| parent.map(|node| node.id));
+        register(grads, q, result.q);
+        register(grads, k, result.k);
+        register(grads, v, result.v);
+    }
+}
+
+#[derive(Debug)]
+struct HeadLossBackward;
+
+impl<B: Kernels> Backward<B, 2> for HeadLossBackward {
+    type State = (HeadLossSaved<B>, LossTargets<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad_loss = inner::<B, 1>(grads.consume::<B>(&ops.node));
+        let (saved, targets) = ops.state;
+        let result = B::head_loss_backward(saved, grad_loss, &targets);
+        let [hidden, weight] = ops.parents.map(|parent| parent.map(|node| node.id));
+        register(grads, hidden, result.hidden);
+        register(grads, weight, result.weight);
+    }
+}
+
+impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
+    fn flash_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        spec: &AttentionSpec<Self>,
+    ) -> Tensor<Self, 4> {
+        let (q, k, v) = (primitive(q), primitive(k), primitive(v));
+        let spec = spec.to_inner();
+        let (q_in, k_in, v_in) = (
+            inner::<B, 4>(q.primitive.clone()),
+            inner::<B, 4>(k.primitive.clone()),
+            inner::<B, 4>(v.primitive.clone()),
+        );
+        let forward = B::flash_attention_forward(q_in.clone(), k_in.clone(), v_in.clone(), &spec);
+        let output = forward.output.clone().into_primitive().tensor();
+        let node = match AttentionBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let saved = AttentionSaved {
+                    q: q_in,
+                    k: k_in,
+                    v: v_in,
+                    forward,
+                };
+                prep.finish((saved, spec), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(node))
+    }
+
+    fn head_loss(
+        hidden: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        targets: &LossTargets<Self>,
+    ) -> Tensor<Self, 1> {
+        let (hidden, weight) = (primitive(hidden), primitive(weight));
+        let targets = targets.to_inner();
+        let (hidden_in, weight_in) = (
+            inner::<B, 2>(hidden.primitive.clone()),
+            inner::<B, 2>(weight.primitive.clone()),
+        );
+        let forward = B::head_loss_forward(hidden_in.clone(), weight_in.clone(), &targets);
+        let loss = forward.loss.into_primitive().tensor();
+        let node = match HeadLossBackward
+            .prepare::<C>([hidden.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let saved = HeadLossSaved {
+                    hidden: hidden_in,
+                    weight: weight_in,
+                    log_sum_exp: forward.log_sum_exp,
+                };
+                prep.finish((saved, targets), loss)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(loss),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(node))
+    }
+}

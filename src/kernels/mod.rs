@@ -1,0 +1,122 @@
+//! The operations that decide a training step's memory, as backend operations with their own
+//! backward: tiled attention ([`Kernels::flash_attention`]) and the fused output projection + cross-entropy
+//! ([`Kernels::head_loss`]).
+//!
+//! Burn's autodiff would keep every intermediate of the plain compositions for backward — the
+//! `[batch, heads, seq, seq]` scores and probabilities of every layer, and the `[tokens, vocab]`
+//! logits, log-probabilities and their gradient. Here the forward pass works one tile of rows
+//! at a time and keeps only what backward needs to recompute a tile (attention: the output and
+//! each row's log-sum-exp; the head: each token's log-sum-exp), so those transients are one
+//! tile's worth whatever the sequence length.
+//!
+//! [`Kernels`] is the extension point: every backend gets the tiled compositions of tensor
+//! operations, and `Autodiff<B>` registers them as single graph nodes whose backward is the
+//! tiled backward. A backend with its own fused kernels overrides the `*_forward` and
+//! `*_backward` methods.
+
+pub mod attention;
+mod autodiff;
+pub mod head_loss;
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+
+pub use attention::{AttentionForward, AttentionGrads, AttentionSpec};
+pub use head_loss::{HeadLossForward, HeadLossGrads, LossTargets};
+
+/// A backend that runs pp's model: tensor operations plus the kernels above.
+pub trait Kernels: Backend {
+    /// Softmax attention of queries `[batch, heads, seq, dim]` over keys and values
+    /// `[batch, kv_heads, seq, dim]` (grouped-query attention: `heads / kv_heads` consecutive
+    /// query heads share one key/value head), masked as `spec` says.
+    fn flash_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        spec: &AttentionSpec<Self>,
+    ) -> Tensor<Self, 4> {
+        Self::flash_attention_forward(q, k, v, spec).output
+    }
+
+    /// The attention output and each query row's log-sum-exp, a tile of queries at a time.
+    fn flash_attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        spec: &AttentionSpec<Self>,
+    ) -> AttentionForward<Self> {
+        attention::forward(q, k, v, spec)
+    }
+
+    /// Gradients of queries, keys and values, recomputing each tile's probabilities from the
+    /// saved log-sum-exp.
+    fn flash_attention_backward(
+        saved: AttentionSaved<Self>,
+        grad_output: Tensor<Self, 4>,
+        spec: &AttentionSpec<Self>,
+    ) -> AttentionGrads<Self> {
+        attention::backward(saved, grad_output, spec)
+    }
+
+    /// Summed cross-entropy `[1]` of the logits `hidden · weightᵀ` (`hidden` `[tokens, dim]`,
+    /// `weight` `[vocab, dim]`) against `targets`, without a whole logits tensor.
+    fn head_loss(
+        hidden: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        targets: &LossTargets<Self>,
+    ) -> Tensor<Self, 1> {
+        Self::head_loss_forward(hidden, weight, targets).loss
+    }
+
+    /// The summed loss and each token's log-sum-exp, a chunk of tokens at a time.
+    fn head_loss_forward(
+        hidden: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        targets: &LossTargets<Self>,
+    ) -> HeadLossForward<Self> {
+        head_loss::forward(hidden, weight, targets)
+    }
+
+    /// Gradients of `hidden` and `weight` for an upstream gradient `grad_loss` `[1]`,
+    /// recomputing each chunk's logits.
+    fn head_loss_backward(
+        saved: HeadLossSaved<Self>,
+        grad_loss: Tensor<Self, 1>,
+        targets: &LossTargets<Self>,
+    ) -> HeadLossGrads<Self> {
+        head_loss::backward(saved, grad_loss, targets)
+    }
+}
+
+/// What attention's backward needs from its forward.
+pub use attention::Saved as AttentionSaved;
+/// What the head loss's backward needs from its forward.
+pub use head_loss::Saved as HeadLossSaved;
+
+/// A backend that trains pp's model: autodiff over a backend with the kernels.
+pub trait TrainBackend: AutodiffBackend<InnerBackend: Kernels> + Kernels {}
+
+impl<B> TrainBackend for B
+where
+    B: AutodiffBackend + Kernels,
+    B::InnerBackend: Kernels,
+{
+}
+
+impl Kernels for crate::device::Cpu {}
+
+#[cfg(feature = "cuda")]
+impl Kernels for crate::device::Cuda {}
+
+#[cfg(feature = "wgpu")]
+impl Kernels for crate::device::Wgpu {}
+
+/// Rows per tile so that a tile of `columns`-wide float32 scores over `parallel` independent
+/// rows (batch × heads) stays near [`TILE_ELEMENTS`]; at least one row, at most `rows`.
+pub(crate) fn tile_rows(rows: usize, columns: usize, parallel: usize) -> usize {
+    (TILE_ELEMENTS / (columns * parallel).max(1)).clamp(1, rows.max(1))
+}
+
+/// The size of one tile's float32 transient: 2²⁵ elements (128 MiB), large enough that each
+/// tile's matmuls fill a GPU, small next to the `[seq, seq]` or `[tokens, vocab]` whole.
+pub(crate) const TILE_ELEMENTS: usize = 1 << 25;
