@@ -1,0 +1,254 @@
+//! The tiled attention and the fused head loss against the plain compositions they replace:
+//! values and every gradient, at shapes whose sequence, head size and token count are not
+//! multiples of the tile, with causal, per-document and sliding-window masks and several
+//! grouped-query ratios.
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+use pp::device::{Device, DeviceSpec};
+use pp::kernels::{AttentionSpec, Kernels};
+use pp::model::loss::{cross_entropy_sum, Targets, IGNORE_INDEX};
+
+crate::on_devices! {
+    attention_matches_the_composition => attention_cases;
+    head_loss_matches_the_composition => head_loss_cases;
+}
+
+/// One attention problem.
+struct Case {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    seq: usize,
+    dim: usize,
+    window: Option<usize>,
+    /// Document id of each token of each row.
+    documents: Vec<Vec<u32>>,
+    tile: usize,
+}
+
+fn attention_cases(spec: DeviceSpec) {
+    let cases = [
+        // Grouped 2:1, two documents packed in the second row, tiles of 4 over 13 rows.
+        Case {
+            batch: 2,
+            heads: 4,
+            kv_heads: 2,
+            seq: 13,
+            dim: 6,
+            window: None,
+            documents: vec![vec![0; 13], [vec![0; 5], vec![1; 8]].concat()],
+            tile: 4,
+        },
+        // Multi-query (6:1) with Mistral's sliding window, tiles of 3 over 10 rows.
+        Case {
+            batch: 1,
+            heads: 6,
+            kv_heads: 1,
+            seq: 10,
+            dim: 8,
+            window: Some(3),
+            documents: vec![vec![0; 10]],
+            tile: 3,
+        },
+        // Plain multi-head, window and documents together, one tile larger than the sequence.
+        Case {
+            batch: 1,
+            heads: 2,
+            kv_heads: 2,
+            seq: 7,
+            dim: 5,
+            window: Some(4),
+            documents: vec![vec![3, 3, 3, 7, 7, 7, 7]],
+            tile: 16,
+        },
+    ];
+    let device = Device::resolve(spec).unwrap();
+    for case in &cases {
+        pp::with_backend!(device, |B, dev| check_attention::<B>(case, &dev, spec));
+    }
+}
+
+/// Whether query `q` may not see key `k` of `row`, from the definitions.
+fn blocked(case: &Case, row: usize, q: usize, k: usize) -> bool {
+    let docs = &case.documents[row];
+    k > q || docs[q] != docs[k] || case.window.is_some_and(|w| q - k >= w)
+}
+
+/// Softmax attention as the plain composition: repeated keys and values, the whole score
+/// matrix, a dense mask.
+fn composed<B: Backend>(
+    case: &Case,
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let Case {
+        batch,
+        heads,
+        kv_heads,
+        seq,
+        dim,
+        ..
+    } = *case;
+    let groups = heads / kv_heads;
+    let repeat = |t: Tensor<B, 4>| {
+        t.reshape([batch, kv_heads, 1, seq, dim])
+            .repeat_dim(2, groups)
+            .reshape([batch, heads, seq, dim])
+    };
+    let mut mask = Vec::new();
+    for row in 0..batch {
+        for q in 0..seq {
+            mask.extend((0..seq).map(|k| blocked(case, row, q, k)));
+        }
+    }
+    let mask = Tensor::<B, 4, Bool>::from_data(
+        TensorData::new(mask, [batch, 1, seq, seq]),
+        &q.device(),
+    )
+    .expand([batch, heads, seq, seq]);
+    let scores = q.matmul(repeat(k).swap_dims(2, 3)) * (dim as f64).powf(-0.5);
+    softmax(scores.mask_fill(mask, -1.0e9), 3).matmul(repeat(v))
+}
+
+fn check_attention<B: Kernels>(case: &Case, device: &B::Device, spec: DeviceSpec) {
+    type A<X> = Autodiff<X>;
+    let Case {
+        batch,
+        heads,
+        kv_heads,
+        seq,
+        dim,
+        ..
+    } = *case;
+    let uniform = Distribution::Uniform(-1.0, 1.0);
+    let q = Tensor::<B, 4>::random([batch, heads, seq, dim], uniform, device);
+    let k = Tensor::<B, 4>::random([batch, kv_heads, seq, dim], uniform, device);
+    let v = Tensor::<B, 4>::random([batch, kv_heads, seq, dim], uniform, device);
+    let upstream = Tensor::<B, 4>::random([batch, heads, seq, dim], uniform, device);
+    let documents: Vec<i64> = case.documents.concat().into_iter().map(i64::from).collect();
+    let documents =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(documents, [batch, seq]), device);
+    let attention = AttentionSpec::new(documents, case.window, (dim as f64).powf(-0.5), heads)
+        .with_tile(case.tile)
+        .to_autodiff::<A<B>>();
+
+    // Output and the gradients of q, k, v under an arbitrary upstream gradient.
+    let run = |fused: bool| {
+        let leaf = |t: &Tensor<B, 4>| Tensor::<A<B>, 4>::from_inner(t.clone()).require_grad();
+        let (ql, kl, vl) = (leaf(&q), leaf(&k), leaf(&v));
+        let out = if fused {
+            A::<B>::flash_attention(ql.clone(), kl.clone(), vl.clone(), &attention)
+        } else {
+            composed(case, ql.clone(), kl.clone(), vl.clone())
+        };
+        let grads = (out.clone() * Tensor::from_inner(upstream.clone()))
+            .sum()
+            .backward();
+        [
+            out.inner(),
+            ql.grad(&grads).unwrap(),
+            kl.grad(&grads).unwrap(),
+            vl.grad(&grads).unwrap(),
+        ]
+    };
+    let (fused, reference) = (run(true), run(false));
+    for (what, (got, want)) in ["output", "dq", "dk", "dv"].iter().zip(fused.iter().zip(&reference)) {
+        assert_close(
+            got.clone(),
+            want.clone(),
+            common::tolerance(spec),
+            &format!("{what}, {}x{} heads, tile {}", heads, kv_heads, case.tile),
+        );
+    }
+}
+
+fn head_loss_cases(spec: DeviceSpec) {
+    let device = Device::resolve(spec).unwrap();
+    // (rows, seq, dim, vocab, chunk): chunks that leave a tail, and one chunk for everything.
+    for shape in [(2, 7, 8, 19, 4), (1, 5, 3, 11, 64)] {
+        pp::with_backend!(device, |B, dev| check_head_loss::<B>(shape, &dev, spec));
+    }
+}
+
+fn check_head_loss<B: Kernels>(
+    (rows, seq, dim, vocab, chunk): (usize, usize, usize, usize, usize),
+    device: &B::Device,
+    spec: DeviceSpec,
+) {
+    type A<X> = Autodiff<X>;
+    let uniform = Distribution::Uniform(-1.0, 1.0);
+    let hidden = Tensor::<B, 3>::random([rows, seq, dim], uniform, device);
+    let weight = Tensor::<B, 2>::random([vocab, dim], uniform, device);
+    // Every third label ignored, the rest spread over the vocabulary.
+    let labels: Vec<i64> = (0..rows * seq)
+        .map(|i| {
+            if i % 3 == 1 {
+                IGNORE_INDEX
+            } else {
+                (i * 7 % vocab) as i64
+            }
+        })
+        .collect();
+    let targets = Targets::from_labels(&labels, rows, seq);
+    let device_targets = targets
+        .to_device::<B>(vocab, device)
+        .with_chunk(chunk)
+        .to_autodiff::<A<B>>();
+    // A scale other than 1 checks that the upstream gradient reaches both gradients.
+    let scale = 0.37;
+
+    let run = |fused: bool| {
+        let h = Tensor::<A<B>, 3>::from_inner(hidden.clone()).require_grad();
+        let w = Tensor::<A<B>, 2>::from_inner(weight.clone()).require_grad();
+        let loss = if fused {
+            A::<B>::head_loss(h.clone().reshape([rows * seq, dim]), w.clone(), &device_targets)
+        } else {
+            let logits = h
+                .clone()
+                .reshape([rows * seq, dim])
+                .matmul(w.clone().transpose())
+                .reshape([rows, seq, vocab]);
+            cross_entropy_sum(logits, &targets)
+        };
+        let grads = (loss.clone() * scale).backward();
+        (
+            loss.inner(),
+            h.grad(&grads).unwrap(),
+            w.grad(&grads).unwrap(),
+        )
+    };
+    let (fused, reference) = (run(true), run(false));
+    let tolerance = common::tolerance(spec);
+    let label = format!("{rows}x{seq} tokens, vocab {vocab}, chunk {chunk}");
+    assert_close(fused.0, reference.0, tolerance, &format!("loss, {label}"));
+    assert_close(fused.1, reference.1, tolerance, &format!("d hidden, {label}"));
+    assert_close(fused.2, reference.2, tolerance, &format!("d weight, {label}"));
+}
+
+/// Largest difference within `tolerance` relative to the reference's scale (at least 1).
+fn assert_close<B: Backend, const D: usize>(
+    got: Tensor<B, D>,
+    want: Tensor<B, D>,
+    tolerance: f64,
+    what: &str,
+) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let got: Vec<f32> = got.into_data().convert::<f32>().to_vec().unwrap();
+    let want: Vec<f32> = want.into_data().convert::<f32>().to_vec().unwrap();
+    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        f64::from(worst / scale) <= tolerance,
+        "{what}: differs by {worst} (scale {scale})"
+    );
+}
