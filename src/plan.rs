@@ -6,6 +6,7 @@ use serde::Serialize;
 use pp_stages::{PartCosts, Partition, StageSlice};
 
 use crate::dtype::DType;
+use crate::kernels;
 use crate::model::ModelConfig;
 use crate::train::optim::Optimizer;
 use crate::train::runtime::MemorySavers;
@@ -30,8 +31,8 @@ pub struct MemoryEstimate {
     pub activations_per_token: u64,
     /// Activations kept per token when each layer keeps only its input (activation checkpointing).
     pub checkpointed_activations_per_token: u64,
-    /// The largest short-lived buffer: one layer's recomputed activations or the logits and
-    /// their log-softmax, whichever is larger, for one sequence.
+    /// The largest short-lived buffer for one sequence: one layer's recomputed activations
+    /// with an attention tile, or a chunk of the head's logits, whichever is larger.
     pub largest_transient: u64,
 }
 
@@ -41,9 +42,9 @@ impl MemoryEstimate {
         let bytes = dtype.size() as u64;
         let params = cfg.num_params();
         let h = cfg.hidden_size as u64;
-        let per_layer = layer_activations_per_token(cfg, dtype, seq_len);
+        let per_layer = layer_activations_per_token(cfg, dtype);
         let layers = cfg.num_layers as u64;
-        let logits = logits_bytes(cfg, seq_len);
+        let tiles = transients(cfg, 1, seq_len);
         Self {
             seq_len,
             weights: params * bytes,
@@ -52,7 +53,7 @@ impl MemoryEstimate {
             adafactor_state: STATE_BYTES * adafactor_elements(cfg),
             activations_per_token: layers * per_layer,
             checkpointed_activations_per_token: layers * h * bytes,
-            largest_transient: logits.max(per_layer * seq_len as u64),
+            largest_transient: tiles.head.max(per_layer * seq_len as u64 + tiles.attention),
         }
     }
 
@@ -77,21 +78,34 @@ impl MemoryEstimate {
 
 /// What autodiff keeps per token in one layer: the residual and both norms' inputs and outputs
 /// (6h), q/k/v before and after rotation (2(q + 2kv)), the attention output (q), the MLP's gate,
-/// up, activated gate and product (4i) and, for attention, the scores and probabilities of this
-/// token against every key (2 · heads · seq).
-fn layer_activations_per_token(cfg: &ModelConfig, dtype: DType, seq_len: usize) -> u64 {
+/// up, activated gate and product (4i), and the tiled attention's float32 log-sum-exp per head.
+/// Nothing grows with the sequence: the scores exist one tile at a time.
+fn layer_activations_per_token(cfg: &ModelConfig, dtype: DType) -> u64 {
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let (q, kv) = (
         (cfg.num_heads * cfg.head_dim) as u64,
         (cfg.num_kv_heads * cfg.head_dim) as u64,
     );
-    dtype.size() as u64
-        * (6 * h + 2 * (q + 2 * kv) + q + 4 * i + 2 * cfg.num_heads as u64 * seq_len as u64)
+    dtype.size() as u64 * (6 * h + 2 * (q + 2 * kv) + q + 4 * i)
+        + STATE_BYTES * cfg.num_heads as u64
 }
 
-/// The float32 logits of one sequence and their log-softmax.
-fn logits_bytes(cfg: &ModelConfig, seq_len: usize) -> u64 {
-    2 * STATE_BYTES * cfg.vocab_size as u64 * seq_len as u64
+/// The tiled kernels' short-lived buffers, in bytes.
+struct Transients {
+    /// Attention's backward: a tile's scores, probabilities and their two gradients.
+    attention: u64,
+    /// The head loss's backward: a chunk's logits, probabilities and their gradient.
+    head: u64,
+}
+
+/// The transients of `rows` rows of `seq_len` tokens.
+fn transients(cfg: &ModelConfig, rows: usize, seq_len: usize) -> Transients {
+    let attention = kernels::attention_tile_elements(rows, cfg.num_heads, seq_len);
+    let head = kernels::head_tile_elements(rows * seq_len, cfg.vocab_size);
+    Transients {
+        attention: 4 * STATE_BYTES * attention as u64,
+        head: 3 * STATE_BYTES * head as u64,
+    }
 }
 
 /// What a pipeline partition balances across stages.
@@ -103,7 +117,7 @@ pub enum Balance {
     /// The same number of parameters per stage, the embedding and output matrices included.
     Params,
     /// The same estimated training memory per stage: weights, gradients and AdamW state, one
-    /// micro-batch's saved activations, and the head's logits.
+    /// micro-batch's saved activations, and the head loss's chunk of logits.
     Memory,
 }
 
@@ -141,8 +155,8 @@ pub fn part_costs(cfg: &ModelConfig, balance: Balance, dtype: DType, seq_len: us
             let seq = seq_len as u64;
             (
                 embedding * per_param,
-                layer * per_param + layer_activations_per_token(cfg, dtype, seq_len) * seq,
-                head * per_param + logits_bytes(cfg, seq_len),
+                layer * per_param + layer_activations_per_token(cfg, dtype) * seq,
+                head * per_param + transients(cfg, 1, seq_len).head,
             )
         }
     };
@@ -212,8 +226,8 @@ pub struct StagePlan {
     pub activations: u64,
     /// Activations offloaded to host memory.
     pub host_activations: u64,
-    /// The largest short-lived buffer: one layer recomputed, or the head's logits, their
-    /// log-softmax and its gradient.
+    /// The largest short-lived buffer: one layer recomputed with an attention tile, or a
+    /// chunk of the head's logits, their probabilities and gradient.
     pub transient: u64,
     /// Micro-batches whose activations the stage holds at once (1F1B: stages before the last
     /// hold more).
@@ -235,10 +249,11 @@ pub fn plan_training(
     let param_bytes = STATE_BYTES;
     let tokens = (setup.seq_len * setup.micro_batch_size) as u64;
     let h = cfg.hidden_size as u64;
-    let layer_full = layer_activations_per_token(cfg, setup.dtype, setup.seq_len) * tokens;
+    let layer_full = layer_activations_per_token(cfg, setup.dtype) * tokens;
     let layer_input = h * bytes * tokens;
-    // Logits and log-softmax in float32 and the gradient of the logits.
-    let head_logits = 3 * STATE_BYTES * cfg.vocab_size as u64 * tokens;
+    let tiles = transients(cfg, setup.micro_batch_size, setup.seq_len);
+    // The head keeps its normed input and each token's float32 log-sum-exp.
+    let head_saved = (h * bytes + STATE_BYTES) * tokens;
     let checkpointing = setup.savers.checkpoint_activations || setup.savers.offload_activations;
     let stages = partition.stages();
     stages
@@ -289,7 +304,7 @@ pub fn plan_training(
             let saved_per_micro_batch = if checkpointing {
                 layer_input * (layers + u64::from(slice.head))
             } else {
-                layer_full * layers + if slice.head { head_logits } else { 0 }
+                layer_full * layers + if slice.head { head_saved } else { 0 }
             };
             let saved = saved_per_micro_batch * in_flight as u64;
             let (activations, host_activations) = if setup.savers.offload_activations {
@@ -297,10 +312,11 @@ pub fn plan_training(
             } else {
                 (saved, 0)
             };
+            let layer_transient = layer_full + tiles.attention;
             let transient = if slice.head {
-                head_logits.max(layer_full)
+                tiles.head.max(layer_transient)
             } else if layers > 0 {
-                layer_full
+                layer_transient
             } else {
                 layer_input
             };
@@ -419,13 +435,15 @@ mod tests {
             "plain: {}",
             human_bytes(plain.total)
         );
-        // Beside the float32 weights (30 GiB) the savers leave under 9 GiB: the head's logits,
-        // its gradient and one part's gradients. The weights keep 8B off a 24 GB card.
+        // Beside the float32 weights (30 GiB) the savers leave under 3 GiB: one part's
+        // gradients (the head's 2 GiB) and the tiled kernels' chunks (no whole logits or score
+        // matrix). The weights keep 8B off a 24 GB card.
         assert!(
-            all.total - all.weights < 9 << 30,
+            all.total - all.weights < 3 << 30,
             "all savers: {}",
             human_bytes(all.total)
         );
+        assert!(all.transient < 3 << 29, "{}", human_bytes(all.transient));
         assert!(all.total > 24 << 30);
         assert_eq!(all.activations, 0);
         assert_eq!(all.host_activations, 33 * 4096 * 4096 * 2);

@@ -9,15 +9,17 @@ use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::model::layers::in_dtype;
 
-/// Each token's target and weight on the device, and the chunk size.
+/// Each token's target and weight on the device, and the chunk sizes.
 #[derive(Debug, Clone)]
 pub struct LossTargets<B: Backend> {
     /// `[tokens, 1]` target ids (any id where the weight is 0).
     ids: Tensor<B, 2, Int>,
     /// `[tokens, 1]` float32: 1 where the token is scored, 0 where ignored.
     weights: Tensor<B, 2>,
-    /// Tokens per chunk.
-    chunk: usize,
+    /// Tokens per chunk of the forward pass (each chunk spans the vocabulary).
+    token_chunk: usize,
+    /// Vocabulary entries per chunk of the backward pass (each chunk spans the tokens).
+    vocab_chunk: usize,
 }
 
 impl<A: AutodiffBackend> LossTargets<A> {
@@ -26,7 +28,8 @@ impl<A: AutodiffBackend> LossTargets<A> {
         LossTargets {
             ids: self.ids.clone().inner(),
             weights: self.weights.clone().inner(),
-            chunk: self.chunk,
+            token_chunk: self.token_chunk,
+            vocab_chunk: self.vocab_chunk,
         }
     }
 }
@@ -38,14 +41,17 @@ impl<B: Backend> LossTargets<B> {
         Self {
             ids: Tensor::from_data(TensorData::new(ids, [tokens, 1]), device),
             weights: Tensor::from_data(TensorData::new(weights, [tokens, 1]), device),
-            chunk: super::tile_rows(tokens, vocab, 1),
+            token_chunk: super::tile_rows(tokens, vocab, 1),
+            vocab_chunk: super::tile_rows(vocab, tokens, 1),
         }
     }
 
-    /// The same targets with `chunk` tokens per chunk (tests use small chunks to cover tails).
+    /// The same targets with chunks of `chunk` tokens and vocabulary entries (tests use small
+    /// chunks to cover tails).
     pub fn with_chunk(self, chunk: usize) -> Self {
         Self {
-            chunk: chunk.max(1),
+            token_chunk: chunk.max(1),
+            vocab_chunk: chunk.max(1),
             ..self
         }
     }
@@ -55,16 +61,14 @@ impl<B: Backend> LossTargets<B> {
         LossTargets {
             ids: Tensor::from_inner(self.ids.clone()),
             weights: Tensor::from_inner(self.weights.clone()),
-            chunk: self.chunk,
+            token_chunk: self.token_chunk,
+            vocab_chunk: self.vocab_chunk,
         }
     }
 
-    /// The chunks: `(first token, tokens)`.
-    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let tokens = self.ids.dims()[0];
-        (0..tokens)
-            .step_by(self.chunk)
-            .map(move |start| (start, self.chunk.min(tokens - start)))
+    /// The forward pass's chunks: `(first token, tokens)`.
+    fn token_chunks(&self) -> impl Iterator<Item = (usize, usize)> {
+        chunks(self.ids.dims()[0], self.token_chunk)
     }
 
     fn ids(&self, start: usize, rows: usize) -> Tensor<B, 2, Int> {
@@ -105,15 +109,11 @@ pub struct HeadLossGrads<B: Backend> {
     pub weight: Tensor<B, 2>,
 }
 
-/// One chunk's float32 logits `[rows, vocab]`.
-fn chunk_logits<B: Backend>(
-    hidden: &Tensor<B, 2>,
-    weight_transposed: &Tensor<B, 2>,
-    start: usize,
-    rows: usize,
-) -> Tensor<B, 2> {
-    let hidden = hidden.clone().narrow(0, start, rows);
-    in_dtype(hidden.matmul(weight_transposed.clone()), DType::F32)
+/// `(start, size)` of the chunks of `size` that cover `0..total`.
+fn chunks(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..total)
+        .step_by(size)
+        .map(move |start| (start, size.min(total - start)))
 }
 
 /// The chunked forward pass: `Σ weight·(logsumexp(logits) − logits[target])`.
@@ -125,8 +125,9 @@ pub fn forward<B: Backend>(
     let weight_transposed = weight.transpose();
     let mut loss = Tensor::<B, 1>::zeros([1], &hidden.device());
     let mut sums = Vec::new();
-    for (start, rows) in targets.chunks() {
-        let logits = chunk_logits(&hidden, &weight_transposed, start, rows);
+    for (start, rows) in targets.token_chunks() {
+        let hidden = hidden.clone().narrow(0, start, rows);
+        let logits = in_dtype(hidden.matmul(weight_transposed.clone()), DType::F32);
         let max = logits.clone().max_dim(1);
         let log_sum_exp = max.clone() + (logits.clone() - max).exp().sum_dim(1).log();
         let picked = logits.gather(1, targets.ids(start, rows));
@@ -142,8 +143,9 @@ pub fn forward<B: Backend>(
     }
 }
 
-/// The chunked backward pass: per chunk, `dlogits = g·w·(softmax − onehot(target))`, then
-/// `dhidden = dlogits·W` and `dW += dlogitsᵀ·hidden`.
+/// The chunked backward pass, a chunk of the vocabulary at a time so that each chunk of the
+/// weight's gradient is made once: `dlogits = g·w·(softmax − onehot(target))` over the chunk's
+/// columns, then `dW[chunk] = dlogitsᵀ·hidden` and `dhidden += dlogits·W[chunk]`.
 pub fn backward<B: Backend>(
     saved: Saved<B>,
     grad_loss: Tensor<B, 1>,
@@ -155,28 +157,41 @@ pub fn backward<B: Backend>(
         log_sum_exp,
     } = saved;
     let (hidden_dtype, weight_dtype) = (hidden.dtype(), weight.dtype());
-    let weight_transposed = weight.clone().transpose();
-    let mut grad_weight = Tensor::<B, 2>::zeros(weight.dims(), &weight.device());
-    let mut grad_hidden = Vec::new();
-    let grad_loss = in_dtype(grad_loss, DType::F32).reshape([1, 1]);
-    for (start, rows) in targets.chunks() {
-        let logits = chunk_logits(&hidden, &weight_transposed, start, rows);
-        let probs = (logits - log_sum_exp.clone().narrow(0, start, rows)).exp();
-        let scale = targets.weights(start, rows) * grad_loss.clone();
+    let vocab = weight.dims()[0];
+    let mut grad_hidden = Tensor::<B, 2>::zeros(hidden.dims(), &hidden.device());
+    let mut grad_weight = Vec::new();
+    // Each token's share of the upstream gradient: g·w, `[tokens, 1]`.
+    let scale = targets.weights.clone() * in_dtype(grad_loss, DType::F32).reshape([1, 1]);
+    for (start, columns) in chunks(vocab, targets.vocab_chunk) {
+        let weight_chunk = weight.clone().narrow(0, start, columns);
+        let logits = in_dtype(
+            hidden.clone().matmul(weight_chunk.clone().transpose()),
+            DType::F32,
+        );
+        let probs = (logits - log_sum_exp.clone()).exp();
+        // The target's column within this chunk; tokens whose target lies elsewhere subtract 0.
+        let local = targets.ids.clone() - start as i64;
+        let outside = local
+            .clone()
+            .lower_elem(0)
+            .bool_or(local.clone().greater_equal_elem(columns as i64));
+        let hit = scale.clone().mask_fill(outside, 0.0);
         let grad_logits = (probs * scale.clone()).scatter(
             1,
-            targets.ids(start, rows),
-            scale.neg(),
+            local.clamp(0, columns as i64 - 1),
+            hit.neg(),
             IndexingUpdateOp::Add,
         );
         let grad_logits = in_dtype(grad_logits, hidden_dtype);
-        grad_hidden.push(grad_logits.clone().matmul(weight.clone()));
-        let hidden_chunk = hidden.clone().narrow(0, start, rows);
-        grad_weight = grad_weight
-            + in_dtype(grad_logits.transpose().matmul(hidden_chunk), DType::F32);
+        grad_hidden = grad_hidden
+            + in_dtype(grad_logits.clone().matmul(weight_chunk), DType::F32);
+        grad_weight.push(in_dtype(
+            grad_logits.transpose().matmul(hidden.clone()),
+            weight_dtype,
+        ));
     }
     HeadLossGrads {
-        hidden: Tensor::cat(grad_hidden, 0),
-        weight: in_dtype(grad_weight, weight_dtype),
+        hidden: in_dtype(grad_hidden, hidden_dtype),
+        weight: Tensor::cat(grad_weight, 0),
     }
 }

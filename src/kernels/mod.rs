@@ -111,12 +111,26 @@ impl Kernels for crate::device::Cuda {}
 #[cfg(feature = "wgpu")]
 impl Kernels for crate::device::Wgpu {}
 
+/// Burn's other CPU backend, compared with ndarray in `benches/cpu_backends.rs`.
+#[cfg(feature = "flex")]
+impl Kernels for burn::backend::Flex {}
+
 /// Rows per tile so that a tile of `columns`-wide float32 scores over `parallel` independent
 /// rows (batch × heads) stays near [`TILE_ELEMENTS`]; at least one row, at most `rows`.
 pub(crate) fn tile_rows(rows: usize, columns: usize, parallel: usize) -> usize {
     (TILE_ELEMENTS / (columns * parallel).max(1)).clamp(1, rows.max(1))
 }
 
-/// The size of one tile's float32 transient: 2²⁵ elements (128 MiB), large enough that each
+/// Float32 elements of one attention tile's scores for `batch` rows of `seq` tokens.
+pub fn attention_tile_elements(batch: usize, heads: usize, seq: usize) -> usize {
+    batch * heads * seq * tile_rows(seq, seq, batch * heads)
+}
+
+/// Float32 elements of the head loss's largest chunk of logits for `tokens` tokens.
+pub fn head_tile_elements(tokens: usize, vocab: usize) -> usize {
+    (tile_rows(tokens, vocab, 1) * vocab).max(tile_rows(vocab, tokens, 1) * tokens)
+}
+
+/// The size of one tile's float32 transient: 2²⁴ elements (64 MiB), large enough that each
 /// tile's matmuls fill a GPU, small next to the `[seq, seq]` or `[tokens, vocab]` whole.
-pub(crate) const TILE_ELEMENTS: usize = 1 << 25;
+pub const TILE_ELEMENTS: usize = 1 << 24;
