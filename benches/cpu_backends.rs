@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use pp::checkpoint::OwnedWeights;
-use pp::model::loss::{cross_entropy_sum, Targets};
+use pp::kernels::TrainBackend;
+use pp::model::loss::Targets;
 use pp::model::{token_tensor, AttentionInputs, ModelConfig, StageModel, TokenLayout};
 use pp_stages::StageSlice;
 
@@ -18,7 +19,7 @@ const BATCH: usize = 4;
 const SEQ: usize = 256;
 const STEPS: usize = 5;
 
-fn time_backend<B: burn::tensor::backend::AutodiffBackend>(name: &str, cfg: &ModelConfig) {
+fn time_backend<B: TrainBackend>(name: &str, cfg: &ModelConfig) {
     let device = Default::default();
     let weights = OwnedWeights::synthetic(cfg, 0);
     let model =
@@ -29,9 +30,10 @@ fn time_backend<B: burn::tensor::backend::AutodiffBackend>(name: &str, cfg: &Mod
     let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
     let targets = Targets::from_labels(&labels, BATCH, SEQ);
     let inputs = AttentionInputs::new(cfg, &TokenLayout::contiguous(BATCH, SEQ), &device);
+    let device_targets = targets.to_device(cfg.vocab_size, &device);
     let step = || {
-        let logits = model.forward(token_tensor(&ids, BATCH, SEQ, &device), &inputs);
-        let loss = cross_entropy_sum(logits, &targets) / targets.count as f64;
+        let ids = token_tensor(&ids, BATCH, SEQ, &device);
+        let loss = model.loss_sum(ids, &inputs, &device_targets) / targets.count as f64;
         let grads = loss.backward();
         drop(grads);
     };

@@ -6,12 +6,11 @@
 mod common;
 
 use burn::backend::Autodiff;
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 use pp::device::{Device, DeviceSpec};
-use pp::kernels::{AttentionSpec, Kernels};
-use pp::model::loss::{cross_entropy_sum, Targets, IGNORE_INDEX};
+use pp::kernels::{reference, AttentionSpec, Kernels};
+use pp::model::loss::{Targets, IGNORE_INDEX};
 
 crate::on_devices! {
     attention_matches_the_composition => attention_cases;
@@ -79,41 +78,16 @@ fn blocked(case: &Case, row: usize, q: usize, k: usize) -> bool {
     k > q || docs[q] != docs[k] || case.window.is_some_and(|w| q - k >= w)
 }
 
-/// Softmax attention as the plain composition: repeated keys and values, the whole score
-/// matrix, a dense mask.
-fn composed<B: Backend>(
-    case: &Case,
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let Case {
-        batch,
-        heads,
-        kv_heads,
-        seq,
-        dim,
-        ..
-    } = *case;
-    let groups = heads / kv_heads;
-    let repeat = |t: Tensor<B, 4>| {
-        t.reshape([batch, kv_heads, 1, seq, dim])
-            .repeat_dim(2, groups)
-            .reshape([batch, heads, seq, dim])
-    };
+/// The dense mask `[batch, 1, seq, seq]` from the definitions.
+fn dense_mask<B: Backend>(case: &Case, device: &B::Device) -> Tensor<B, 4, Bool> {
+    let seq = case.seq;
     let mut mask = Vec::new();
-    for row in 0..batch {
+    for row in 0..case.batch {
         for q in 0..seq {
             mask.extend((0..seq).map(|k| blocked(case, row, q, k)));
         }
     }
-    let mask = Tensor::<B, 4, Bool>::from_data(
-        TensorData::new(mask, [batch, 1, seq, seq]),
-        &q.device(),
-    )
-    .expand([batch, heads, seq, seq]);
-    let scores = q.matmul(repeat(k).swap_dims(2, 3)) * (dim as f64).powf(-0.5);
-    softmax(scores.mask_fill(mask, -1.0e9), 3).matmul(repeat(v))
+    Tensor::from_data(TensorData::new(mask, [case.batch, 1, seq, seq]), device)
 }
 
 fn check_attention<B: Kernels>(case: &Case, device: &B::Device, spec: DeviceSpec) {
@@ -134,7 +108,8 @@ fn check_attention<B: Kernels>(case: &Case, device: &B::Device, spec: DeviceSpec
     let documents: Vec<i64> = case.documents.concat().into_iter().map(i64::from).collect();
     let documents =
         Tensor::<B, 2, Int>::from_data(TensorData::new(documents, [batch, seq]), device);
-    let attention = AttentionSpec::new(documents, case.window, (dim as f64).powf(-0.5), heads)
+    let scale = (dim as f64).powf(-0.5);
+    let attention = AttentionSpec::new(documents, case.window, scale, heads)
         .with_tile(case.tile)
         .to_autodiff::<A<B>>();
 
@@ -145,7 +120,8 @@ fn check_attention<B: Kernels>(case: &Case, device: &B::Device, spec: DeviceSpec
         let out = if fused {
             A::<B>::flash_attention(ql.clone(), kl.clone(), vl.clone(), &attention)
         } else {
-            composed(case, ql.clone(), kl.clone(), vl.clone())
+            let mask = dense_mask::<A<B>>(case, device);
+            reference::attention(ql.clone(), kl.clone(), vl.clone(), mask, scale)
         };
         let grads = (out.clone() * Tensor::from_inner(upstream.clone()))
             .sum()
@@ -206,15 +182,11 @@ fn check_head_loss<B: Kernels>(
     let run = |fused: bool| {
         let h = Tensor::<A<B>, 3>::from_inner(hidden.clone()).require_grad();
         let w = Tensor::<A<B>, 2>::from_inner(weight.clone()).require_grad();
+        let flat = h.clone().reshape([rows * seq, dim]);
         let loss = if fused {
-            A::<B>::head_loss(h.clone().reshape([rows * seq, dim]), w.clone(), &device_targets)
+            A::<B>::head_loss(flat, w.clone(), &device_targets)
         } else {
-            let logits = h
-                .clone()
-                .reshape([rows * seq, dim])
-                .matmul(w.clone().transpose())
-                .reshape([rows, seq, vocab]);
-            cross_entropy_sum(logits, &targets)
+            reference::head_loss(flat, w.clone(), &targets, rows, seq)
         };
         let grads = (loss.clone() * scale).backward();
         (

@@ -16,6 +16,7 @@
 
 pub mod attention;
 mod autodiff;
+pub mod reference;
 pub mod head_loss;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
