@@ -161,7 +161,10 @@ fn main() {
             let text = String::from_utf8_lossy(&out.stdout);
             let mut fields = text.split_whitespace();
             let (Some(bytes), Some(ms)) = (fields.next(), fields.next()) else {
-                eprintln!("{kernel} {variant} failed: {}", String::from_utf8_lossy(&out.stderr));
+                eprintln!(
+                    "{kernel} {variant} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 continue;
             };
             let bytes: u64 = bytes.parse().unwrap_or(0);

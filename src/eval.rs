@@ -3,8 +3,8 @@
 use burn::tensor::ElementConversion;
 use serde::Serialize;
 
-use crate::kernels::Kernels;
 use crate::data::Example;
+use crate::kernels::Kernels;
 use crate::model::loss::{Targets, IGNORE_INDEX};
 use crate::model::{token_tensor, AttentionInputs, StageModel, TokenLayout};
 

@@ -4,8 +4,8 @@
 
 use burn::tensor::ElementConversion;
 
-use crate::kernels::Kernels;
 use crate::error::Result;
+use crate::kernels::Kernels;
 use crate::model::{token_tensor, AttentionInputs, StageModel, TokenLayout};
 use crate::tokenizer::Tokenizer;
 

@@ -134,7 +134,10 @@ fn check_attention<B: Kernels>(case: &Case, device: &B::Device, spec: DeviceSpec
         ]
     };
     let (fused, reference) = (run(true), run(false));
-    for (what, (got, want)) in ["output", "dq", "dk", "dv"].iter().zip(fused.iter().zip(&reference)) {
+    for (what, (got, want)) in ["output", "dq", "dk", "dv"]
+        .iter()
+        .zip(fused.iter().zip(&reference))
+    {
         assert_close(
             got.clone(),
             want.clone(),
@@ -199,8 +202,18 @@ fn check_head_loss<B: Kernels>(
     let tolerance = common::tolerance(spec);
     let label = format!("{rows}x{seq} tokens, vocab {vocab}, chunk {chunk}");
     assert_close(fused.0, reference.0, tolerance, &format!("loss, {label}"));
-    assert_close(fused.1, reference.1, tolerance, &format!("d hidden, {label}"));
-    assert_close(fused.2, reference.2, tolerance, &format!("d weight, {label}"));
+    assert_close(
+        fused.1,
+        reference.1,
+        tolerance,
+        &format!("d hidden, {label}"),
+    );
+    assert_close(
+        fused.2,
+        reference.2,
+        tolerance,
+        &format!("d weight, {label}"),
+    );
 }
 
 /// Largest difference within `tolerance` relative to the reference's scale (at least 1).

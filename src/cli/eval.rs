@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use pp::kernels::Kernels;
 use indicatif::{ProgressBar, ProgressStyle};
+use pp::kernels::Kernels;
 use pp::model::loss::IGNORE_INDEX;
 use pp::model::StageModel;
 use pp::tokenizer::Tokenizer;

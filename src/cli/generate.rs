@@ -4,8 +4,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use pp::kernels::Kernels;
 use pp::generate::{generate, GenerationOptions};
+use pp::kernels::Kernels;
 use pp::model::StageModel;
 use pp::tokenizer::{Message, Tokenizer};
 use serde_json::Value;

@@ -6,10 +6,10 @@
 use burn::tensor::{ElementConversion, Tensor};
 use pp_stages::StageSlice;
 
-use crate::kernels::Kernels;
 use crate::checkpoint::{ModelFiles, OwnedWeights, WeightSource};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::kernels::Kernels;
 use crate::model::names::{Part, EMBED};
 use crate::model::{token_tensor, AttentionInputs, ModelConfig, StageModel, TokenLayout};
 

@@ -162,7 +162,11 @@ impl Shape {
     fn of<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> Self {
         let [batch, heads, seq, dim] = q.dims();
         let kv_heads = k.dims()[1];
-        assert_eq!(heads % kv_heads, 0, "query heads are a multiple of kv heads");
+        assert_eq!(
+            heads % kv_heads,
+            0,
+            "query heads are a multiple of kv heads"
+        );
         Self {
             batch,
             heads,
@@ -180,9 +184,12 @@ impl Shape {
     /// rows, x]`: each key/value head's query heads stacked as rows.
     fn grouped<B4: Backend>(&self, t: &Tensor<B4, 4>, start: usize, rows: usize) -> Tensor<B4, 4> {
         let last = t.dims()[3];
-        t.clone()
-            .narrow(2, start, rows)
-            .reshape([self.batch, self.kv_heads, self.groups() * rows, last])
+        t.clone().narrow(2, start, rows).reshape([
+            self.batch,
+            self.kv_heads,
+            self.groups() * rows,
+            last,
+        ])
     }
 
     /// `[batch, kv_heads, groups * rows, x]` back to `[batch, heads, rows, x]`.
@@ -265,9 +272,8 @@ pub fn backward<B: Backend>(
     let (dtype, kv_dtype) = (q.dtype(), k.dtype());
     let grad_output = in_dtype(grad_output, dtype);
     // rowsum(dO ∘ O) `[batch, heads, seq, 1]`, float32.
-    let delta = (in_dtype(grad_output.clone(), DType::F32)
-        * in_dtype(forward.output, DType::F32))
-    .sum_dim(3);
+    let delta = (in_dtype(grad_output.clone(), DType::F32) * in_dtype(forward.output, DType::F32))
+        .sum_dim(3);
     let k_transposed = k.clone().swap_dims(2, 3);
     let v_transposed = v.clone().swap_dims(2, 3);
     let device = q.device();
@@ -298,10 +304,7 @@ pub fn backward<B: Backend>(
             rows,
         );
         let grad_scores = probs * (grad_probs - split_last(&shape, &delta, start, rows));
-        let grad_scores = in_dtype(
-            shape.merge_groups(grad_scores, rows) * spec.scale,
-            dtype,
-        );
+        let grad_scores = in_dtype(shape.merge_groups(grad_scores, rows) * spec.scale, dtype);
         grad_q.push(shape.ungrouped(grad_scores.clone().matmul(k.clone()), rows));
         grad_k = grad_k + in_dtype(grad_scores.swap_dims(2, 3).matmul(q_tile), DType::F32);
     }

@@ -183,8 +183,7 @@ pub fn backward<B: Backend>(
             IndexingUpdateOp::Add,
         );
         let grad_logits = in_dtype(grad_logits, hidden_dtype);
-        grad_hidden = grad_hidden
-            + in_dtype(grad_logits.clone().matmul(weight_chunk), DType::F32);
+        grad_hidden = grad_hidden + in_dtype(grad_logits.clone().matmul(weight_chunk), DType::F32);
         grad_weight.push(in_dtype(
             grad_logits.transpose().matmul(hidden.clone()),
             weight_dtype,

@@ -16,8 +16,8 @@
 
 pub mod attention;
 mod autodiff;
-pub mod reference;
 pub mod head_loss;
+pub mod reference;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;

@@ -40,6 +40,8 @@ pub fn head_loss<B: Backend>(
     seq: usize,
 ) -> Tensor<B, 1> {
     let vocab = weight.dims()[0];
-    let logits = hidden.matmul(weight.transpose()).reshape([batch, seq, vocab]);
+    let logits = hidden
+        .matmul(weight.transpose())
+        .reshape([batch, seq, vocab]);
     cross_entropy_sum(logits, targets)
 }

@@ -146,7 +146,6 @@ impl<B: Backend> Attention<B> {
             head_dim: cfg.head_dim,
         })
     }
-
 }
 
 impl<B: Kernels> Attention<B> {
@@ -240,7 +239,6 @@ impl<B: Backend> DecoderLayer<B> {
             )?,
         })
     }
-
 }
 
 impl<B: Kernels> DecoderLayer<B> {

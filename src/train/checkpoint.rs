@@ -15,12 +15,12 @@ use pp_stages::Partition;
 use serde::{Deserialize, Serialize};
 
 use super::optim::{Optimizer, OptimizerState, ParamState};
-use crate::kernels::TrainBackend;
 use crate::checkpoint::hf_writer::SafetensorsWriter;
 use crate::checkpoint::{ModelInfo, OwnedWeights, TensorSink, TensorSpec};
 use crate::convert::{write_native_model, Staging};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::kernels::TrainBackend;
 use crate::model::names::Part;
 use crate::model::StageModel;
 

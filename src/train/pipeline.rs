@@ -15,8 +15,8 @@ use pp_transport::{Kind, Tag, TensorMessage, Transport, TransportError};
 
 use super::runtime::{StageOutput, StageRunner};
 use super::trainer::clip_scale;
-use crate::kernels::TrainBackend;
 use crate::data::MicroBatch;
+use crate::kernels::TrainBackend;
 use crate::model::layers::in_dtype;
 use crate::model::names::EMBED;
 

@@ -22,10 +22,10 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use super::optim::{Optimizer, OptimizerState, Stepper};
 use crate::data::MicroBatch;
 use crate::dtype::DType;
+use crate::kernels::{Kernels, TrainBackend};
 use crate::model::layers::in_dtype;
 use crate::model::loss::Targets;
 use crate::model::names::Part;
-use crate::kernels::{Kernels, TrainBackend};
 use crate::model::{token_tensor, AttentionInputs, StageModel};
 
 /// Held while a backward pass builds and consumes its graphs, and while a step makes new

@@ -15,7 +15,6 @@ use super::metrics::MetricsLog;
 use super::optim::{Optimizer, Rounder};
 use super::runtime::{as_matrix, MemorySavers, Precision, StageOutput, StageRunner};
 use super::schedule::LrSchedule;
-use crate::kernels::TrainBackend;
 use crate::checkpoint::{checksum::Checksum, Format, ModelInfo, WeightSource};
 use crate::data::{
     read_jsonl, split_validation, LossOn, MicroBatch, RowOptions, RowTemplate, Sequence,
@@ -24,6 +23,7 @@ use crate::data::{
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::kernels::TrainBackend;
 use crate::model::{ModelConfig, StageModel};
 use crate::plan::{human_bytes, plan_training, TrainingSetup};
 use crate::tokenizer::Tokenizer;

@@ -16,13 +16,13 @@ use super::trainer::{
     check_options, device_note, pad_token, set_up, Engine, StepOutcome, TrainOptions, TrainReport,
 };
 use super::Observer;
-use crate::kernels::TrainBackend;
 use crate::checkpoint::native::{stage_file_name, StageEntry};
 use crate::checkpoint::{Format, ModelInfo, OwnedWeights, WeightSource};
 use crate::convert::{write_native_manifest, write_native_stages};
 use crate::data::{MicroBatch, Sequence};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::kernels::TrainBackend;
 use crate::plan::{part_costs, Balance};
 
 /// How the pipeline is laid out.
