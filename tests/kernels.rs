@@ -237,3 +237,47 @@ fn assert_close<B: Backend, const D: usize>(
         "{what}: differs by {worst} (scale {scale})"
     );
 }
+
+/// The one-kernel AdamW update on the GPU backend against the composition, over two steps (the
+/// bias corrections change) of a tensor whose size is no multiple of a cube.
+#[cfg(feature = "wgpu")]
+#[test]
+fn fused_adamw_matches_the_composition() {
+    let device = Device::resolve(DeviceSpec::Wgpu(0)).unwrap();
+    pp::with_backend!(device, |B, dev| check_adamw::<B>(&dev));
+}
+
+#[cfg(feature = "wgpu")]
+fn check_adamw<B: Kernels>(device: &B::Device) {
+    use pp::kernels::optimizer::adamw_composed;
+    use pp::kernels::AdamWStep;
+
+    let uniform = Distribution::Uniform(-1.0, 1.0);
+    let shape = [37, 29];
+    let grad = Tensor::<B, 2>::random(shape, uniform, device);
+    let start = [
+        Tensor::<B, 2>::random(shape, uniform, device),
+        Tensor::<B, 2>::random(shape, uniform, device) * 0.1,
+        Tensor::<B, 2>::random(shape, Distribution::Uniform(0.0, 0.01), device),
+    ];
+    let (mut fused, mut composed) = (start.clone(), start);
+    for step in 1..=2 {
+        let hyper = AdamWStep {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step,
+        };
+        let [p, m, v] = fused;
+        fused = B::adamw_step(p, grad.clone(), m, v, &hyper);
+        let [p, m, v] = composed;
+        composed = adamw_composed(p, grad.clone(), m, v, &hyper);
+    }
+    for (what, (got, want)) in ["param", "m", "v"]
+        .iter()
+        .zip(fused.into_iter().zip(composed))
+    {
+        assert_close(got, want, 1e-6, what);
+    }
+}

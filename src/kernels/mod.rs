@@ -1,5 +1,5 @@
-//! The operations that decide a training step's memory, as backend operations with their own
-//! backward: tiled attention ([`Kernels::flash_attention`]) and the fused output projection + cross-entropy
+//! The operations that decide a training step's memory and time, as backend operations with
+//! their own backward: tiled attention ([`Kernels::flash_attention`]) and the fused output projection + cross-entropy
 //! ([`Kernels::head_loss`]).
 //!
 //! Burn's autodiff would keep every intermediate of the plain compositions for backward — the
@@ -9,6 +9,9 @@
 //! each row's log-sum-exp; the head: each token's log-sum-exp), so those transients are one
 //! tile's worth whatever the sequence length.
 //!
+//! The optimizer's update is one operation per parameter tensor ([`Kernels::adamw_step`]),
+//! one CubeCL kernel on the GPU backends (`cube`).
+//!
 //! [`Kernels`] is the extension point: every backend gets the tiled compositions of tensor
 //! operations, and `Autodiff<B>` registers them as single graph nodes whose backward is the
 //! tiled backward. A backend with its own fused kernels overrides the `*_forward` and
@@ -16,7 +19,10 @@
 
 pub mod attention;
 mod autodiff;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod cube;
 pub mod head_loss;
+pub mod optimizer;
 pub mod reference;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -24,6 +30,7 @@ use burn::tensor::Tensor;
 
 pub use attention::{AttentionForward, AttentionGrads, AttentionSpec};
 pub use head_loss::{HeadLossForward, HeadLossGrads, LossTargets};
+pub use optimizer::{AdamWResult, AdamWStep};
 
 /// A backend that runs pp's model: tensor operations plus the kernels above.
 pub trait Kernels: Backend {
@@ -87,6 +94,18 @@ pub trait Kernels: Backend {
     ) -> HeadLossGrads<Self> {
         head_loss::backward(saved, grad_loss, targets)
     }
+
+    /// One AdamW update of `param` `[rows, cols]` with `grad` and the moments `m`, `v`:
+    /// `[param, m, v]` after the step.
+    fn adamw_step(
+        param: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        m: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        step: &AdamWStep,
+    ) -> AdamWResult<Self> {
+        optimizer::adamw_composed(param, grad, m, v, step)
+    }
 }
 
 /// What attention's backward needs from its forward.
@@ -105,12 +124,6 @@ where
 }
 
 impl Kernels for crate::device::Cpu {}
-
-#[cfg(feature = "cuda")]
-impl Kernels for crate::device::Cuda {}
-
-#[cfg(feature = "wgpu")]
-impl Kernels for crate::device::Wgpu {}
 
 /// Burn's other CPU backend, compared with ndarray in `benches/cpu_backends.rs`.
 #[cfg(feature = "flex")]

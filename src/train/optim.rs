@@ -13,6 +13,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::runtime::{as_matrix, GradStore};
 use crate::dtype::DType;
+use crate::kernels::{AdamWStep, Kernels, TrainBackend};
 
 /// Which update rule, with its hyperparameters (the learning rate is given per step).
 #[derive(Debug, Clone, PartialEq)]
@@ -81,7 +82,7 @@ impl Optimizer {
 
     /// Steps `param` with `grad` at learning rate `lr`, both viewed as `[rows, cols]` matrices
     /// (a vector is `[1, n]`). `factored` says whether the parameter is a matrix for Adafactor.
-    pub fn step<B: Backend>(
+    pub fn step<B: Kernels>(
         &self,
         state: &mut Option<ParamState<B>>,
         param: Tensor<B, 2>,
@@ -101,15 +102,18 @@ impl Optimizer {
                 eps,
                 weight_decay,
             } => {
-                if state.tensors.is_empty() {
-                    state.tensors = vec![grad.zeros_like(), grad.zeros_like()];
-                }
-                let param = param * (1.0 - lr * weight_decay);
-                let m = state.tensors[0].clone() * b1 + grad.clone() * (1.0 - b1);
-                let v = state.tensors[1].clone() * b2 + grad.square() * (1.0 - b2);
-                let step_size = lr / (1.0 - b1.powf(t));
-                let denom = v.clone().sqrt() / (1.0 - b2.powf(t)).sqrt() + eps;
-                let updated = param - m.clone() / denom * step_size;
+                let (m, v) = match state.tensors.as_slice() {
+                    [m, v] => (m.clone(), v.clone()),
+                    _ => (grad.zeros_like(), grad.zeros_like()),
+                };
+                let hyper = AdamWStep {
+                    lr,
+                    betas: (b1, b2),
+                    eps,
+                    weight_decay,
+                    step: state.step,
+                };
+                let [updated, m, v] = B::adamw_step(param, grad, m, v, &hyper);
                 state.tensors = vec![m, v];
                 updated
             }
@@ -189,7 +193,7 @@ impl Optimizer {
 pub type OptimizerState<B> = HashMap<String, Option<ParamState<B>>>;
 
 /// Steps the parameters of a module that have an accumulated gradient: `part.map(&mut stepper)`.
-pub struct Stepper<'a, B: AutodiffBackend> {
+pub struct Stepper<'a, B: TrainBackend> {
     /// The update rule.
     pub optimizer: &'a Optimizer,
     /// Learning rate of this step.
@@ -208,7 +212,7 @@ pub struct Stepper<'a, B: AutodiffBackend> {
     pub weight_dtype: DType,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for Stepper<'_, B> {
+impl<B: TrainBackend> ModuleMapper<B> for Stepper<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let name = &self.names[&id];
