@@ -15,6 +15,7 @@ use pp::model::loss::{Targets, IGNORE_INDEX};
 crate::on_devices! {
     attention_matches_the_composition => attention_cases;
     head_loss_matches_the_composition => head_loss_cases;
+    swiglu_matches_the_composition => swiglu_case;
 }
 
 /// One attention problem.
@@ -214,6 +215,45 @@ fn check_head_loss<B: Kernels>(
         tolerance,
         &format!("d weight, {label}"),
     );
+}
+
+fn swiglu_case(spec: DeviceSpec) {
+    let device = Device::resolve(spec).unwrap();
+    pp::with_backend!(device, |B, dev| check_swiglu::<B>(&dev, spec));
+}
+
+fn check_swiglu<B: Kernels>(device: &B::Device, spec: DeviceSpec) {
+    type A<X> = Autodiff<X>;
+    // 3 x 7 x 11 elements: no multiple of a cube.
+    let shape = [3, 7, 11];
+    let uniform = Distribution::Uniform(-4.0, 4.0);
+    let gate = Tensor::<B, 3>::random(shape, uniform, device);
+    let up = Tensor::<B, 3>::random(shape, uniform, device);
+    let upstream = Tensor::<B, 3>::random(shape, uniform, device);
+    let run = |fused: bool| {
+        let g = Tensor::<A<B>, 3>::from_inner(gate.clone()).require_grad();
+        let u = Tensor::<A<B>, 3>::from_inner(up.clone()).require_grad();
+        let out = if fused {
+            A::<B>::swiglu(g.clone(), u.clone())
+        } else {
+            burn::tensor::activation::silu(g.clone()) * u.clone()
+        };
+        let grads = (out.clone() * Tensor::from_inner(upstream.clone()))
+            .sum()
+            .backward();
+        [
+            out.inner(),
+            g.grad(&grads).unwrap(),
+            u.grad(&grads).unwrap(),
+        ]
+    };
+    let (fused, reference) = (run(true), run(false));
+    for (what, (got, want)) in ["output", "d gate", "d up"]
+        .iter()
+        .zip(fused.into_iter().zip(reference))
+    {
+        assert_close(got, want, common::tolerance(spec), what);
+    }
 }
 
 /// Largest difference within `tolerance` relative to the reference's scale (at least 1).

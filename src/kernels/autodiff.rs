@@ -73,7 +73,43 @@ impl<B: Kernels> Backward<B, 2> for HeadLossBackward {
     }
 }
 
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: Kernels> Backward<B, 2> for SwigluBackward {
+    type State = (Tensor<B, 3>, Tensor<B, 3>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = inner::<B, 3>(grads.consume::<B>(&ops.node));
+        let (gate, up) = ops.state;
+        let [grad_gate, grad_up] = B::swiglu_backward(gate, up, grad);
+        let [gate, up] = ops.parents.map(|parent| parent.map(|node| node.id));
+        register(grads, gate, grad_gate);
+        register(grads, up, grad_up);
+    }
+}
+
 impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        let (gate, up) = (primitive(gate), primitive(up));
+        let (gate_in, up_in) = (
+            inner::<B, 3>(gate.primitive.clone()),
+            inner::<B, 3>(up.primitive.clone()),
+        );
+        let output = B::swiglu_forward(gate_in.clone(), up_in.clone())
+            .into_primitive()
+            .tensor();
+        let node = match SwigluBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((gate_in, up_in), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(node))
+    }
+
     fn flash_attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,

@@ -37,10 +37,82 @@ fn adamw_kernel<F: Float>(
     }
 }
 
-fn primitive<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    t: Tensor<CubeBackend<R, F, I, BT>, 2>,
+/// SwiGLU's gating for one element per unit.
+#[cube(launch)]
+fn swiglu_forward_kernel<F: Float>(gate: &Array<F>, up: &Array<F>, output: &mut Array<F>) {
+    if ABSOLUTE_POS < gate.len() {
+        let g = gate[ABSOLUTE_POS];
+        let s = F::new(1.0) / (F::new(1.0) + F::exp(-g));
+        output[ABSOLUTE_POS] = g * s * up[ABSOLUTE_POS];
+    }
+}
+
+/// SwiGLU's gradients for one element per unit (see [`super::swiglu::backward`]).
+#[cube(launch)]
+fn swiglu_backward_kernel<F: Float>(
+    gate: &Array<F>,
+    up: &Array<F>,
+    grad: &Array<F>,
+    grad_gate: &mut Array<F>,
+    grad_up: &mut Array<F>,
+) {
+    if ABSOLUTE_POS < gate.len() {
+        let g = gate[ABSOLUTE_POS];
+        let dy = grad[ABSOLUTE_POS];
+        let s = F::new(1.0) / (F::new(1.0) + F::exp(-g));
+        grad_up[ABSOLUTE_POS] = dy * g * s;
+        grad_gate[ABSOLUTE_POS] = dy * up[ABSOLUTE_POS] * s * (F::new(1.0) + g * (F::new(1.0) - s));
+    }
+}
+
+/// A float tensor as a contiguous CubeCL tensor.
+fn primitive<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    t: Tensor<CubeBackend<R, F, I, BT>, D>,
 ) -> CubeTensor<R> {
     into_contiguous(t.into_primitive().tensor())
+}
+
+/// An element-wise launch over a tensor's elements: the client, cube count and dimension, and
+/// a maker of float32 outputs shaped like it.
+struct Elementwise<R: CubeRuntime> {
+    client: ComputeClient<R>,
+    device: R::Device,
+    shape: burn::tensor::Shape,
+    count: CubeCount,
+    dim: CubeDim,
+}
+
+impl<R: CubeRuntime> Elementwise<R> {
+    fn over(like: &CubeTensor<R>) -> Self {
+        let client = like.client.clone();
+        let shape = like.meta.shape().clone();
+        let elements = shape.num_elements();
+        let dim = CubeDim::new(&client, elements);
+        let count = calculate_cube_count_elemwise(&client, elements, dim);
+        Self {
+            device: like.device.clone(),
+            client,
+            shape,
+            count,
+            dim,
+        }
+    }
+
+    fn output(&self) -> CubeTensor<R> {
+        empty_device_dtype(
+            self.client.clone(),
+            self.device.clone(),
+            self.shape.clone(),
+            DType::F32,
+        )
+    }
+}
+
+/// A tensor of `B` from its float primitive.
+fn float<B: burn::tensor::backend::Backend, const D: usize>(
+    t: B::FloatTensorPrimitive,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
@@ -62,20 +134,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
             return adamw_composed(param, grad, m, v, step);
         }
         let [param, grad, m, v] = [param, grad, m, v].map(primitive);
-        let (client, device) = (param.client.clone(), param.device.clone());
-        let shape = param.meta.shape().clone();
-        let elements = shape.num_elements();
+        let launch = Elementwise::over(&param);
         let coefficients = step.coefficients().map(|c| c as f32);
-        let coefficients = client.create_from_slice(f32::as_bytes(&coefficients));
-        let output =
-            || empty_device_dtype(client.clone(), device.clone(), shape.clone(), DType::F32);
-        let outputs = [output(), output(), output()];
-        let cube_dim = CubeDim::new(&client, elements);
-        let cube_count = calculate_cube_count_elemwise(&client, elements, cube_dim);
+        let coefficients = launch
+            .client
+            .create_from_slice(f32::as_bytes(&coefficients));
+        let outputs = [launch.output(), launch.output(), launch.output()];
         adamw_kernel::launch::<f32, R>(
-            &client,
-            cube_count,
-            cube_dim,
+            &launch.client,
+            launch.count,
+            launch.dim,
             param.into_array_arg(),
             grad.into_array_arg(),
             m.into_array_arg(),
@@ -86,6 +154,48 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
             outputs[1].clone().into_array_arg(),
             outputs[2].clone().into_array_arg(),
         );
-        outputs.map(|o| Tensor::from_primitive(TensorPrimitive::Float(o)))
+        outputs.map(float::<Self, 2>)
+    }
+
+    fn swiglu_forward(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        if gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
+            return super::swiglu::forward(gate, up);
+        }
+        let [gate, up] = [gate, up].map(primitive);
+        let launch = Elementwise::over(&gate);
+        let output = launch.output();
+        swiglu_forward_kernel::launch::<f32, R>(
+            &launch.client,
+            launch.count,
+            launch.dim,
+            gate.into_array_arg(),
+            up.into_array_arg(),
+            output.clone().into_array_arg(),
+        );
+        float(output)
+    }
+
+    fn swiglu_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        grad: Tensor<Self, 3>,
+    ) -> [Tensor<Self, 3>; 2] {
+        if [&gate, &up, &grad].iter().any(|t| t.dtype() != DType::F32) {
+            return super::swiglu::backward(gate, up, grad);
+        }
+        let [gate, up, grad] = [gate, up, grad].map(primitive);
+        let launch = Elementwise::over(&gate);
+        let outputs = [launch.output(), launch.output()];
+        swiglu_backward_kernel::launch::<f32, R>(
+            &launch.client,
+            launch.count,
+            launch.dim,
+            gate.into_array_arg(),
+            up.into_array_arg(),
+            grad.into_array_arg(),
+            outputs[0].clone().into_array_arg(),
+            outputs[1].clone().into_array_arg(),
+        );
+        outputs.map(float::<Self, 3>)
     }
 }

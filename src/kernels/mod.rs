@@ -9,6 +9,7 @@
 //! each row's log-sum-exp; the head: each token's log-sum-exp), so those transients are one
 //! tile's worth whatever the sequence length.
 //!
+//! SwiGLU's gating is one operation that keeps only its two inputs ([`Kernels::swiglu`]).
 //! The optimizer's update is one operation per parameter tensor ([`Kernels::adamw_step`]),
 //! one CubeCL kernel on the GPU backends (`cube`).
 //!
@@ -24,6 +25,7 @@ mod cube;
 pub mod head_loss;
 pub mod optimizer;
 pub mod reference;
+pub mod swiglu;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
@@ -93,6 +95,25 @@ pub trait Kernels: Backend {
         targets: &LossTargets<Self>,
     ) -> HeadLossGrads<Self> {
         head_loss::backward(saved, grad_loss, targets)
+    }
+
+    /// SwiGLU's gating `silu(gate) · up` of `[batch, seq, intermediate]` tensors.
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        Self::swiglu_forward(gate, up)
+    }
+
+    /// The gating's forward pass.
+    fn swiglu_forward(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        swiglu::forward(gate, up)
+    }
+
+    /// Gradients `[d gate, d up]` of the gating for `grad` of its output.
+    fn swiglu_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        grad: Tensor<Self, 3>,
+    ) -> [Tensor<Self, 3>; 2] {
+        swiglu::backward(gate, up, grad)
     }
 
     /// One AdamW update of `param` `[rows, cols]` with `grad` and the moments `m`, `v`:

@@ -2,7 +2,6 @@
 //! (`self_attn.q_proj.weight`, `mlp.gate_proj.weight`, …), so a module path is a tensor name.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
@@ -192,11 +191,13 @@ impl<B: Backend> Mlp<B> {
             down_proj: Linear::load(source, &format!("{prefix}.down_proj"), h, i, device)?,
         })
     }
+}
 
+impl<B: Kernels> Mlp<B> {
     /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gated = B::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        self.down_proj.forward(gated)
     }
 }
 
