@@ -59,7 +59,13 @@ impl<B: Backend> AttentionInputs<B> {
         let table = |values: Vec<f32>| {
             Tensor::<B, 4>::from_data(TensorData::new(values, [batch, 1, seq, dim]), device)
         };
-        let documents: Vec<i64> = layout.documents.iter().map(|&d| i64::from(d)).collect();
+        // Ids are only compared for equality; as i32 they fit every backend's integers (wgpu's
+        // are 32-bit) and stay distinct (padding's u32::MAX becomes -1).
+        let documents: Vec<i64> = layout
+            .documents
+            .iter()
+            .map(|&d| i64::from(d as i32))
+            .collect();
         let documents =
             Tensor::<B, 2, Int>::from_data(TensorData::new(documents, [batch, seq]), device);
         Self {
