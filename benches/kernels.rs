@@ -1,6 +1,7 @@
 //! Peak memory and time of each kernel's forward + backward against the plain composition it
-//! replaces (`pp::kernels::reference`), at shapes where the composition's whole score matrix or
-//! logits dominate. Each measurement runs in a child process so that allocator pools start
+//! replaces (`pp::kernels::reference` for attention and the head loss, the modules' own
+//! compositions for RMSNorm, the rotary embedding and SwiGLU), at shapes where the
+//! composition's whole score matrix or logits dominate. Each measurement runs in a child process so that allocator pools start
 //! empty: the device's reserved bytes (wgpu, CUDA) or the process's peak resident memory (CPU)
 //! after the run, less the same figure once the inputs exist.
 //!
@@ -21,6 +22,9 @@ const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = 64;
 /// Head loss: hidden size.
 const HIDDEN: usize = 512;
+/// RMSNorm and SwiGLU: Llama-2-7B's hidden and intermediate sizes.
+const NORM_HIDDEN: usize = 4096;
+const INTERMEDIATE: usize = 11008;
 /// Timed repetitions after one warm-up (which also compiles the device's kernels).
 const REPEATS: usize = 3;
 
@@ -64,6 +68,9 @@ fn child(kernel: &str, fused: bool, args: &Args) {
     let (bytes, ms) = pp::with_backend!(device, |B, dev| match kernel {
         "attention" => attention::<B>(fused, args.seq, &dev, &device),
         "head_loss" => head_loss::<B>(fused, args.seq, args.vocab, &dev, &device),
+        "rms_norm" => rms_norm::<B>(fused, args.seq, &dev, &device),
+        "rotary" => rotary::<B>(fused, args.seq, &dev, &device),
+        "swiglu" => swiglu::<B>(fused, args.seq, &dev, &device),
         other => panic!("unknown kernel {other}"),
     });
     println!("{bytes} {ms}");
@@ -96,7 +103,6 @@ fn attention<B: Kernels>(fused: bool, seq: usize, dev: &B::Device, device: &Devi
     let spec = spec.to_autodiff::<A<B>>();
     let base = memory(device);
     measure(device, base, || {
-        let leaf = |t: &Tensor<B, 4>| Tensor::<A<B>, 4>::from_inner(t.clone()).require_grad();
         let (ql, kl, vl) = (leaf(&q), leaf(&k), leaf(&v));
         let out = match &blocked {
             None => A::<B>::flash_attention(ql.clone(), kl, vl, &spec),
@@ -123,8 +129,7 @@ fn head_loss<B: Kernels>(
     let device_targets = targets.to_device::<B>(vocab, dev).to_autodiff::<A<B>>();
     let base = memory(device);
     measure(device, base, || {
-        let h = Tensor::<A<B>, 2>::from_inner(hidden.clone()).require_grad();
-        let w = Tensor::<A<B>, 2>::from_inner(weight.clone()).require_grad();
+        let (h, w) = (leaf(&hidden), leaf(&weight));
         let loss = if fused {
             A::<B>::head_loss(h.clone(), w.clone(), &device_targets)
         } else {
@@ -133,6 +138,67 @@ fn head_loss<B: Kernels>(
         let grads = loss.backward();
         let _ = h.grad(&grads).unwrap().into_data();
         let _ = w.grad(&grads).unwrap().into_data();
+    })
+}
+
+/// A float leaf of the autodiff graph that wants a gradient.
+fn leaf<B: Kernels, const D: usize>(t: &Tensor<B, D>) -> Tensor<Autodiff<B>, D> {
+    Tensor::from_inner(t.clone()).require_grad()
+}
+
+fn rms_norm<B: Kernels>(fused: bool, seq: usize, dev: &B::Device, device: &Device) -> (u64, f64) {
+    let uniform = Distribution::Uniform(-1.0, 1.0);
+    let x = Tensor::<B, 3>::random([1, seq, NORM_HIDDEN], uniform, dev);
+    let weight = Tensor::<B, 1>::random([NORM_HIDDEN], uniform, dev);
+    let base = memory(device);
+    measure(device, base, || {
+        let (xl, wl) = (leaf(&x), leaf(&weight));
+        let out = if fused {
+            Autodiff::<B>::rms_norm(xl.clone(), wl.clone(), 1e-5)
+        } else {
+            pp::kernels::norm::forward(xl.clone(), wl.clone(), 1e-5)
+        };
+        let grads = out.sum().backward();
+        let _ = xl.grad(&grads).unwrap().into_data();
+        let _ = wl.grad(&grads).unwrap().into_data();
+    })
+}
+
+fn rotary<B: Kernels>(fused: bool, seq: usize, dev: &B::Device, device: &Device) -> (u64, f64) {
+    let uniform = Distribution::Uniform(-1.0, 1.0);
+    let q = Tensor::<B, 4>::random([1, HEADS, seq, HEAD_DIM], uniform, dev);
+    let angles = Tensor::<B, 4>::random([1, 1, seq, HEAD_DIM / 2], uniform, dev);
+    let angles = Tensor::cat(vec![angles.clone(), angles], 3);
+    let cos = Tensor::<Autodiff<B>, 4>::from_inner(angles.clone().cos());
+    let sin = Tensor::<Autodiff<B>, 4>::from_inner(angles.sin());
+    let base = memory(device);
+    measure(device, base, || {
+        let ql = leaf(&q);
+        let out = if fused {
+            Autodiff::<B>::rotary(ql.clone(), cos.clone(), sin.clone())
+        } else {
+            pp::kernels::rotary::forward(ql.clone(), cos.clone(), sin.clone())
+        };
+        let grads = out.sum().backward();
+        let _ = ql.grad(&grads).unwrap().into_data();
+    })
+}
+
+fn swiglu<B: Kernels>(fused: bool, seq: usize, dev: &B::Device, device: &Device) -> (u64, f64) {
+    let uniform = Distribution::Uniform(-1.0, 1.0);
+    let gate = Tensor::<B, 3>::random([1, seq, INTERMEDIATE], uniform, dev);
+    let up = Tensor::<B, 3>::random([1, seq, INTERMEDIATE], uniform, dev);
+    let base = memory(device);
+    measure(device, base, || {
+        let (gl, ul) = (leaf(&gate), leaf(&up));
+        let out = if fused {
+            Autodiff::<B>::swiglu(gl.clone(), ul.clone())
+        } else {
+            pp::kernels::swiglu::forward(gl.clone(), ul.clone())
+        };
+        let grads = out.sum().backward();
+        let _ = gl.grad(&grads).unwrap().into_data();
+        let _ = ul.grad(&grads).unwrap().into_data();
     })
 }
 
@@ -146,13 +212,15 @@ fn main() {
     let device = Device::resolve(parsed.device).expect("device");
     println!(
         "device {device}; attention: 1 x {HEADS} heads ({KV_HEADS} kv) x {} tokens x {HEAD_DIM}; \
-         head loss: {} tokens x {HIDDEN} -> vocab {}; forward + backward, mean of {REPEATS}",
-        parsed.seq, parsed.seq, parsed.vocab
+         head loss: {} tokens x {HIDDEN} -> vocab {}; rms_norm: {} x {NORM_HIDDEN}; rotary: \
+         the attention's queries; swiglu: {} x {INTERMEDIATE}; forward + backward, mean of \
+         {REPEATS}",
+        parsed.seq, parsed.seq, parsed.vocab, parsed.seq, parsed.seq
     );
     println!("| kernel | variant | memory added | ms |");
     println!("| --- | --- | ---: | ---: |");
     let exe = std::env::current_exe().expect("own path");
-    for kernel in ["attention", "head_loss"] {
+    for kernel in ["attention", "head_loss", "rms_norm", "rotary", "swiglu"] {
         for variant in ["composition", "fused"] {
             let out = Command::new(&exe)
                 .args(&args)

@@ -76,8 +76,9 @@ impl MemoryEstimate {
     }
 }
 
-/// What autodiff keeps per token in one layer: the residual and both norms' inputs and outputs
-/// (6h), q/k/v before and after rotation (2(q + 2kv)), the attention output (q), the MLP's gate,
+/// What autodiff keeps per token in one layer: both norms' inputs (the residual stream) and
+/// outputs (4h: the fused RMSNorm keeps no statistics), q/k/v before and after rotation
+/// (2(q + 2kv)), the attention output (q), the MLP's gate,
 /// up and gated product (3i: the fused SwiGLU keeps no sigmoid or activated gate), and the tiled
 /// attention's float32 log-sum-exp per head. Nothing grows with the sequence: the scores exist
 /// one tile at a time.
@@ -87,7 +88,7 @@ fn layer_activations_per_token(cfg: &ModelConfig, dtype: DType) -> u64 {
         (cfg.num_heads * cfg.head_dim) as u64,
         (cfg.num_kv_heads * cfg.head_dim) as u64,
     );
-    dtype.size() as u64 * (6 * h + 2 * (q + 2 * kv) + q + 3 * i)
+    dtype.size() as u64 * (4 * h + 2 * (q + 2 * kv) + q + 3 * i)
         + STATE_BYTES * cfg.num_heads as u64
 }
 

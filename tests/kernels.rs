@@ -16,7 +16,11 @@ crate::on_devices! {
     attention_matches_the_composition => attention_cases;
     head_loss_matches_the_composition => head_loss_cases;
     swiglu_matches_the_composition => swiglu_case;
+    rms_norm_matches_the_composition => rms_norm_case;
+    rotary_matches_the_composition => rotary_case;
 }
+
+type A<X> = Autodiff<X>;
 
 /// One attention problem.
 struct Case {
@@ -92,7 +96,6 @@ fn dense_mask<B: Backend>(case: &Case, device: &B::Device) -> Tensor<B, 4, Bool>
 }
 
 fn check_attention<B: Kernels>(case: &Case, device: &B::Device, spec: DeviceSpec) {
-    type A<X> = Autodiff<X>;
     let Case {
         batch,
         heads,
@@ -161,7 +164,6 @@ fn check_head_loss<B: Kernels>(
     device: &B::Device,
     spec: DeviceSpec,
 ) {
-    type A<X> = Autodiff<X>;
     let uniform = Distribution::Uniform(-1.0, 1.0);
     let hidden = Tensor::<B, 3>::random([rows, seq, dim], uniform, device);
     let weight = Tensor::<B, 2>::random([vocab, dim], uniform, device);
@@ -223,7 +225,6 @@ fn swiglu_case(spec: DeviceSpec) {
 }
 
 fn check_swiglu<B: Kernels>(device: &B::Device, spec: DeviceSpec) {
-    type A<X> = Autodiff<X>;
     // 3 x 7 x 11 elements: no multiple of a cube.
     let shape = [3, 7, 11];
     let uniform = Distribution::Uniform(-4.0, 4.0);
@@ -247,11 +248,89 @@ fn check_swiglu<B: Kernels>(device: &B::Device, spec: DeviceSpec) {
             u.grad(&grads).unwrap(),
         ]
     };
-    let (fused, reference) = (run(true), run(false));
-    for (what, (got, want)) in ["output", "d gate", "d up"]
-        .iter()
-        .zip(fused.into_iter().zip(reference))
-    {
+    assert_all_close(run(true), run(false), &["output", "d gate", "d up"], spec);
+}
+
+fn rms_norm_case(spec: DeviceSpec) {
+    let device = Device::resolve(spec).unwrap();
+    pp::with_backend!(device, |B, dev| check_rms_norm::<B>(&dev, spec));
+}
+
+/// Rows of 300 (more than a cube's units, and no multiple of them) and of 5 (fewer).
+fn check_rms_norm<B: Kernels>(device: &B::Device, spec: DeviceSpec) {
+    for hidden in [300, 5] {
+        let shape = [2, 3, hidden];
+        let x = Tensor::<B, 3>::random(shape, Distribution::Uniform(-3.0, 3.0), device);
+        let weight = Tensor::<B, 1>::random([hidden], Distribution::Uniform(0.5, 1.5), device);
+        let upstream = Tensor::<B, 3>::random(shape, Distribution::Uniform(-1.0, 1.0), device);
+        let eps = 1e-5;
+        let run = |fused: bool| {
+            let x = Tensor::<A<B>, 3>::from_inner(x.clone()).require_grad();
+            let w = Tensor::<A<B>, 1>::from_inner(weight.clone()).require_grad();
+            let out = if fused {
+                A::<B>::rms_norm(x.clone(), w.clone(), eps)
+            } else {
+                pp::kernels::norm::forward(x.clone(), w.clone(), eps)
+            };
+            let grads = (out.clone() * Tensor::from_inner(upstream.clone()))
+                .sum()
+                .backward();
+            let grad_weight = w.grad(&grads).unwrap().unsqueeze::<3>();
+            [out.inner(), x.grad(&grads).unwrap(), grad_weight]
+        };
+        assert_all_close(run(true), run(false), &["output", "d x", "d weight"], spec);
+    }
+}
+
+fn rotary_case(spec: DeviceSpec) {
+    let device = Device::resolve(spec).unwrap();
+    pp::with_backend!(device, |B, dev| check_rotary::<B>(&dev, spec));
+}
+
+/// Three heads of size 10 over 7 positions and 2 rows, tables whose halves repeat (as RoPE's
+/// do) and differ per row.
+fn check_rotary<B: Kernels>(device: &B::Device, spec: DeviceSpec) {
+    let [batch, heads, seq, dim] = [2, 3, 7, 10];
+    let angles = Tensor::<B, 4>::random(
+        [batch, 1, seq, dim / 2],
+        Distribution::Uniform(-3.0, 3.0),
+        device,
+    );
+    let angles = Tensor::cat(vec![angles.clone(), angles], 3);
+    let (cos, sin) = (angles.clone().cos(), angles.sin());
+    let x = Tensor::<B, 4>::random(
+        [batch, heads, seq, dim],
+        Distribution::Uniform(-2.0, 2.0),
+        device,
+    );
+    let upstream = Tensor::<B, 4>::random(x.dims(), Distribution::Uniform(-1.0, 1.0), device);
+    let run = |fused: bool| {
+        let x = Tensor::<A<B>, 4>::from_inner(x.clone()).require_grad();
+        let (cos, sin) = (
+            Tensor::from_inner(cos.clone()),
+            Tensor::from_inner(sin.clone()),
+        );
+        let out = if fused {
+            A::<B>::rotary(x.clone(), cos, sin)
+        } else {
+            pp::kernels::rotary::forward(x.clone(), cos, sin)
+        };
+        let grads = (out.clone() * Tensor::from_inner(upstream.clone()))
+            .sum()
+            .backward();
+        [out.inner(), x.grad(&grads).unwrap()]
+    };
+    assert_all_close(run(true), run(false), &["output", "d x"], spec);
+}
+
+/// Each of `got` against the same of `want`, named by `what`.
+fn assert_all_close<B: Backend, const D: usize, const N: usize>(
+    got: [Tensor<B, D>; N],
+    want: [Tensor<B, D>; N],
+    what: &[&str; N],
+    spec: DeviceSpec,
+) {
+    for ((got, want), what) in got.into_iter().zip(want).zip(what) {
         assert_close(got, want, common::tolerance(spec), what);
     }
 }
@@ -278,28 +357,28 @@ fn assert_close<B: Backend, const D: usize>(
     );
 }
 
-/// The one-kernel AdamW update on the GPU backend against the composition, over two steps (the
-/// bias corrections change) of a tensor whose size is no multiple of a cube.
+/// The optimizers' kernels on the GPU backend against their compositions, over two steps
+/// (the bias corrections and decays change) of a tensor whose size is no multiple of a cube.
 #[cfg(feature = "wgpu")]
 #[test]
-fn fused_adamw_matches_the_composition() {
+fn fused_optimizers_match_the_compositions() {
     let device = Device::resolve(DeviceSpec::Wgpu(0)).unwrap();
-    pp::with_backend!(device, |B, dev| check_adamw::<B>(&dev));
+    pp::with_backend!(device, |B, dev| check_optimizers::<B>(&dev));
 }
 
 #[cfg(feature = "wgpu")]
-fn check_adamw<B: Kernels>(device: &B::Device) {
-    use pp::kernels::optimizer::adamw_composed;
-    use pp::kernels::AdamWStep;
+fn check_optimizers<B: Kernels>(device: &B::Device) {
+    use pp::kernels::optimizer::{adafactor_composed, adamw_composed, sgd_composed};
+    use pp::kernels::{AdafactorStep, AdamWStep, SecondMoment, SgdStep};
 
     let uniform = Distribution::Uniform(-1.0, 1.0);
     let shape = [37, 29];
     let grad = Tensor::<B, 2>::random(shape, uniform, device);
-    let start = [
-        Tensor::<B, 2>::random(shape, uniform, device),
-        Tensor::<B, 2>::random(shape, uniform, device) * 0.1,
-        Tensor::<B, 2>::random(shape, Distribution::Uniform(0.0, 0.01), device),
-    ];
+    let param = Tensor::<B, 2>::random(shape, uniform, device);
+    let small = |scale: f64| Tensor::<B, 2>::random(shape, uniform, device) * scale;
+
+    // AdamW: parameter and both moments.
+    let start = [param.clone(), small(0.1), small(0.01).abs()];
     let (mut fused, mut composed) = (start.clone(), start);
     for step in 1..=2 {
         let hyper = AdamWStep {
@@ -314,10 +393,54 @@ fn check_adamw<B: Kernels>(device: &B::Device) {
         let [p, m, v] = composed;
         composed = adamw_composed(p, grad.clone(), m, v, &hyper);
     }
-    for (what, (got, want)) in ["param", "m", "v"]
+    for (what, (got, want)) in ["adamw param", "adamw m", "adamw v"]
         .iter()
         .zip(fused.into_iter().zip(composed))
     {
         assert_close(got, want, 1e-6, what);
     }
+
+    // Adafactor (factored) with clipping active: parameter and both statistics.
+    let moment = SecondMoment::<B>::zeros(shape[0], shape[1], true, device);
+    let (mut fused, mut composed) = ((param.clone(), moment.clone()), (param.clone(), moment));
+    for step in 1..=2 {
+        let hyper = AdafactorStep {
+            lr: 1e-2,
+            eps: 1e-30,
+            clip_threshold: 0.5,
+            decay_rate: -0.8,
+            weight_decay: 0.01,
+            step,
+        };
+        fused = B::adafactor_step(fused.0, grad.clone() * step as f64, fused.1, &hyper);
+        composed = adafactor_composed(composed.0, grad.clone() * step as f64, composed.1, &hyper);
+    }
+    assert_close(fused.0, composed.0, 1e-6, "adafactor param");
+    match (fused.1, composed.1) {
+        (
+            SecondMoment::Factored { rows, cols },
+            SecondMoment::Factored {
+                rows: want_rows,
+                cols: want_cols,
+            },
+        ) => {
+            assert_close(rows, want_rows, 1e-6, "adafactor rows");
+            assert_close(cols, want_cols, 1e-6, "adafactor cols");
+        }
+        _ => panic!("the moment should stay factored"),
+    }
+
+    // SGD with momentum and weight decay: parameter and buffer.
+    let hyper = SgdStep {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 0.01,
+    };
+    let (mut fused, mut composed) = ((param.clone(), None), (param, None));
+    for _ in 1..=2 {
+        fused = B::sgd_step(fused.0, grad.clone(), fused.1, &hyper);
+        composed = sgd_composed(composed.0, grad.clone(), composed.1, &hyper);
+    }
+    assert_close(fused.0, composed.0, 1e-6, "sgd param");
+    assert_close(fused.1.unwrap(), composed.1.unwrap(), 1e-6, "sgd buffer");
 }

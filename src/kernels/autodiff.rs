@@ -73,6 +73,31 @@ impl<B: Kernels> Backward<B, 2> for HeadLossBackward {
     }
 }
 
+/// Records `output` as one graph node over `parents`, whose backward is `step` given the state
+/// `save` makes (made only when some parent wants a gradient).
+fn record<B, C, S, const N: usize, const D: usize>(
+    step: S,
+    parents: [&AutodiffPrimitive<B>; N],
+    output: Tensor<B, D>,
+    save: impl FnOnce() -> S::State,
+) -> Tensor<Autodiff<B, C>, D>
+where
+    B: Backend,
+    C: CheckpointStrategy,
+    S: Backward<B, N>,
+{
+    let output = output.into_primitive().tensor();
+    let node = match step
+        .prepare::<C>(parents.map(|parent| parent.node.clone()))
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(save(), output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(node))
+}
+
 #[derive(Debug)]
 struct SwigluBackward;
 
@@ -89,6 +114,37 @@ impl<B: Kernels> Backward<B, 2> for SwigluBackward {
     }
 }
 
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: Kernels> Backward<B, 2> for RmsNormBackward {
+    type State = (Tensor<B, 3>, Tensor<B, 1>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = inner::<B, 3>(grads.consume::<B>(&ops.node));
+        let (x, weight, eps) = ops.state;
+        let (grad_x, grad_weight) = B::rms_norm_backward(x, weight, eps, grad);
+        let [x, weight] = ops.parents.map(|parent| parent.map(|node| node.id));
+        register(grads, x, grad_x);
+        register(grads, weight, grad_weight);
+    }
+}
+
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl<B: Kernels> Backward<B, 1> for RotaryBackward {
+    /// The tables (constants).
+    type State = (Tensor<B, 4>, Tensor<B, 4>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = inner::<B, 4>(grads.consume::<B>(&ops.node));
+        let (cos, sin) = ops.state;
+        let [x] = ops.parents.map(|parent| parent.map(|node| node.id));
+        register(grads, x, B::rotary(grad, cos, sin.neg()));
+    }
+}
+
 impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         let (gate, up) = (primitive(gate), primitive(up));
@@ -96,18 +152,28 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             inner::<B, 3>(gate.primitive.clone()),
             inner::<B, 3>(up.primitive.clone()),
         );
-        let output = B::swiglu_forward(gate_in.clone(), up_in.clone())
-            .into_primitive()
-            .tensor();
-        let node = match SwigluBackward
-            .prepare::<C>([gate.node.clone(), up.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((gate_in, up_in), output),
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        };
-        Tensor::from_primitive(TensorPrimitive::Float(node))
+        let output = B::swiglu(gate_in.clone(), up_in.clone());
+        record(SwigluBackward, [&gate, &up], output, || (gate_in, up_in))
+    }
+
+    fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        let (x, weight) = (primitive(x), primitive(weight));
+        let (x_in, weight_in) = (
+            inner::<B, 3>(x.primitive.clone()),
+            inner::<B, 1>(weight.primitive.clone()),
+        );
+        let output = B::rms_norm(x_in.clone(), weight_in.clone(), eps);
+        record(RmsNormBackward, [&x, &weight], output, || {
+            (x_in, weight_in, eps)
+        })
+    }
+
+    fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let x = primitive(x);
+        // The tables are constants: nothing flows back to them.
+        let (cos, sin) = (cos.inner(), sin.inner());
+        let output = B::rotary(inner(x.primitive.clone()), cos.clone(), sin.clone());
+        record(RotaryBackward, [&x], output, || (cos, sin))
     }
 
     fn flash_attention(
@@ -124,24 +190,16 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             inner::<B, 4>(v.primitive.clone()),
         );
         let forward = B::flash_attention_forward(q_in.clone(), k_in.clone(), v_in.clone(), &spec);
-        let output = forward.output.clone().into_primitive().tensor();
-        let node = match AttentionBackward
-            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let saved = AttentionSaved {
-                    q: q_in,
-                    k: k_in,
-                    v: v_in,
-                    forward,
-                };
-                prep.finish((saved, spec), output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        };
-        Tensor::from_primitive(TensorPrimitive::Float(node))
+        let output = forward.output.clone();
+        record(AttentionBackward, [&q, &k, &v], output, || {
+            let saved = AttentionSaved {
+                q: q_in,
+                k: k_in,
+                v: v_in,
+                forward,
+            };
+            (saved, spec)
+        })
     }
 
     fn head_loss(
@@ -156,22 +214,14 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             inner::<B, 2>(weight.primitive.clone()),
         );
         let forward = B::head_loss_forward(hidden_in.clone(), weight_in.clone(), &targets);
-        let loss = forward.loss.into_primitive().tensor();
-        let node = match HeadLossBackward
-            .prepare::<C>([hidden.node.clone(), weight.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let saved = HeadLossSaved {
-                    hidden: hidden_in,
-                    weight: weight_in,
-                    log_sum_exp: forward.log_sum_exp,
-                };
-                prep.finish((saved, targets), loss)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(loss),
-        };
-        Tensor::from_primitive(TensorPrimitive::Float(node))
+        let loss = forward.loss;
+        record(HeadLossBackward, [&hidden, &weight], loss, || {
+            let saved = HeadLossSaved {
+                hidden: hidden_in,
+                weight: weight_in,
+                log_sum_exp: forward.log_sum_exp,
+            };
+            (saved, targets)
+        })
     }
 }

@@ -9,9 +9,12 @@
 //! each row's log-sum-exp; the head: each token's log-sum-exp), so those transients are one
 //! tile's worth whatever the sequence length.
 //!
-//! SwiGLU's gating is one operation that keeps only its two inputs ([`Kernels::swiglu`]).
-//! The optimizer's update is one operation per parameter tensor ([`Kernels::adamw_step`]),
-//! one CubeCL kernel on the GPU backends (`cube`).
+//! SwiGLU's gating and RMSNorm are single operations that keep only their inputs
+//! ([`Kernels::swiglu`], [`Kernels::rms_norm`]); the rotary embedding is one pass
+//! ([`Kernels::rotary`]).
+//! The optimizers' updates are one operation per parameter tensor ([`Kernels::adamw_step`],
+//! [`Kernels::adafactor_step`], [`Kernels::sgd_step`]), CubeCL kernels on the GPU backends
+//! (`cube`).
 //!
 //! [`Kernels`] is the extension point: every backend gets the tiled compositions of tensor
 //! operations, and `Autodiff<B>` registers them as single graph nodes whose backward is the
@@ -23,8 +26,10 @@ mod autodiff;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod cube;
 pub mod head_loss;
+pub mod norm;
 pub mod optimizer;
 pub mod reference;
+pub mod rotary;
 pub mod swiglu;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -32,7 +37,7 @@ use burn::tensor::Tensor;
 
 pub use attention::{AttentionForward, AttentionGrads, AttentionSpec};
 pub use head_loss::{HeadLossForward, HeadLossGrads, LossTargets};
-pub use optimizer::{AdamWResult, AdamWStep};
+pub use optimizer::{AdafactorStep, AdamWResult, AdamWStep, SecondMoment, SgdStep};
 
 /// A backend that runs pp's model: tensor operations plus the kernels above.
 pub trait Kernels: Backend {
@@ -99,11 +104,6 @@ pub trait Kernels: Backend {
 
     /// SwiGLU's gating `silu(gate) · up` of `[batch, seq, intermediate]` tensors.
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
-        Self::swiglu_forward(gate, up)
-    }
-
-    /// The gating's forward pass.
-    fn swiglu_forward(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         swiglu::forward(gate, up)
     }
 
@@ -116,6 +116,27 @@ pub trait Kernels: Backend {
         swiglu::backward(gate, up, grad)
     }
 
+    /// RMSNorm of `x` `[batch, seq, hidden]` with the learned scale `weight` `[hidden]`.
+    fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        norm::forward(x, weight, eps)
+    }
+
+    /// Gradients `(d x, d weight)` of RMSNorm for `grad` of its output.
+    fn rms_norm_backward(
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+        grad: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 1>) {
+        norm::backward(x, weight, eps, grad)
+    }
+
+    /// Rotary position embedding of `x` `[batch, heads, seq, head_dim]` by the tables `cos`
+    /// and `sin` `[batch, 1, seq, head_dim]`. Its backward is itself with `−sin`.
+    fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        rotary::forward(x, cos, sin)
+    }
+
     /// One AdamW update of `param` `[rows, cols]` with `grad` and the moments `m`, `v`:
     /// `[param, m, v]` after the step.
     fn adamw_step(
@@ -126,6 +147,28 @@ pub trait Kernels: Backend {
         step: &AdamWStep,
     ) -> AdamWResult<Self> {
         optimizer::adamw_composed(param, grad, m, v, step)
+    }
+
+    /// One Adafactor update of `param` `[rows, cols]` with `grad`: the parameter and the
+    /// second moment after the step.
+    fn adafactor_step(
+        param: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        moment: SecondMoment<Self>,
+        step: &AdafactorStep,
+    ) -> (Tensor<Self, 2>, SecondMoment<Self>) {
+        optimizer::adafactor_composed(param, grad, moment, step)
+    }
+
+    /// One SGD update of `param` with `grad` and the momentum `buffer` (none before the first
+    /// step, and none without momentum): the parameter and the buffer after the step.
+    fn sgd_step(
+        param: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        buffer: Option<Tensor<Self, 2>>,
+        step: &SgdStep,
+    ) -> (Tensor<Self, 2>, Option<Tensor<Self, 2>>) {
+        optimizer::sgd_composed(param, grad, buffer, step)
     }
 }
 

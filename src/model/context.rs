@@ -7,7 +7,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use super::config::ModelConfig;
 use super::layers::in_dtype;
 use super::rope::RotaryEmbedding;
-use crate::kernels::AttentionSpec;
+use crate::kernels::{AttentionSpec, Kernels};
 
 /// Where each token of a `[batch, seq]` block sits: its position id and the document it belongs
 /// to. Tokens attend only to earlier tokens of the same document (packing keeps documents apart).
@@ -107,20 +107,15 @@ impl<B: Backend> AttentionInputs<B> {
         }
     }
 
-    /// Applies the rotation to `[batch, heads, seq, head_dim]` queries or keys.
-    pub fn rotate(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [batch, heads, seq, dim] = x.dims();
-        let half = dim / 2;
-        // rotate_half: (x1, x2) -> (-x2, x1) over the two halves of the head.
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let expand = |t: &Tensor<B, 4>| t.clone().expand([batch, heads, seq, dim]);
-        x * expand(&self.cos) + rotated * expand(&self.sin)
-    }
-
     /// Which keys each query sees.
     pub fn spec(&self) -> &AttentionSpec<B> {
         &self.spec
+    }
+}
+
+impl<B: Kernels> AttentionInputs<B> {
+    /// Applies the rotation to `[batch, heads, seq, head_dim]` queries or keys.
+    pub fn rotate(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        B::rotary(x, self.cos.clone(), self.sin.clone())
     }
 }

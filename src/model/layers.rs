@@ -93,14 +93,13 @@ impl<B: Backend> RmsNorm<B> {
             eps: cfg.rms_norm_eps,
         })
     }
+}
 
+impl<B: Kernels> RmsNorm<B> {
     /// `[batch, seq, hidden] -> [batch, seq, hidden]`. The statistics are taken in float32
     /// whatever the compute dtype, as transformers does; the result is in the dtype of `x`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let dtype = x.dtype();
-        let x = in_dtype(x, DType::F32);
-        let inv_rms = (x.clone().square().mean_dim(2) + self.eps).sqrt().recip();
-        in_dtype(x * inv_rms, dtype) * in_dtype(self.weight.val(), dtype).unsqueeze::<3>()
+        B::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 

@@ -2,8 +2,8 @@
 //! and, with optimizer-in-backward, a layer's parameters as soon as their gradients are complete.
 //! State is keyed by Hugging Face parameter name, so it survives re-partitioning and resumption.
 //!
-//! `AdamW` follows `torch.optim.AdamW`; `Adafactor` follows `transformers.optimization.Adafactor`
-//! with `beta1=None, scale_parameter=False, relative_step=False, warmup_init=False`.
+//! The update rules themselves are in `kernels::optimizer` (one operation per parameter tensor,
+//! a kernel on GPU backends); this keeps their state by parameter.
 
 use std::collections::{HashMap, HashSet};
 
@@ -13,7 +13,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::runtime::{as_matrix, GradStore};
 use crate::dtype::DType;
-use crate::kernels::{AdamWStep, Kernels, TrainBackend};
+use crate::kernels::{AdafactorStep, AdamWStep, Kernels, SecondMoment, SgdStep, TrainBackend};
 
 /// Which update rule, with its hyperparameters (the learning rate is given per step).
 #[derive(Debug, Clone, PartialEq)]
@@ -95,7 +95,6 @@ impl Optimizer {
             tensors: Vec::new(),
         });
         state.step += 1;
-        let t = state.step as f64;
         match *self {
             Optimizer::AdamW {
                 betas: (b1, b2),
@@ -118,72 +117,49 @@ impl Optimizer {
                 updated
             }
             Optimizer::Adafactor {
-                eps: (eps1, _),
+                eps: (eps, _),
                 clip_threshold,
                 decay_rate,
                 weight_decay,
             } => {
-                let beta2 = 1.0 - t.powf(decay_rate);
-                let squared = grad.clone().square() + eps1;
-                let update = if factored {
-                    if state.tensors.is_empty() {
+                let hyper = AdafactorStep {
+                    lr,
+                    eps,
+                    clip_threshold,
+                    decay_rate,
+                    weight_decay,
+                    step: state.step,
+                };
+                let moment = match std::mem::take(&mut state.tensors).as_slice() {
+                    [rows, cols] => SecondMoment::Factored {
+                        rows: rows.clone(),
+                        cols: cols.clone(),
+                    },
+                    [v] => SecondMoment::Full(v.clone()),
+                    _ => {
                         let [rows, cols] = grad.dims();
-                        let device = grad.device();
-                        state.tensors = vec![
-                            Tensor::zeros([rows, 1], &device),
-                            Tensor::zeros([1, cols], &device),
-                        ];
+                        SecondMoment::zeros(rows, cols, factored, &grad.device())
                     }
-                    let row = state.tensors[0].clone() * beta2
-                        + squared.clone().mean_dim(1) * (1.0 - beta2);
-                    let col =
-                        state.tensors[1].clone() * beta2 + squared.mean_dim(0) * (1.0 - beta2);
-                    // The rank-1 estimate of the second moment is row · col / mean(row).
-                    let row_factor = (row.clone() / row.clone().mean().unsqueeze::<2>())
-                        .sqrt()
-                        .recip();
-                    let col_factor = col.clone().sqrt().recip();
-                    state.tensors = vec![row, col];
-                    row_factor * col_factor * grad
-                } else {
-                    if state.tensors.is_empty() {
-                        state.tensors = vec![grad.zeros_like()];
-                    }
-                    let v = state.tensors[0].clone() * beta2 + squared * (1.0 - beta2);
-                    state.tensors = vec![v.clone()];
-                    v.sqrt().recip() * grad
                 };
-                let numel = update.shape().num_elements() as f64;
-                let rms = (update.clone().square().sum() / numel).sqrt();
-                let scale = (rms / clip_threshold).clamp_min(1.0).unsqueeze::<2>();
-                let update = update / scale * lr;
-                let param = if weight_decay != 0.0 {
-                    param.clone() - param * (weight_decay * lr)
-                } else {
-                    param
+                let (updated, moment) = B::adafactor_step(param, grad, moment, &hyper);
+                state.tensors = match moment {
+                    SecondMoment::Factored { rows, cols } => vec![rows, cols],
+                    SecondMoment::Full(v) => vec![v],
                 };
-                param - update
+                updated
             }
             Optimizer::Sgd {
                 momentum,
                 weight_decay,
             } => {
-                let grad = if weight_decay != 0.0 {
-                    grad + param.clone() * weight_decay
-                } else {
-                    grad
+                let hyper = SgdStep {
+                    lr,
+                    momentum,
+                    weight_decay,
                 };
-                let direction = if momentum != 0.0 {
-                    let buffer = match state.tensors.pop() {
-                        Some(buffer) => buffer * momentum + grad,
-                        None => grad,
-                    };
-                    state.tensors = vec![buffer.clone()];
-                    buffer
-                } else {
-                    grad
-                };
-                param - direction * lr
+                let (updated, buffer) = B::sgd_step(param, grad, state.tensors.pop(), &hyper);
+                state.tensors = buffer.into_iter().collect();
+                updated
             }
         }
     }
