@@ -5,7 +5,8 @@
 //! empty: the device's reserved bytes (wgpu, CUDA) or the process's peak resident memory (CPU)
 //! after the run, less the same figure once the inputs exist.
 //!
-//! Run: `cargo bench --bench kernels -- [--device cpu|wgpu|cuda] [--seq 1024] [--vocab 32000]`
+//! Run: `cargo bench --bench kernels -- [--device cpu|wgpu|cuda] [--seq 1024] [--vocab 32000]
+//! [--only attention,head_loss,rms_norm,rotary,swiglu]`
 
 use std::process::Command;
 use std::time::Instant;
@@ -28,10 +29,14 @@ const INTERMEDIATE: usize = 11008;
 /// Timed repetitions after one warm-up (which also compiles the device's kernels).
 const REPEATS: usize = 3;
 
+/// Every kernel the benchmark measures.
+const KERNELS: [&str; 5] = ["attention", "head_loss", "rms_norm", "rotary", "swiglu"];
+
 struct Args {
     device: DeviceSpec,
     seq: usize,
     vocab: usize,
+    only: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Args {
@@ -47,6 +52,10 @@ fn parse(args: &[String]) -> Args {
             .unwrap_or(DeviceSpec::Wgpu(0)),
         seq: value("--seq").map_or(1024, |s| s.parse().expect("--seq N")),
         vocab: value("--vocab").map_or(32000, |s| s.parse().expect("--vocab N")),
+        only: value("--only").map_or_else(
+            || KERNELS.map(String::from).to_vec(),
+            |list| list.split(',').map(String::from).collect(),
+        ),
     }
 }
 
@@ -220,7 +229,7 @@ fn main() {
     println!("| kernel | variant | memory added | ms |");
     println!("| --- | --- | ---: | ---: |");
     let exe = std::env::current_exe().expect("own path");
-    for kernel in ["attention", "head_loss", "rms_norm", "rotary", "swiglu"] {
+    for kernel in parsed.only.iter().map(String::as_str) {
         for variant in ["composition", "fused"] {
             let out = Command::new(&exe)
                 .args(&args)

@@ -54,11 +54,6 @@ impl<B: TrainBackend> RankWorker<B> {
         timeout: Duration,
         device: B::Device,
     ) -> Self {
-        // A rank holds several micro-batches at once: see `StageRunner::recomputing`.
-        let runners = runners
-            .into_iter()
-            .map(|(stage, runner)| (stage, runner.recomputing()))
-            .collect();
         Self {
             schedule,
             runners,

@@ -5,7 +5,9 @@
 //! Each part runs as its own small graph: its input is a fresh leaf, so the backward pass goes
 //! part by part from the last to the first, carrying the gradient of each part's input down to
 //! the part before. That one mechanism gives the memory savers:
-//! - plain: each part's graph is kept from forward to backward;
+//! - plain: each part's graph is kept from forward to backward, built on parameter leaves of
+//!   the micro-batch's own ([`FreshLeaves`]), so a pipeline stage holds one graph per
+//!   micro-batch in flight and none of them is recomputed;
 //! - `checkpoint_activations`: forward runs without a graph and keeps only each part's input;
 //!   backward recomputes the part from it;
 //! - `offload_activations`: those inputs wait in host memory;
@@ -15,8 +17,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::backend::Backend;
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use super::optim::{Optimizer, OptimizerState, Stepper};
@@ -117,6 +119,8 @@ struct InFlight<B: TrainBackend> {
     attention: AttentionInputs<B::InnerBackend>,
     targets: Targets,
     saved: Vec<Saved<B>>,
+    /// The parameters its kept graphs were built on: leaves of its own (see [`FreshLeaves`]).
+    leaves: Option<StageModel<B>>,
 }
 
 /// What the stage's forward pass produced.
@@ -156,8 +160,6 @@ pub struct StageRunner<B: TrainBackend> {
     /// Zero-bubble schedules: backward runs as an input-gradient pass (I) and, later, a
     /// weight-gradient pass (W).
     split_backward: bool,
-    /// Keep only part inputs even without checkpointing (see [`recomputing`](Self::recomputing)).
-    recompute_always: bool,
     /// Per micro-batch, what its W pass needs, left by its I pass.
     pending_weight: HashMap<usize, PendingWeight<B>>,
     device: B::Device,
@@ -236,22 +238,9 @@ impl<B: TrainBackend> StageRunner<B> {
             precision,
             in_flight: HashMap::new(),
             split_backward: false,
-            recompute_always: false,
             pending_weight: HashMap::new(),
             device,
         }
-    }
-
-    /// Keeps only each part's input between forward and backward and recomputes the part, as
-    /// checkpointing does. A pipeline stage needs this: it holds several micro-batches at once,
-    /// and Burn 0.21's autodiff loses gradients when several graphs that share parameters are
-    /// kept alive together (a later backward finds no gradient for its part's input: seen with
-    /// GPipe's four micro-batches in flight), so graphs are only kept while one micro-batch is
-    /// in flight — single-device training, which runs each micro-batch's backward right after
-    /// its forward.
-    pub fn recomputing(mut self) -> Self {
-        self.recompute_always = true;
-        self
     }
 
     /// Makes backward run as separate input-gradient and weight-gradient passes
@@ -309,10 +298,10 @@ impl<B: TrainBackend> StageRunner<B> {
         });
         let recompute = self.savers.checkpoint_activations
             || self.savers.offload_activations
-            || self.split_backward
-            || self.recompute_always;
+            || self.split_backward;
         let mut saved = Vec::with_capacity(self.parts.len());
         let mut loss = None;
+        let leaves = (!recompute).then(|| self.model.clone().map(&mut FreshLeaves));
         for part in self.parts.clone() {
             let input = x.take().expect("each part feeds the next");
             let out = if recompute {
@@ -327,7 +316,7 @@ impl<B: TrainBackend> StageRunner<B> {
             } else {
                 let leaf = lift(&input);
                 let out = run_part(
-                    &self.model,
+                    leaves.as_ref().expect("kept graphs have their leaves"),
                     part,
                     &leaf,
                     &attention.to_autodiff(),
@@ -354,6 +343,7 @@ impl<B: TrainBackend> StageRunner<B> {
                 attention,
                 targets: batch.targets.clone(),
                 saved,
+                leaves,
             },
         );
         match (loss, x) {
@@ -383,6 +373,7 @@ impl<B: TrainBackend> StageRunner<B> {
             attention,
             targets,
             mut saved,
+            leaves,
         } = self
             .in_flight
             .remove(&id)
@@ -405,7 +396,10 @@ impl<B: TrainBackend> StageRunner<B> {
                 grads: &mut grads,
                 store: &mut self.grads,
             };
-            self.model.visit_part(part, &mut collector);
+            leaves
+                .as_ref()
+                .unwrap_or(&self.model)
+                .visit_part(part, &mut collector);
             if last && self.savers.optimizer_in_backward {
                 if let Some(complete) = self.completes.get(&index).cloned() {
                     self.stepped_sum_squares += sum_squares(&self.grads, Some(&complete));
@@ -430,6 +424,7 @@ impl<B: TrainBackend> StageRunner<B> {
             attention,
             targets,
             mut saved,
+            ..
         } = self
             .in_flight
             .remove(&id)
@@ -708,6 +703,20 @@ impl<B: TrainBackend> ModuleVisitor<B> for GradCollector<'_, B> {
             None => grad,
         };
         self.store.insert(name.clone(), total);
+    }
+}
+
+/// Gives every parameter a new autodiff leaf over the same values (the ids stay). Burn 0.21
+/// merges graphs that share a leaf into one, and a backward pass's cleanup of that merged
+/// graph can drop steps another micro-batch's graph still needs (it depends on hash-set order:
+/// see `tests/pipeline.rs`); graphs built on leaves of their own never merge.
+struct FreshLeaves;
+
+impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let leaf = Tensor::from_inner(tensor.inner()).require_grad();
+        Param::from_mapped_value(id, leaf, mapper)
     }
 }
 
