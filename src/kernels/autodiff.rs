@@ -13,7 +13,9 @@ use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::attention::{AttentionSpec, Saved as AttentionSaved};
 use super::head_loss::{LossTargets, Saved as HeadLossSaved};
+use super::linear::{DeferredWeightGrads, LinearWeightGrad};
 use super::Kernels;
+use crate::model::layers::in_dtype;
 
 type AutodiffPrimitive<B> = <Autodiff<B> as BackendTypes>::FloatTensorPrimitive;
 
@@ -99,6 +101,37 @@ where
 }
 
 #[derive(Debug)]
+struct LinearBackward;
+
+impl<B: Kernels> Backward<B, 2> for LinearBackward {
+    /// The input, the weight in its own dtype (a bf16 copy is made again in backward rather
+    /// than kept), and where to defer the weight's gradient, if anywhere.
+    type State = (Tensor<B, 2>, Tensor<B, 2>, Option<DeferredWeightGrads<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = inner::<B, 2>(grads.consume::<B>(&ops.node));
+        let (x, weight, deferred) = ops.state;
+        let [x_node, weight_node] = ops.parents.map(|parent| parent.map(|node| node.id));
+        if let Some(node) = weight_node {
+            let work = LinearWeightGrad {
+                weight: node,
+                dtype: weight.dtype(),
+                input: x,
+                grad: grad.clone(),
+            };
+            match deferred {
+                Some(store) => store.push(work),
+                None => register(grads, Some(node), work.compute()),
+            }
+        }
+        if x_node.is_some() {
+            let weight = in_dtype(weight, grad.dtype());
+            register(grads, x_node, B::linear_backward_input(grad, weight));
+        }
+    }
+}
+
+#[derive(Debug)]
 struct SwigluBackward;
 
 impl<B: Kernels> Backward<B, 2> for SwigluBackward {
@@ -146,6 +179,18 @@ impl<B: Kernels> Backward<B, 1> for RotaryBackward {
 }
 
 impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
+    fn linear(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let (x, weight) = (primitive(x), primitive(weight));
+        let (x_in, weight_in) = (
+            inner::<B, 2>(x.primitive.clone()),
+            inner::<B, 2>(weight.primitive.clone()),
+        );
+        let output = <B as Kernels>::linear(x_in.clone(), weight_in.clone());
+        record(LinearBackward, [&x, &weight], output, || {
+            (x_in, weight_in, DeferredWeightGrads::active())
+        })
+    }
+
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         let (gate, up) = (primitive(gate), primitive(up));
         let (gate_in, up_in) = (

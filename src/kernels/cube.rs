@@ -299,6 +299,12 @@ impl<R: CubeRuntime> Elementwise<R> {
     }
 }
 
+/// Whether every operand is float32: the kernels are written for float32 (the master weights
+/// and activations of CPU-equivalence runs); other dtypes take the composition.
+fn all_f32(dtypes: &[DType]) -> bool {
+    dtypes.iter().all(|&dtype| dtype == DType::F32)
+}
+
 /// A tensor of `B` from its float primitive.
 fn float<B: burn::tensor::backend::Backend, const D: usize>(
     t: B::FloatTensorPrimitive,
@@ -316,12 +322,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
         v: Tensor<Self, 2>,
         step: &AdamWStep,
     ) -> AdamWResult<Self> {
-        // The kernel is written for float32 state and weights (the master weights); other
-        // dtypes take the composition.
-        if [&param, &grad, &m, &v]
-            .iter()
-            .any(|t| t.dtype() != DType::F32)
-        {
+        if !all_f32(&[param.dtype(), grad.dtype(), m.dtype(), v.dtype()]) {
             return adamw_composed(param, grad, m, v, step);
         }
         let [param, grad, m, v] = [param, grad, m, v].map(primitive);
@@ -349,7 +350,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     }
 
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
-        if gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
+        if !all_f32(&[gate.dtype(), up.dtype()]) {
             return super::swiglu::forward(gate, up);
         }
         let [gate, up] = [gate, up].map(primitive);
@@ -371,7 +372,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
         up: Tensor<Self, 3>,
         grad: Tensor<Self, 3>,
     ) -> [Tensor<Self, 3>; 2] {
-        if [&gate, &up, &grad].iter().any(|t| t.dtype() != DType::F32) {
+        if !all_f32(&[gate.dtype(), up.dtype(), grad.dtype()]) {
             return super::swiglu::backward(gate, up, grad);
         }
         let [gate, up, grad] = [gate, up, grad].map(primitive);
@@ -391,7 +392,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     }
 
     fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
-        if x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+        if !all_f32(&[x.dtype(), weight.dtype()]) {
             return super::norm::forward(x, weight, eps);
         }
         let (x, weight) = (primitive(x), primitive(weight));
@@ -415,10 +416,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
         eps: f64,
         grad: Tensor<Self, 3>,
     ) -> (Tensor<Self, 3>, Tensor<Self, 1>) {
-        if [x.dtype(), weight.dtype(), grad.dtype()]
-            .iter()
-            .any(|&dtype| dtype != DType::F32)
-        {
+        if !all_f32(&[x.dtype(), weight.dtype(), grad.dtype()]) {
             return super::norm::backward(x, weight, eps, grad);
         }
         let [batch, seq, hidden] = x.dims();
@@ -444,10 +442,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     }
 
     fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
-        if [x.dtype(), cos.dtype(), sin.dtype()]
-            .iter()
-            .any(|&dtype| dtype != DType::F32)
-        {
+        if !all_f32(&[x.dtype(), cos.dtype(), sin.dtype()]) {
             return super::rotary::forward(x, cos, sin);
         }
         let [x, cos, sin] = [x, cos, sin].map(primitive);
@@ -473,7 +468,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     ) -> (Tensor<Self, 2>, SecondMoment<Self>) {
         // Vectors (norm scales) are small: their unfactored moment takes the composition.
         let factored = matches!(moment, SecondMoment::Factored { .. });
-        if !factored || param.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+        if !factored || !all_f32(&[param.dtype(), grad.dtype()]) {
             return adafactor_composed(param, grad, moment, step);
         }
         let moment = moment.updated(&grad, step);
@@ -518,7 +513,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
         step: &SgdStep,
     ) -> (Tensor<Self, 2>, Option<Tensor<Self, 2>>) {
         // Plain SGD is one multiply-add already; the kernel is for the momentum update.
-        if step.momentum == 0.0 || param.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+        if step.momentum == 0.0 || !all_f32(&[param.dtype(), grad.dtype()]) {
             return sgd_composed(param, grad, buffer, step);
         }
         // A zero buffer makes the first step's buffer the gradient, as torch's does.

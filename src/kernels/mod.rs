@@ -26,17 +26,24 @@ mod autodiff;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod cube;
 pub mod head_loss;
+pub mod linear;
 pub mod norm;
 pub mod optimizer;
 pub mod reference;
 pub mod rotary;
 pub mod swiglu;
 
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::NodeId;
+use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 
+use crate::model::layers::in_dtype;
+
 pub use attention::{AttentionForward, AttentionGrads, AttentionSpec};
 pub use head_loss::{HeadLossForward, HeadLossGrads, LossTargets};
+pub use linear::{DeferredWeightGrads, LinearWeightGrad};
 pub use optimizer::{AdafactorStep, AdamWResult, AdamWStep, SecondMoment, SgdStep};
 
 /// A backend that runs pp's model: tensor operations plus the kernels above.
@@ -100,6 +107,25 @@ pub trait Kernels: Backend {
         targets: &LossTargets<Self>,
     ) -> HeadLossGrads<Self> {
         head_loss::backward(saved, grad_loss, targets)
+    }
+
+    /// The linear map `x · weightᵀ` of `x` `[tokens, in]` by `weight` `[out, in]`, computed in
+    /// `x`'s dtype whatever the weight's (float32 master weights under bf16 compute).
+    fn linear(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let weight = in_dtype(weight, x.dtype());
+        linear::forward(x, weight)
+    }
+
+    /// The gradient of the linear map's input for `grad` `[tokens, out]` of its output, with
+    /// `weight` in `grad`'s dtype.
+    fn linear_backward_input(grad: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        linear::backward_input(grad, weight)
+    }
+
+    /// The gradient `[out, in]` of the linear map's weight, from its input and `grad` of its
+    /// output.
+    fn linear_backward_weight(x: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        linear::backward_weight(x, grad)
     }
 
     /// SwiGLU's gating `silu(gate) · up` of `[batch, seq, intermediate]` tensors.
@@ -178,13 +204,16 @@ pub use attention::Saved as AttentionSaved;
 pub use head_loss::Saved as HeadLossSaved;
 
 /// A backend that trains pp's model: autodiff over a backend with the kernels.
-pub trait TrainBackend: AutodiffBackend<InnerBackend: Kernels> + Kernels {}
+pub trait TrainBackend: AutodiffBackend<InnerBackend: Kernels> + Kernels {
+    /// The graph node of `t`: how a deferred weight gradient ([`LinearWeightGrad`]) finds
+    /// its parameter.
+    fn node_id<const D: usize>(t: &Tensor<Self, D>) -> NodeId;
+}
 
-impl<B> TrainBackend for B
-where
-    B: AutodiffBackend + Kernels,
-    B::InnerBackend: Kernels,
-{
+impl<B: Kernels, C: CheckpointStrategy> TrainBackend for Autodiff<B, C> {
+    fn node_id<const D: usize>(t: &Tensor<Self, D>) -> NodeId {
+        t.clone().into_primitive().tensor().node.id
+    }
 }
 
 impl Kernels for crate::device::Cpu {}

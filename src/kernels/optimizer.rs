@@ -165,7 +165,11 @@ pub fn adafactor_composed<B: Backend>(
     let moment = moment.updated(&grad, step);
     let update = moment.precondition(grad);
     let divisor = adafactor_clip_divisor(&update, step.clip_threshold);
-    let param = param * (1.0 - step.weight_decay * step.lr);
+    let param = if step.weight_decay != 0.0 {
+        param * (1.0 - step.weight_decay * step.lr)
+    } else {
+        param
+    };
     (param - update / divisor * step.lr, moment)
 }
 

@@ -59,16 +59,16 @@ impl<B: Backend> Linear<B> {
             weight: load_param(source, &format!("{prefix}.weight"), [out, inp], device)?,
         })
     }
+}
 
+impl<B: Kernels> Linear<B> {
     /// `[batch, seq, in] -> [batch, seq, out]`, in the dtype of `x`: under mixed precision the
     /// float32 weight is cast to bf16 where it is used, and its gradient flows back in float32.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, inp] = x.dims();
         let [out, _] = self.weight.dims();
-        let weight = in_dtype(self.weight.val(), x.dtype());
-        x.reshape([batch * seq, inp])
-            .matmul(weight.transpose())
-            .reshape([batch, seq, out])
+        let x = x.reshape([batch * seq, inp]);
+        <B as Kernels>::linear(x, self.weight.val()).reshape([batch, seq, out])
     }
 }
 

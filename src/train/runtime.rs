@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use burn::backend::autodiff::NodeId;
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -24,7 +25,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use super::optim::{Optimizer, OptimizerState, Stepper};
 use crate::data::MicroBatch;
 use crate::dtype::DType;
-use crate::kernels::{Kernels, TrainBackend};
+use crate::kernels::{DeferredWeightGrads, Kernels, LinearWeightGrad, TrainBackend};
 use crate::model::layers::in_dtype;
 use crate::model::loss::Targets;
 use crate::model::names::Part;
@@ -121,6 +122,8 @@ struct InFlight<B: TrainBackend> {
     saved: Vec<Saved<B>>,
     /// The parameters its kept graphs were built on: leaves of its own (see [`FreshLeaves`]).
     leaves: Option<StageModel<B>>,
+    /// Under split backward, where its graphs leave their linear maps' weight gradients.
+    deferred: Option<DeferredWeightGrads<B::InnerBackend>>,
 }
 
 /// What the stage's forward pass produced.
@@ -160,21 +163,10 @@ pub struct StageRunner<B: TrainBackend> {
     /// Zero-bubble schedules: backward runs as an input-gradient pass (I) and, later, a
     /// weight-gradient pass (W).
     split_backward: bool,
-    /// Per micro-batch, what its W pass needs, left by its I pass.
-    pending_weight: HashMap<usize, PendingWeight<B>>,
+    /// Per micro-batch, the weight gradients its I pass left to its W pass, by parameter name.
+    pending_weight: HashMap<usize, Vec<(String, LinearWeightGrad<B::InnerBackend>)>>,
     device: B::Device,
 }
-
-/// What a W pass needs: each part's input and the gradient of its output (or, for the head,
-/// the loss scale), with the micro-batch's attention inputs and targets.
-struct PendingWeight<B: TrainBackend> {
-    attention: AttentionInputs<B::InnerBackend>,
-    targets: Targets,
-    parts: Vec<WeightWork<B::InnerBackend>>,
-}
-
-/// One part's share of a W pass: its index, its input and where its backward starts.
-type WeightWork<B> = (usize, Activation<B>, Upstream<B>);
 
 /// Where a part's backward starts.
 enum Upstream<B: Backend> {
@@ -245,7 +237,8 @@ impl<B: TrainBackend> StageRunner<B> {
 
     /// Makes backward run as separate input-gradient and weight-gradient passes
     /// ([`backward_input`](Self::backward_input), [`backward_weight`](Self::backward_weight)),
-    /// as zero-bubble schedules need. Each pass recomputes its parts from their saved inputs.
+    /// as zero-bubble schedules need. The I pass is the ordinary backward with the linear maps'
+    /// weight gradients held back ([`DeferredWeightGrads`]); the W pass computes just those.
     pub fn with_split_backward(mut self) -> Self {
         self.split_backward = true;
         self
@@ -296,12 +289,11 @@ impl<B: TrainBackend> StageRunner<B> {
             Some(hidden) => Activation::Hidden(hidden),
             None => Activation::Tokens(token_tensor(&batch.input_ids, rows, seq, &self.device)),
         });
-        let recompute = self.savers.checkpoint_activations
-            || self.savers.offload_activations
-            || self.split_backward;
+        let recompute = self.savers.checkpoint_activations || self.savers.offload_activations;
         let mut saved = Vec::with_capacity(self.parts.len());
         let mut loss = None;
         let leaves = (!recompute).then(|| self.model.clone().map(&mut FreshLeaves));
+        let deferred = self.split_backward.then(DeferredWeightGrads::default);
         for part in self.parts.clone() {
             let input = x.take().expect("each part feeds the next");
             let out = if recompute {
@@ -315,6 +307,7 @@ impl<B: TrainBackend> StageRunner<B> {
                 out
             } else {
                 let leaf = lift(&input);
+                let _capture = deferred.as_ref().map(DeferredWeightGrads::capture);
                 let out = run_part(
                     leaves.as_ref().expect("kept graphs have their leaves"),
                     part,
@@ -344,6 +337,7 @@ impl<B: TrainBackend> StageRunner<B> {
                 targets: batch.targets.clone(),
                 saved,
                 leaves,
+                deferred,
             },
         );
         match (loss, x) {
@@ -369,11 +363,49 @@ impl<B: TrainBackend> StageRunner<B> {
         last: bool,
     ) -> Option<Tensor<B::InnerBackend, 3>> {
         let _turn = autodiff_turn();
+        self.backward_parts(id, grad_output, loss_scale, last)
+    }
+
+    /// The input-gradient pass (I) of micro-batch `id`: [`backward`](Self::backward) with the
+    /// linear maps' weight gradients held back for [`backward_weight`](Self::backward_weight).
+    /// The other weights' gradients (norm scales, embedding, head) are accumulated here.
+    pub fn backward_input(
+        &mut self,
+        id: usize,
+        grad_output: Option<Tensor<B::InnerBackend, 3>>,
+        loss_scale: f64,
+    ) -> Option<Tensor<B::InnerBackend, 3>> {
+        let _turn = autodiff_turn();
+        self.backward_parts(id, grad_output, loss_scale, false)
+    }
+
+    /// The weight-gradient pass (W) of micro-batch `id`, after its I pass: the linear maps'
+    /// weight gradients, one matmul each, added to the stage's accumulated gradients.
+    pub fn backward_weight(&mut self, id: usize) {
+        let pending = self
+            .pending_weight
+            .remove(&id)
+            .expect("the W pass follows the micro-batch's I pass");
+        for (name, work) in pending {
+            accumulate(&mut self.grads, &name, as_matrix(work.compute()));
+        }
+    }
+
+    /// Backward through the parts of micro-batch `id`, last to first; under split backward,
+    /// leaves the deferred weight gradients in `pending_weight`.
+    fn backward_parts(
+        &mut self,
+        id: usize,
+        grad_output: Option<Tensor<B::InnerBackend, 3>>,
+        loss_scale: f64,
+        last: bool,
+    ) -> Option<Tensor<B::InnerBackend, 3>> {
         let InFlight {
             attention,
             targets,
             mut saved,
             leaves,
+            deferred,
         } = self
             .in_flight
             .remove(&id)
@@ -385,6 +417,7 @@ impl<B: TrainBackend> StageRunner<B> {
                 Saved::Graph { input, output } => (input, output),
                 kept => {
                     let activation = kept.into_input(&self.device);
+                    let _capture = deferred.as_ref().map(DeferredWeightGrads::capture);
                     self.recompute(part, activation, &attention, &targets)
                 }
             };
@@ -396,10 +429,8 @@ impl<B: TrainBackend> StageRunner<B> {
                 grads: &mut grads,
                 store: &mut self.grads,
             };
-            leaves
-                .as_ref()
-                .unwrap_or(&self.model)
-                .visit_part(part, &mut collector);
+            let params = leaves.as_ref().unwrap_or(&self.model);
+            params.visit_part(part, &mut collector);
             if last && self.savers.optimizer_in_backward {
                 if let Some(complete) = self.completes.get(&index).cloned() {
                     self.stepped_sum_squares += sum_squares(&self.grads, Some(&complete));
@@ -407,94 +438,21 @@ impl<B: TrainBackend> StageRunner<B> {
                 }
             }
         }
-        grad
-    }
-
-    /// The input-gradient pass (I) of micro-batch `id`: like [`backward`](Self::backward)
-    /// without the weight gradients, which [`backward_weight`](Self::backward_weight) computes
-    /// later from what this pass leaves behind.
-    pub fn backward_input(
-        &mut self,
-        id: usize,
-        grad_output: Option<Tensor<B::InnerBackend, 3>>,
-        loss_scale: f64,
-    ) -> Option<Tensor<B::InnerBackend, 3>> {
-        let _turn = autodiff_turn();
-        let InFlight {
-            attention,
-            targets,
-            mut saved,
-            ..
-        } = self
-            .in_flight
-            .remove(&id)
-            .expect("the I pass follows the micro-batch's forward");
-        // Parameters that do not require gradients: backward computes only the input's.
-        let frozen = self.model.clone().no_grad();
-        let mut grad = grad_output;
-        let mut parts = Vec::with_capacity(self.parts.len());
-        for index in (0..self.parts.len()).rev() {
-            let part = self.parts[index];
-            let input = saved
-                .pop()
-                .expect("one saved entry per part")
-                .into_input(&self.device);
-            let upstream = Upstream::new(grad.take(), loss_scale);
-            if let Activation::Hidden(_) = input {
-                let leaf = lift(&input);
-                let output = run_part(&frozen, part, &leaf, &attention.to_autodiff(), &targets);
-                let grads = seed(output, &upstream);
-                if let Activation::Hidden(h) = leaf {
-                    grad = h.grad(&grads);
-                }
-            }
-            parts.push((index, input, upstream));
-        }
-        self.pending_weight.insert(
-            id,
-            PendingWeight {
-                attention,
-                targets,
-                parts,
-            },
-        );
-        grad
-    }
-
-    /// The weight-gradient pass (W) of micro-batch `id`, after its I pass: accumulates the
-    /// gradients of the stage's parameters.
-    pub fn backward_weight(&mut self, id: usize) {
-        let _turn = autodiff_turn();
-        let PendingWeight {
-            attention,
-            targets,
-            parts,
-        } = self
-            .pending_weight
-            .remove(&id)
-            .expect("the W pass follows the micro-batch's I pass");
-        for (index, input, upstream) in parts {
-            let part = self.parts[index];
-            // The input as a constant: backward computes only the parameters' gradients.
-            let input = match input {
-                Activation::Tokens(ids) => Activation::Tokens(Tensor::from_inner(ids)),
-                Activation::Hidden(h) => Activation::Hidden(Tensor::from_inner(h)),
-            };
-            let output = run_part(
-                &self.model,
-                part,
-                &input,
-                &attention.to_autodiff(),
-                &targets,
-            );
-            let mut grads = seed(output, &upstream);
-            let mut collector = GradCollector {
+        if let Some(deferred) = deferred {
+            let params = leaves.as_ref().unwrap_or(&self.model);
+            let mut nodes = NodeNames {
                 names: &self.names,
-                grads: &mut grads,
-                store: &mut self.grads,
+                by_node: HashMap::new(),
             };
-            self.model.visit_part(part, &mut collector);
+            params.visit(&mut nodes);
+            let pending = deferred
+                .take()
+                .into_iter()
+                .map(|work| (nodes.by_node[&work.weight].clone(), work))
+                .collect();
+            self.pending_weight.insert(id, pending);
         }
+        grad
     }
 
     fn recompute(
@@ -696,13 +654,30 @@ impl<B: TrainBackend> ModuleVisitor<B> for GradCollector<'_, B> {
         let Some(grad) = param.val().grad_remove(self.grads) else {
             return;
         };
-        let grad = as_matrix(grad);
-        let name = &self.names[&param.id];
-        let total = match self.store.remove(name) {
-            Some(earlier) => earlier + grad,
-            None => grad,
-        };
-        self.store.insert(name.clone(), total);
+        accumulate(self.store, &self.names[&param.id], as_matrix(grad));
+    }
+}
+
+/// Adds `grad` to what earlier micro-batches (or the other use of a tied weight) left for
+/// parameter `name`.
+fn accumulate<B: Backend>(store: &mut GradStore<B>, name: &str, grad: Tensor<B, 2>) {
+    let total = match store.remove(name) {
+        Some(earlier) => earlier + grad,
+        None => grad,
+    };
+    store.insert(name.to_string(), total);
+}
+
+/// Maps each parameter's graph node to its name: where a deferred weight gradient belongs.
+struct NodeNames<'a> {
+    names: &'a HashMap<ParamId, String>,
+    by_node: HashMap<NodeId, String>,
+}
+
+impl<B: TrainBackend> ModuleVisitor<B> for NodeNames<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let node = B::node_id(&param.val());
+        self.by_node.insert(node, self.names[&param.id].clone());
     }
 }
 
