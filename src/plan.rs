@@ -3,7 +3,8 @@
 
 use serde::Serialize;
 
-use pp_stages::{PartCosts, Partition, StageSlice};
+use pp_stages::schedule::{simulate, Costs, ScheduleError};
+use pp_stages::{PartCosts, Partition, Schedule, StageSlice};
 
 use crate::dtype::DType;
 use crate::kernels;
@@ -208,6 +209,23 @@ pub struct TrainingSetup {
     pub optimizer: Optimizer,
     /// Which memory savers are on.
     pub savers: MemorySavers,
+    /// Micro-batches whose activations each stage holds at once ([`in_flight`]; one stage
+    /// alone holds one).
+    pub in_flight: Vec<usize>,
+}
+
+/// Micro-batches whose activations each stage of `schedule` holds at once: the peak over its
+/// rank's action list of forwards whose backward is not complete (under zero-bubble, until W:
+/// the saved linear inputs and their output gradients wait for it), shared by the rank's
+/// stages.
+pub fn in_flight(schedule: &Schedule) -> Result<Vec<usize>, ScheduleError> {
+    let run = simulate(schedule, &Costs::unit())?;
+    Ok((0..schedule.stages())
+        .map(|stage| {
+            let rank = schedule.stage_ranks[stage];
+            run.peak_activations[rank].div_ceil(schedule.stages_of(rank).len())
+        })
+        .collect())
 }
 
 /// Estimated peak memory of one pipeline stage (one device), in bytes.
@@ -232,14 +250,15 @@ pub struct StagePlan {
     /// chunk of the head's logits, their probabilities and gradient.
     pub transient: u64,
     /// Micro-batches whose activations the stage holds at once (1F1B: stages before the last
-    /// hold more).
+    /// hold more; GPipe: every stage holds them all).
     pub in_flight: usize,
     /// Device total.
     pub total: u64,
 }
 
-/// Per-stage peak memory of training `cfg` under `setup`, with `partition` run by 1F1B
-/// (a single stage holds one micro-batch; in a pipeline of `p` stages, stage `s` holds `p - s`).
+/// Per-stage peak memory of training `cfg` under `setup`, with the micro-batches in flight on
+/// each stage of `partition` that `setup` gives (each keeps its graph, or with checkpointing
+/// its parts' inputs).
 pub fn plan_training(
     cfg: &ModelConfig,
     partition: &Partition,
@@ -302,7 +321,7 @@ pub fn plan_training(
                             + if slice.head { h } else { 0 }
                     }
                 };
-            let in_flight = stages.len() - index;
+            let in_flight = setup.in_flight[index];
             let saved_per_micro_batch = if checkpointing {
                 layer_input * (layers + u64::from(slice.head))
             } else {
@@ -367,6 +386,7 @@ pub fn human_count(count: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pp_stages::ScheduleKind;
 
     /// Llama-3-8B's config.json.
     const LLAMA3_8B: &str = r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
@@ -421,6 +441,7 @@ mod tests {
                     micro_batch_size: 1,
                     optimizer: adafactor.clone(),
                     savers,
+                    in_flight: vec![1],
                 },
             )[0]
             .clone()
@@ -454,23 +475,35 @@ mod tests {
     }
 
     #[test]
-    fn pipeline_stages_hold_more_micro_batches_early() {
+    fn pipeline_stages_hold_what_their_schedule_keeps_in_flight() {
         let cfg = ModelConfig::from_hf_json(LLAMA3_8B).unwrap();
         let partition = Partition::from_split(&[16], cfg.num_layers).unwrap();
-        let setup = TrainingSetup {
-            dtype: DType::BF16,
-            seq_len: 1024,
-            micro_batch_size: 1,
-            optimizer: Optimizer::Sgd {
-                momentum: 0.0,
-                weight_decay: 0.0,
-            },
-            savers: MemorySavers::default(),
+        let plans = |kind| {
+            let schedule = Schedule::new(kind, 2, 8, 1).unwrap();
+            let setup = TrainingSetup {
+                dtype: DType::BF16,
+                seq_len: 1024,
+                micro_batch_size: 1,
+                optimizer: Optimizer::Sgd {
+                    momentum: 0.0,
+                    weight_decay: 0.0,
+                },
+                savers: MemorySavers::default(),
+                in_flight: in_flight(&schedule).unwrap(),
+            };
+            plan_training(&cfg, &partition, &setup)
         };
-        let plans = plan_training(&cfg, &partition, &setup);
-        assert_eq!((plans[0].in_flight, plans[1].in_flight), (2, 1));
-        assert_eq!(plans[0].params + plans[1].params, cfg.num_params());
-        assert_eq!(plans[0].optimizer_state, 0);
+        let one_f_one_b = plans(ScheduleKind::OneFOneB);
+        assert_eq!((one_f_one_b[0].in_flight, one_f_one_b[1].in_flight), (2, 1));
+        assert_eq!(
+            one_f_one_b[0].params + one_f_one_b[1].params,
+            cfg.num_params()
+        );
+        assert_eq!(one_f_one_b[0].optimizer_state, 0);
+        // GPipe runs every forward first: each stage holds all eight micro-batches.
+        let gpipe = plans(ScheduleKind::Gpipe);
+        assert_eq!((gpipe[0].in_flight, gpipe[1].in_flight), (8, 8));
+        assert_eq!(gpipe[0].activations, 4 * one_f_one_b[0].activations);
     }
 
     #[test]

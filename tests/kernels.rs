@@ -9,7 +9,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 use pp::device::{Device, DeviceSpec};
-use pp::kernels::{reference, AttentionSpec, Kernels};
+use pp::kernels::{reference, AttentionSpec, DeferredWeightGrads, Kernels, TrainBackend};
 use pp::model::loss::{Targets, IGNORE_INDEX};
 
 crate::on_devices! {
@@ -18,6 +18,8 @@ crate::on_devices! {
     swiglu_matches_the_composition => swiglu_case;
     rms_norm_matches_the_composition => rms_norm_case;
     rotary_matches_the_composition => rotary_case;
+    linear_matches_the_composition => linear_case;
+    deferred_linear_weight_grads_match => deferred_linear_case;
 }
 
 type A<X> = Autodiff<X>;
@@ -321,6 +323,81 @@ fn check_rotary<B: Kernels>(device: &B::Device, spec: DeviceSpec) {
         [out.inner(), x.grad(&grads).unwrap()]
     };
     assert_all_close(run(true), run(false), &["output", "d x"], spec);
+}
+
+fn linear_case(spec: DeviceSpec) {
+    let device = Device::resolve(spec).unwrap();
+    pp::with_backend!(device, |B, dev| check_linear::<B>(&dev, spec));
+}
+
+/// `x · weightᵀ`, `d x` and `d weight` against Burn's matmul, at sizes no multiple of a
+/// kernel's block, with `x` both contiguous and a transposed view (strided operands).
+fn check_linear<B: Kernels>(device: &B::Device, spec: DeviceSpec) {
+    let [tokens, inp, out] = [37, 19, 23];
+    let uniform = Distribution::Uniform(-2.0, 2.0);
+    let weight = Tensor::<B, 2>::random([out, inp], uniform, device);
+    let upstream = Tensor::<B, 2>::random([tokens, out], uniform, device);
+    for x in [
+        Tensor::<B, 2>::random([tokens, inp], uniform, device),
+        Tensor::<B, 2>::random([inp, tokens], uniform, device).transpose(),
+    ] {
+        let run = |fused: bool| {
+            let x = Tensor::<A<B>, 2>::from_inner(x.clone()).require_grad();
+            let w = Tensor::<A<B>, 2>::from_inner(weight.clone()).require_grad();
+            let y = if fused {
+                A::<B>::linear(x.clone(), w.clone())
+            } else {
+                x.clone().matmul(w.clone().transpose())
+            };
+            let grads = (y.clone() * Tensor::from_inner(upstream.clone()))
+                .sum()
+                .backward();
+            [y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap()]
+        };
+        let what = ["output", "d x", "d weight"];
+        assert_all_close(run(true), run(false), &what, spec);
+    }
+}
+
+fn deferred_linear_case(spec: DeviceSpec) {
+    let device = Device::resolve(spec).unwrap();
+    pp::with_backend!(device, |B, dev| check_deferred_linear::<B>(&dev, spec));
+}
+
+/// Two linear maps in a row recorded under a capture: backward gives the input's gradient and
+/// no weight gradients; the deferred ones, computed afterwards, equal an ordinary backward's.
+fn check_deferred_linear<B: Kernels>(device: &B::Device, spec: DeviceSpec) {
+    let uniform = Distribution::Uniform(-1.0, 1.0);
+    let x = Tensor::<B, 2>::random([9, 6], uniform, device);
+    let weights = [[5, 6], [4, 5]].map(|shape| Tensor::<B, 2>::random(shape, uniform, device));
+    let run = |deferred: Option<&DeferredWeightGrads<B>>| {
+        let x = Tensor::<A<B>, 2>::from_inner(x.clone()).require_grad();
+        let w = weights
+            .clone()
+            .map(|w| Tensor::<A<B>, 2>::from_inner(w).require_grad());
+        let y = {
+            let _capture = deferred.map(DeferredWeightGrads::capture);
+            A::<B>::linear(A::<B>::linear(x.clone(), w[0].clone()), w[1].clone())
+        };
+        let grads = y.sum().backward();
+        let mut weight_grads = w.clone().map(|w| w.grad(&grads));
+        if let Some(deferred) = deferred {
+            assert!(
+                weight_grads.iter().all(Option::is_none),
+                "a weight gradient was not deferred"
+            );
+            for work in deferred.take() {
+                let index = w.iter().position(|w| A::<B>::node_id(w) == work.weight);
+                weight_grads[index.expect("deferred for a weight of the graph")] =
+                    Some(work.compute());
+            }
+        }
+        let [first, second] = weight_grads.map(|g| g.expect("every weight has its gradient"));
+        [x.grad(&grads).unwrap(), first, second].map(|t| t.flatten::<1>(0, 1))
+    };
+    let deferred = DeferredWeightGrads::default();
+    let what = ["d x", "d first weight", "d second weight"];
+    assert_all_close(run(Some(&deferred)), run(None), &what, spec);
 }
 
 /// Each of `got` against the same of `want`, named by `what`.

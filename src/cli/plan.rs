@@ -7,7 +7,7 @@ use anyhow::Context;
 use pp::checkpoint::Format;
 use pp::dtype::DType;
 use pp::plan::{human_bytes, part_costs, plan_training, Balance, TrainingSetup};
-use pp_stages::Partition;
+use pp_stages::{Partition, Schedule, ScheduleKind};
 
 use super::train::{OptimizerFlags, SaverFlags};
 
@@ -39,6 +39,13 @@ pub struct Args {
     /// Stages starting at these layers: `--split 10,20`.
     #[arg(long, value_delimiter = ',')]
     split: Option<Vec<usize>>,
+    /// The pipeline schedule, which decides how many micro-batches each stage holds:
+    /// gpipe, 1f1b or zbh1 (one stage per device).
+    #[arg(long, default_value = "1f1b")]
+    schedule: ScheduleKind,
+    /// Micro-batches per optimizer step [default: twice the stages].
+    #[arg(long)]
+    microbatches: Option<usize>,
     /// Say whether each stage fits a device of this size (`24GB`, `80GiB`).
     #[arg(long, value_parser = super::parse_size)]
     device_memory: Option<u64>,
@@ -64,12 +71,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     .map_err(|e| anyhow::anyhow!("{e}"))
     .context("cannot plan the stages")?;
+    if matches!(args.schedule, ScheduleKind::Interleaved | ScheduleKind::ZbV) {
+        anyhow::bail!(
+            "pp plan plans one stage per device (gpipe, 1f1b, zbh1); `{}` puts several on each",
+            args.schedule.name()
+        );
+    }
+    let ranks = partition.len();
+    let microbatches = args.microbatches.unwrap_or(2 * ranks);
+    let schedule =
+        Schedule::new(args.schedule, ranks, microbatches, 1).context("cannot plan the schedule")?;
     let setup = TrainingSetup {
         dtype,
         seq_len,
         micro_batch_size: args.micro_batch_size,
         optimizer: args.optimizer.optimizer(),
         savers: args.savers.savers(),
+        in_flight: pp::plan::in_flight(&schedule)?,
     };
     let plans = plan_training(cfg, &partition, &setup);
     let fits = |total: u64| args.device_memory.map(|m| total <= m);
@@ -105,6 +123,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             on.join(", ")
         }
     );
+    if ranks > 1 {
+        let held: Vec<String> = plans.iter().map(|p| p.in_flight.to_string()).collect();
+        println!(
+            "{} with {microbatches} micro-batches: the stages hold {} at once",
+            args.schedule.name(),
+            held.join(", ")
+        );
+    }
     println!(
         "{:<32} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}",
         "stage", "weights", "grads", "optimizer", "activations", "transient", "total", "host"

@@ -6,6 +6,7 @@
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, DType, Int, Tensor};
 
+use super::Kernels;
 use crate::model::layers::in_dtype;
 
 /// Put in place of masked scores (in float32): far below any real score, yet finite, so a
@@ -209,7 +210,7 @@ impl Shape {
 }
 
 /// One tile's masked float32 scores `[batch, kv_heads, groups, rows, seq]`.
-fn tile_scores<B: Backend>(
+fn tile_scores<B: Kernels>(
     shape: &Shape,
     spec: &AttentionSpec<B>,
     q_tile: Tensor<B, 4>,
@@ -217,14 +218,17 @@ fn tile_scores<B: Backend>(
     start: usize,
     rows: usize,
 ) -> Tensor<B, 5> {
-    let scores = in_dtype(q_tile.matmul(k_transposed) * spec.scale, DType::F32);
+    let scores = in_dtype(
+        B::batched_matmul(q_tile, k_transposed) * spec.scale,
+        DType::F32,
+    );
     let scores = shape.split_groups(scores, rows);
     let dims = scores.dims();
     scores.mask_fill(spec.blocked(start, rows).expand(dims), MASKED_SCORE)
 }
 
 /// The tiled forward pass.
-pub fn forward<B: Backend>(
+pub fn forward<B: Kernels>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -247,7 +251,7 @@ pub fn forward<B: Backend>(
         let exp = (scores - max.clone()).exp();
         let total = exp.clone().sum_dim(4);
         let probs = in_dtype(shape.merge_groups(exp / total.clone(), rows), dtype);
-        outputs.push(shape.ungrouped(probs.matmul(v.clone()), rows));
+        outputs.push(shape.ungrouped(B::batched_matmul(probs, v.clone()), rows));
         sums.push(shape.ungrouped(
             (max + total.log()).reshape([shape.batch, shape.kv_heads, shape.groups() * rows, 1]),
             rows,
@@ -262,7 +266,7 @@ pub fn forward<B: Backend>(
 /// The tiled backward pass (FlashAttention-2's, over query tiles): per tile, probabilities
 /// from the saved log-sum-exp, then `dV += Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O))`,
 /// `dQ = scale·dS·K`, `dK += scale·dSᵀ·Q`.
-pub fn backward<B: Backend>(
+pub fn backward<B: Kernels>(
     saved: Saved<B>,
     grad_output: Tensor<B, 4>,
     spec: &AttentionSpec<B>,
@@ -296,17 +300,21 @@ pub fn backward<B: Backend>(
         let probs_c = in_dtype(shape.merge_groups(probs.clone(), rows), dtype);
         grad_v = grad_v
             + in_dtype(
-                probs_c.swap_dims(2, 3).matmul(grad_tile.clone()),
+                B::batched_matmul(probs_c.swap_dims(2, 3), grad_tile.clone()),
                 DType::F32,
             );
         let grad_probs = shape.split_groups(
-            in_dtype(grad_tile.matmul(v_transposed.clone()), DType::F32),
+            in_dtype(
+                B::batched_matmul(grad_tile, v_transposed.clone()),
+                DType::F32,
+            ),
             rows,
         );
         let grad_scores = probs * (grad_probs - split_last(&shape, &delta, start, rows));
         let grad_scores = in_dtype(shape.merge_groups(grad_scores, rows) * spec.scale, dtype);
-        grad_q.push(shape.ungrouped(grad_scores.clone().matmul(k.clone()), rows));
-        grad_k = grad_k + in_dtype(grad_scores.swap_dims(2, 3).matmul(q_tile), DType::F32);
+        grad_q.push(shape.ungrouped(B::batched_matmul(grad_scores.clone(), k.clone()), rows));
+        let grad_k_tile = B::batched_matmul(grad_scores.swap_dims(2, 3), q_tile);
+        grad_k = grad_k + in_dtype(grad_k_tile, DType::F32);
     }
     AttentionGrads {
         q: Tensor::cat(grad_q, 2),

@@ -7,6 +7,7 @@
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
+use super::Kernels;
 use crate::model::layers::in_dtype;
 
 /// Each token's target and weight on the device, and the chunk sizes.
@@ -117,17 +118,16 @@ fn chunks(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// The chunked forward pass: `Σ weight·(logsumexp(logits) − logits[target])`.
-pub fn forward<B: Backend>(
+pub fn forward<B: Kernels>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     targets: &LossTargets<B>,
 ) -> HeadLossForward<B> {
-    let weight_transposed = weight.transpose();
     let mut loss = Tensor::<B, 1>::zeros([1], &hidden.device());
     let mut sums = Vec::new();
     for (start, rows) in targets.token_chunks() {
         let hidden = hidden.clone().narrow(0, start, rows);
-        let logits = in_dtype(hidden.matmul(weight_transposed.clone()), DType::F32);
+        let logits = in_dtype(<B as Kernels>::linear(hidden, weight.clone()), DType::F32);
         let max = logits.clone().max_dim(1);
         let log_sum_exp = max.clone() + (logits.clone() - max).exp().sum_dim(1).log();
         let picked = logits.gather(1, targets.ids(start, rows));
@@ -146,7 +146,7 @@ pub fn forward<B: Backend>(
 /// The chunked backward pass, a chunk of the vocabulary at a time so that each chunk of the
 /// weight's gradient is made once: `dlogits = g·w·(softmax − onehot(target))` over the chunk's
 /// columns, then `dW[chunk] = dlogitsᵀ·hidden` and `dhidden += dlogits·W[chunk]`.
-pub fn backward<B: Backend>(
+pub fn backward<B: Kernels>(
     saved: Saved<B>,
     grad_loss: Tensor<B, 1>,
     targets: &LossTargets<B>,
@@ -165,7 +165,7 @@ pub fn backward<B: Backend>(
     for (start, columns) in chunks(vocab, targets.vocab_chunk) {
         let weight_chunk = weight.clone().narrow(0, start, columns);
         let logits = in_dtype(
-            hidden.clone().matmul(weight_chunk.clone().transpose()),
+            <B as Kernels>::linear(hidden.clone(), weight_chunk.clone()),
             DType::F32,
         );
         let probs = (logits - log_sum_exp.clone()).exp();
@@ -183,9 +183,10 @@ pub fn backward<B: Backend>(
             IndexingUpdateOp::Add,
         );
         let grad_logits = in_dtype(grad_logits, hidden_dtype);
-        grad_hidden = grad_hidden + in_dtype(grad_logits.clone().matmul(weight_chunk), DType::F32);
+        let grad_input = B::linear_backward_input(grad_logits.clone(), weight_chunk);
+        grad_hidden = grad_hidden + in_dtype(grad_input, DType::F32);
         grad_weight.push(in_dtype(
-            grad_logits.transpose().matmul(hidden.clone()),
+            B::linear_backward_weight(hidden.clone(), grad_logits),
             weight_dtype,
         ));
     }

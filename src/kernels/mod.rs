@@ -23,6 +23,7 @@
 
 pub mod attention;
 mod autodiff;
+mod cpu;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod cube;
 pub mod head_loss;
@@ -128,6 +129,12 @@ pub trait Kernels: Backend {
         linear::backward_weight(x, grad)
     }
 
+    /// `lhs · rhs` over the last two dimensions of `[batch, heads, m, k]` and
+    /// `[batch, heads, k, n]`: attention's tiles.
+    fn batched_matmul(lhs: Tensor<Self, 4>, rhs: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        lhs.matmul(rhs)
+    }
+
     /// SwiGLU's gating `silu(gate) · up` of `[batch, seq, intermediate]` tensors.
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         swiglu::forward(gate, up)
@@ -215,8 +222,6 @@ impl<B: Kernels, C: CheckpointStrategy> TrainBackend for Autodiff<B, C> {
         t.clone().into_primitive().tensor().node.id
     }
 }
-
-impl Kernels for crate::device::Cpu {}
 
 /// Burn's other CPU backend, compared with ndarray in `benches/cpu_backends.rs`.
 #[cfg(feature = "flex")]

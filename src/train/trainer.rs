@@ -189,6 +189,7 @@ pub fn train<B: TrainBackend>(
         &whole_model,
         &[0],
         options.micro_batch_size,
+        vec![1],
     ));
     let mut engine = SingleDevice {
         runner,
@@ -210,6 +211,7 @@ pub(super) fn device_note(
     partition: &Partition,
     stages: &[usize],
     micro_batch_size: usize,
+    in_flight: Vec<usize>,
 ) -> String {
     let device = &options.device;
     if !device.is_gpu() {
@@ -221,6 +223,7 @@ pub(super) fn device_note(
         micro_batch_size,
         optimizer: options.optimizer.clone(),
         savers: options.savers,
+        in_flight,
     };
     let plans = plan_training(config, partition, &setup);
     let planned: u64 = stages.iter().map(|&stage| plans[stage].total).sum();

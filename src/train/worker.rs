@@ -101,6 +101,7 @@ pub fn train_rank<B: TrainBackend>(
         &partition,
         &schedule.stages_of(rank),
         options.batch_size.div_ceil(pipeline.microbatches),
+        crate::plan::in_flight(&schedule).expect("Schedule::new has played the schedule through"),
     ));
     let mut runners = BTreeMap::new();
     for stage in schedule.stages_of(rank) {
