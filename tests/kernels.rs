@@ -443,13 +443,19 @@ fn fused_optimizers_match_the_compositions() {
     pp::with_backend!(device, |B, dev| check_optimizers::<B>(&dev));
 }
 
-#[cfg(feature = "wgpu")]
+/// The CPU's one-pass AdamW (and the compositions the CPU keeps for the others) likewise.
+#[test]
+fn cpu_optimizers_match_the_compositions() {
+    check_optimizers::<pp::device::Cpu>(&Default::default());
+}
+
 fn check_optimizers<B: Kernels>(device: &B::Device) {
     use pp::kernels::optimizer::{adafactor_composed, adamw_composed, sgd_composed};
     use pp::kernels::{AdafactorStep, AdamWStep, SecondMoment, SgdStep};
 
     let uniform = Distribution::Uniform(-1.0, 1.0);
-    let shape = [37, 29];
+    // 107,300 elements: no multiple of a cube, and more than one CPU chunk.
+    let shape = [370, 290];
     let grad = Tensor::<B, 2>::random(shape, uniform, device);
     let param = Tensor::<B, 2>::random(shape, uniform, device);
     let small = |scale: f64| Tensor::<B, 2>::random(shape, uniform, device) * scale;

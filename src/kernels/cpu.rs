@@ -5,13 +5,15 @@
 //! contiguous, and runs a single matrix on one thread; `gemm` takes both operands with any
 //! strides (so `weightᵀ`, `gradᵀ` and `Kᵀ` are views, never copies) and has AVX-512 kernels.
 //! One matrix is split over every core; a batch of them (attention's heads) is spread one
-//! matrix per core. The rest of the step stays on burn-ndarray.
+//! matrix per core. AdamW's update is one pass over the parameter on every core, where the
+//! composition is a dozen single-threaded passes. The rest of the step stays on burn-ndarray.
 
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_ndarray::NdArrayTensor;
 use rayon::prelude::*;
 
-use super::Kernels;
+use super::optimizer::adamw_composed;
+use super::{AdamWResult, AdamWStep, Kernels};
 use crate::device::Cpu;
 use crate::model::layers::in_dtype;
 
@@ -32,7 +34,59 @@ impl Kernels for Cpu {
     fn batched_matmul(lhs: Tensor<Self, 4>, rhs: Tensor<Self, 4>) -> Tensor<Self, 4> {
         matmul(lhs, rhs)
     }
+
+    fn adamw_step(
+        param: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        m: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        step: &AdamWStep,
+    ) -> AdamWResult<Self> {
+        let (device, dims) = (param.device(), param.dims());
+        let inputs = [&param, &grad, &m, &v].map(|t| native((*t).clone()));
+        let [NdArrayTensor::F32(p), NdArrayTensor::F32(g), NdArrayTensor::F32(mo), NdArrayTensor::F32(ve)] =
+            &inputs
+        else {
+            return adamw_composed(param, grad, m, v, step);
+        };
+        let views = [p.view(), g.view(), mo.view(), ve.view()];
+        let Some([p, g, mo, ve]) = views
+            .iter()
+            .map(|view| view.as_slice())
+            .collect::<Option<Vec<_>>>()
+            .and_then(|slices| <[&[f32]; 4]>::try_from(slices).ok())
+        else {
+            return adamw_composed(param, grad, m, v, step);
+        };
+        let c = step.coefficients().map(|c| c as f32);
+        let n = p.len();
+        let [mut p_out, mut m_out, mut v_out] = [(); 3].map(|_| vec![0.0f32; n]);
+        p_out
+            .par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(m_out.par_chunks_mut(ELEMENTWISE_CHUNK))
+            .zip(v_out.par_chunks_mut(ELEMENTWISE_CHUNK))
+            .enumerate()
+            .for_each(|(chunk, ((p_out, m_out), v_out))| {
+                let start = chunk * ELEMENTWISE_CHUNK;
+                for i in 0..p_out.len() {
+                    let at = start + i;
+                    // As `adamw_composed`, in float32 like the GPU kernel.
+                    let g = g[at];
+                    let m_new = mo[at] * c[1] + g * c[2];
+                    let v_new = ve[at] * c[3] + g * g * c[4];
+                    let denom = v_new.sqrt() / c[5] + c[6];
+                    p_out[i] = p[at] * c[0] - m_new / denom * c[7];
+                    m_out[i] = m_new;
+                    v_out[i] = v_new;
+                }
+            });
+        [p_out, m_out, v_out]
+            .map(|values| Tensor::from_data(TensorData::new(values, dims), &device))
+    }
 }
+
+/// Elements per task of a parallel element-wise pass: large enough to amortise scheduling.
+const ELEMENTWISE_CHUNK: usize = 1 << 16;
 
 /// `lhs · rhs` over the last two dimensions, the leading ones matched (not broadcast), in
 /// float32 with `gemm`, each operand read through its strides; other dtypes take

@@ -85,6 +85,9 @@ enum Activation<B: Backend> {
     Hidden(Tensor<B, 3>),
 }
 
+/// The linear maps' weight gradients an I pass left to its W pass, by parameter name.
+type PendingWeight<B> = Vec<(String, LinearWeightGrad<B>)>;
+
 /// What a part produces: hidden states, or the summed loss of the micro-batch (head).
 enum PartOutput<B: Backend> {
     Hidden(Tensor<B, 3>),
@@ -163,8 +166,8 @@ pub struct StageRunner<B: TrainBackend> {
     /// Zero-bubble schedules: backward runs as an input-gradient pass (I) and, later, a
     /// weight-gradient pass (W).
     split_backward: bool,
-    /// Per micro-batch, the weight gradients its I pass left to its W pass, by parameter name.
-    pending_weight: HashMap<usize, Vec<(String, LinearWeightGrad<B::InnerBackend>)>>,
+    /// Per micro-batch, the weight gradients its I pass left to its W pass.
+    pending_weight: HashMap<usize, PendingWeight<B::InnerBackend>>,
     device: B::Device,
 }
 
