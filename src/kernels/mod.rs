@@ -11,10 +11,12 @@
 //!
 //! SwiGLU's gating and RMSNorm are single operations that keep only their inputs
 //! ([`Kernels::swiglu`], [`Kernels::rms_norm`]); the rotary embedding is one pass
-//! ([`Kernels::rotary`]).
+//! ([`Kernels::rotary`]). Every projection is one linear-map node ([`Kernels::linear`]) whose
+//! weight gradient can be deferred to zero-bubble's W pass ([`DeferredWeightGrads`]).
 //! The optimizers' updates are one operation per parameter tensor ([`Kernels::adamw_step`],
 //! [`Kernels::adafactor_step`], [`Kernels::sgd_step`]), CubeCL kernels on the GPU backends
-//! (`cube`).
+//! (`cube`). On the CPU the matmuls go through the `gemm` crate and AdamW is one parallel
+//! pass (`cpu`).
 //!
 //! [`Kernels`] is the extension point: every backend gets the tiled compositions of tensor
 //! operations, and `Autodiff<B>` registers them as single graph nodes whose backward is the
