@@ -75,6 +75,19 @@ impl<B: Backend> AttentionSpec<B> {
         }
     }
 
+    /// `[batch, seq]` document ids.
+    pub(super) fn documents(&self) -> &Tensor<B, 2, Int> {
+        &self.documents
+    }
+
+    pub(super) fn window(&self) -> Option<usize> {
+        self.window
+    }
+
+    pub(super) fn scale(&self) -> f64 {
+        self.scale
+    }
+
     /// The query tiles: `(first row, rows)`.
     fn tiles(&self, seq: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         (0..seq)
