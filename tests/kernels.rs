@@ -72,6 +72,17 @@ fn attention_cases(spec: DeviceSpec) {
             documents: vec![vec![3, 3, 3, 7, 7, 7, 7]],
             tile: 16,
         },
+        // A document id that comes back after another's run (the CPU then masks per key).
+        Case {
+            batch: 1,
+            heads: 2,
+            kv_heads: 1,
+            seq: 7,
+            dim: 4,
+            window: None,
+            documents: vec![vec![0, 0, 1, 1, 0, 0, 2]],
+            tile: 2,
+        },
     ];
     let device = Device::resolve(spec).unwrap();
     for case in &cases {
@@ -258,10 +269,11 @@ fn rms_norm_case(spec: DeviceSpec) {
     pp::with_backend!(device, |B, dev| check_rms_norm::<B>(&dev, spec));
 }
 
-/// Rows of 300 (more than a cube's units, and no multiple of them) and of 5 (fewer).
+/// Rows of 300 (more than a cube's units, and no multiple of them) and of 5 (fewer); 300 rows
+/// of 300 span two CPU tasks, whose weight gradients are summed.
 fn check_rms_norm<B: Kernels>(device: &B::Device, spec: DeviceSpec) {
-    for hidden in [300, 5] {
-        let shape = [2, 3, hidden];
+    for shape in [[2, 3, 300], [2, 3, 5], [3, 100, 300]] {
+        let hidden = shape[2];
         let x = Tensor::<B, 3>::random(shape, Distribution::Uniform(-3.0, 3.0), device);
         let weight = Tensor::<B, 1>::random([hidden], Distribution::Uniform(0.5, 1.5), device);
         let upstream = Tensor::<B, 3>::random(shape, Distribution::Uniform(-1.0, 1.0), device);
@@ -290,9 +302,15 @@ fn rotary_case(spec: DeviceSpec) {
 }
 
 /// Three heads of size 10 over 7 positions and 2 rows, tables whose halves repeat (as RoPE's
-/// do) and differ per row.
+/// do) and differ per row; then 1,100 positions, whose rows span several CPU tasks.
 fn check_rotary<B: Kernels>(device: &B::Device, spec: DeviceSpec) {
-    let [batch, heads, seq, dim] = [2, 3, 7, 10];
+    for shape in [[2, 3, 7, 10], [2, 3, 1100, 12]] {
+        check_rotary_shape::<B>(shape, device, spec);
+    }
+}
+
+fn check_rotary_shape<B: Kernels>(shape: [usize; 4], device: &B::Device, spec: DeviceSpec) {
+    let [batch, heads, seq, dim] = shape;
     let angles = Tensor::<B, 4>::random(
         [batch, 1, seq, dim / 2],
         Distribution::Uniform(-3.0, 3.0),

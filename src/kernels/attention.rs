@@ -88,6 +88,11 @@ impl<B: Backend> AttentionSpec<B> {
         self.scale
     }
 
+    /// Query rows per tile.
+    pub(super) fn tile(&self) -> usize {
+        self.tile
+    }
+
     /// The query tiles: `(first row, rows)`.
     fn tiles(&self, seq: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         (0..seq)

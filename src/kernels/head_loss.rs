@@ -67,6 +67,21 @@ impl<B: Backend> LossTargets<B> {
         }
     }
 
+    /// `[tokens, 1]` target ids.
+    pub(super) fn target_ids(&self) -> &Tensor<B, 2, Int> {
+        &self.ids
+    }
+
+    /// `[tokens, 1]` weights.
+    pub(super) fn target_weights(&self) -> &Tensor<B, 2> {
+        &self.weights
+    }
+
+    /// The most tokens (forward) or vocabulary entries (backward) per chunk.
+    pub(super) fn max_chunk(&self) -> usize {
+        self.token_chunk.min(self.vocab_chunk)
+    }
+
     /// The forward pass's chunks: `(first token, tokens)`.
     fn token_chunks(&self) -> impl Iterator<Item = (usize, usize)> {
         chunks(self.ids.dims()[0], self.token_chunk)

@@ -12,7 +12,7 @@ use super::matmul::{matmul_into, Matrix};
 use super::Cpu;
 use crate::kernels::AttentionSpec;
 
-/// Query rows per tile.
+/// Query rows per tile at most (a spec may ask for fewer).
 const TILE: usize = 64;
 
 /// The sizes of one attention call.
@@ -23,11 +23,13 @@ pub struct Shape {
     pub kv_heads: usize,
     pub seq: usize,
     pub dim: usize,
+    /// Query rows per tile.
+    pub tile: usize,
 }
 
 impl Shape {
-    /// From the dims of the queries and the keys.
-    pub fn of([batch, heads, seq, dim]: [usize; 4], k: [usize; 4]) -> Self {
+    /// From the dims of the queries and the keys, and the spec's tile.
+    pub fn of([batch, heads, seq, dim]: [usize; 4], k: [usize; 4], tile: usize) -> Self {
         let kv_heads = k[1];
         assert_eq!(
             heads % kv_heads,
@@ -40,6 +42,7 @@ impl Shape {
             kv_heads,
             seq,
             dim,
+            tile: tile.clamp(1, TILE),
         }
     }
 
@@ -54,53 +57,74 @@ impl Shape {
 
     /// Query tiles: `(first row, rows)`.
     fn tiles(&self) -> impl Iterator<Item = (usize, usize)> {
-        let seq = self.seq;
+        let (seq, tile) = (self.seq, self.tile);
         (0..seq)
-            .step_by(TILE)
-            .map(move |start| (start, TILE.min(seq - start)))
+            .step_by(tile)
+            .map(move |start| (start, tile.min(seq - start)))
     }
 }
 
-/// Which keys each query sees (as `AttentionSpec::blocked`), and the score scale.
+/// Which keys each query sees (as `AttentionSpec::blocked`): with documents packed as
+/// contiguous runs, as the batcher packs them, a query sees the keys from the start of its
+/// document's run (or of its window) up to itself, a range.
 pub struct Mask {
-    /// `[batch, seq]` document ids.
-    documents: Vec<i64>,
+    /// `[batch, seq]`: the first key each query sees.
+    first_key: Vec<usize>,
     seq: usize,
-    window: Option<usize>,
     scale: f32,
 }
 
 impl Mask {
-    pub fn of(spec: &AttentionSpec<Cpu>) -> Self {
+    /// `None` when a document id comes back after another's run: then the keys a query sees
+    /// are no range, and the composition masks them.
+    pub fn of(spec: &AttentionSpec<Cpu>) -> Option<Self> {
         let documents = spec.documents();
         let seq = documents.dims()[1];
-        Self {
-            documents: documents
-                .clone()
-                .into_data()
-                .convert::<i64>()
-                .into_vec()
-                .expect("document ids are integers"),
-            seq,
-            window: spec.window(),
-            scale: spec.scale() as f32,
+        let documents: Vec<i64> = documents
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .expect("document ids are integers");
+        let mut first_key = Vec::with_capacity(documents.len());
+        for row in documents.chunks(seq.max(1)) {
+            let mut ended = std::collections::HashSet::new();
+            let mut run_start = 0;
+            for (query, id) in row.iter().enumerate() {
+                if query > 0 && *id != row[query - 1] {
+                    ended.insert(row[query - 1]);
+                    if ended.contains(id) {
+                        return None;
+                    }
+                    run_start = query;
+                }
+                let window_start = spec
+                    .window()
+                    .map_or(0, |window| (query + 1).saturating_sub(window));
+                first_key.push(run_start.max(window_start));
+            }
         }
+        Some(Self {
+            first_key,
+            seq,
+            scale: spec.scale() as f32,
+        })
     }
 
-    /// The keys any of queries `queries` may see: none after the last, none a window before
-    /// the first.
-    fn keys(&self, queries: Range<usize>) -> Range<usize> {
-        let first = self
-            .window
-            .map_or(0, |window| (queries.start + 1).saturating_sub(window));
-        first..queries.end
+    /// The keys query `query` of `row` sees.
+    fn visible(&self, row: usize, query: usize) -> Range<usize> {
+        self.first_key[row * self.seq + query]..query + 1
     }
 
-    fn visible(&self, row: usize, query: usize, key: usize) -> bool {
-        let documents = &self.documents[row * self.seq..][..self.seq];
-        key <= query
-            && documents[key] == documents[query]
-            && self.window.is_none_or(|window| query - key < window)
+    /// The keys any of `queries` sees (the first key only grows with the query).
+    fn keys(&self, row: usize, queries: Range<usize>) -> Range<usize> {
+        self.visible(row, queries.start).start..queries.end
+    }
+
+    /// Query `query`'s visible keys within a tile's `keys`, counted from the tile's first.
+    fn visible_in(&self, row: usize, query: usize, keys: &Range<usize>) -> Range<usize> {
+        let visible = self.visible(row, query);
+        visible.start - keys.start..visible.end - keys.start
     }
 }
 
@@ -119,14 +143,14 @@ pub fn forward(shape: Shape, mask: &Mask, q: &[f32], k: &[f32], v: &[f32]) -> (V
             let row = task / shape.kv_heads;
             let keys = Matrix::row_major(&k[task * head..], shape.seq, shape.dim);
             let values = Matrix::row_major(&v[task * head..], shape.seq, shape.dim);
-            let mut scores = vec![0.0f32; TILE * shape.seq];
+            let mut scores = vec![0.0f32; shape.tile * shape.seq];
             for group in 0..groups {
                 let queries =
                     Matrix::row_major(&q[(task * groups + group) * head..], shape.seq, shape.dim);
                 let output = &mut output[group * head..][..head];
                 let log_sum_exp = &mut log_sum_exp[group * shape.seq..][..shape.seq];
                 for (start, rows) in shape.tiles() {
-                    let seen = mask.keys(start..start + rows);
+                    let seen = mask.keys(row, start..start + rows);
                     let width = seen.len();
                     let probs = &mut scores[..rows * width];
                     matmul_into(
@@ -137,8 +161,8 @@ pub fn forward(shape: Shape, mask: &Mask, q: &[f32], k: &[f32], v: &[f32]) -> (V
                     );
                     for (r, scores) in probs.chunks_mut(width).enumerate() {
                         let query = start + r;
-                        let visible = |j: usize| mask.visible(row, query, seen.start + j);
-                        log_sum_exp[query] = softmax(scores, mask.scale, visible);
+                        let visible = mask.visible_in(row, query, &seen);
+                        log_sum_exp[query] = softmax(scores, visible, mask.scale);
                     }
                     matmul_into(
                         &mut output[start * shape.dim..(start + rows) * shape.dim],
@@ -152,28 +176,28 @@ pub fn forward(shape: Shape, mask: &Mask, q: &[f32], k: &[f32], v: &[f32]) -> (V
     (output, log_sum_exp)
 }
 
-/// One row of raw scores in place to probabilities: scaled, masked where not `visible`
-/// (probability exactly 0), normalised. Returns the row's log-sum-exp.
-fn softmax(scores: &mut [f32], scale: f32, visible: impl Fn(usize) -> bool) -> f32 {
-    let mut max = f32::NEG_INFINITY;
-    for (j, score) in scores.iter_mut().enumerate() {
-        if visible(j) {
-            *score *= scale;
-            max = max.max(*score);
-        } else {
-            *score = f32::NEG_INFINITY;
-        }
-    }
+/// One row of raw scores in place to probabilities: scaled and normalised over the `visible`
+/// keys, exactly 0 elsewhere. Returns the row's log-sum-exp.
+fn softmax(scores: &mut [f32], visible: Range<usize>, scale: f32) -> f32 {
+    let row = masked(scores, visible);
+    row.iter_mut().for_each(|score| *score *= scale);
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut total = 0.0f32;
-    for score in scores.iter_mut() {
-        // exp(−∞) is 0: masked keys drop out.
+    for score in row.iter_mut() {
         *score = (*score - max).exp();
         total += *score;
     }
-    for score in scores.iter_mut() {
-        *score /= total;
-    }
+    row.iter_mut().for_each(|score| *score /= total);
     max + total.ln()
+}
+
+/// `scores` zeroed outside `visible`; the `visible` part.
+fn masked(scores: &mut [f32], visible: Range<usize>) -> &mut [f32] {
+    let (before, rest) = scores.split_at_mut(visible.start);
+    let (row, after) = rest.split_at_mut(visible.len());
+    before.fill(0.0);
+    after.fill(0.0);
+    row
 }
 
 /// What the backward pass reads: the forward inputs and results, row-major float32.
@@ -201,8 +225,8 @@ pub fn backward(shape: Shape, mask: &Mask, saved: &Saved, grad_output: &[f32]) -
             let row = task / shape.kv_heads;
             let keys = Matrix::row_major(&saved.k[task * head..], seq, dim);
             let values = Matrix::row_major(&saved.v[task * head..], seq, dim);
-            let mut probs = vec![0.0f32; TILE * seq];
-            let mut grad_scores = vec![0.0f32; TILE * seq];
+            let mut probs = vec![0.0f32; shape.tile * seq];
+            let mut grad_scores = vec![0.0f32; shape.tile * seq];
             for group in 0..groups {
                 let at = (task * groups + group) * head;
                 let queries = Matrix::row_major(&saved.q[at..], seq, dim);
@@ -216,7 +240,7 @@ pub fn backward(shape: Shape, mask: &Mask, saved: &Saved, grad_output: &[f32]) -
                     .collect();
                 let grad_q = &mut grad_q[group * head..][..head];
                 for (start, rows) in shape.tiles() {
-                    let seen = mask.keys(start..start + rows);
+                    let seen = mask.keys(row, start..start + rows);
                     let width = seen.len();
                     let probs = &mut probs[..rows * width];
                     let grad_scores = &mut grad_scores[..rows * width];
@@ -228,12 +252,9 @@ pub fn backward(shape: Shape, mask: &Mask, saved: &Saved, grad_output: &[f32]) -
                     );
                     for (r, scores) in probs.chunks_mut(width).enumerate() {
                         let query = start + r;
-                        for (j, score) in scores.iter_mut().enumerate() {
-                            *score = if mask.visible(row, query, seen.start + j) {
-                                (*score * mask.scale - log_sum_exp[query]).exp()
-                            } else {
-                                0.0
-                            };
+                        let visible = mask.visible_in(row, query, &seen);
+                        for score in masked(scores, visible) {
+                            *score = (*score * mask.scale - log_sum_exp[query]).exp();
                         }
                     }
                     let probs: &[f32] = probs;

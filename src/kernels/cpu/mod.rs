@@ -8,6 +8,7 @@
 
 mod attention;
 mod elementwise;
+mod head_loss;
 mod matmul;
 
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
@@ -15,8 +16,9 @@ use burn_ndarray::NdArrayTensor;
 use ndarray::{CowArray, IxDyn};
 
 use super::{
-    attention as tiled, optimizer, rotary, swiglu, AdamWResult, AdamWStep, AttentionForward,
-    AttentionGrads, AttentionSaved, AttentionSpec, Kernels,
+    attention as tiled, head_loss as chunked, optimizer, rotary, swiglu, AdamWResult, AdamWStep,
+    AttentionForward, AttentionGrads, AttentionSaved, AttentionSpec, HeadLossForward,
+    HeadLossGrads, HeadLossSaved, Kernels, LossTargets,
 };
 use crate::device::Cpu;
 use crate::model::layers::in_dtype;
@@ -46,8 +48,10 @@ impl Kernels for Cpu {
         v: Tensor<Self, 4>,
         spec: &AttentionSpec<Self>,
     ) -> AttentionForward<Self> {
-        let shape = attention::Shape::of(q.dims(), k.dims());
-        let mask = attention::Mask::of(spec);
+        let shape = attention::Shape::of(q.dims(), k.dims(), spec.tile());
+        let Some(mask) = attention::Mask::of(spec) else {
+            return tiled::forward(q, k, v, spec);
+        };
         with_f32([&q, &k, &v].map(native), |[q_values, k_values, v_values]| {
             let (output, log_sum_exp) =
                 attention::forward(shape, &mask, q_values, k_values, v_values);
@@ -65,8 +69,10 @@ impl Kernels for Cpu {
         grad_output: Tensor<Self, 4>,
         spec: &AttentionSpec<Self>,
     ) -> AttentionGrads<Self> {
-        let shape = attention::Shape::of(saved.q.dims(), saved.k.dims());
-        let mask = attention::Mask::of(spec);
+        let shape = attention::Shape::of(saved.q.dims(), saved.k.dims(), spec.tile());
+        let Some(mask) = attention::Mask::of(spec) else {
+            return tiled::backward(saved, grad_output, spec);
+        };
         let inputs = [
             &saved.q,
             &saved.k,
@@ -92,6 +98,69 @@ impl Kernels for Cpu {
             }
         })
         .unwrap_or_else(|| tiled::backward(saved, grad_output, spec))
+    }
+
+    fn head_loss_forward(
+        hidden: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        targets: &LossTargets<Self>,
+    ) -> HeadLossForward<Self> {
+        let tokens = hidden.dims()[0];
+        let inputs = [
+            native(&hidden),
+            native(&weight),
+            native(targets.target_weights()),
+        ];
+        with_f32(inputs, |[hidden_values, weight_values, weights]| {
+            let ids = target_ids(targets);
+            let problem = head_loss::Problem {
+                hidden: hidden_values,
+                weight: weight_values,
+                ids: &ids,
+                weights,
+                dim: hidden.dims()[1],
+                max_chunk: targets.max_chunk(),
+            };
+            let (loss, log_sum_exp) = head_loss::forward(&problem);
+            HeadLossForward {
+                loss: tensor(vec![loss], [1]),
+                log_sum_exp: tensor(log_sum_exp, [tokens, 1]),
+            }
+        })
+        .unwrap_or_else(|| chunked::forward(hidden, weight, targets))
+    }
+
+    fn head_loss_backward(
+        saved: HeadLossSaved<Self>,
+        grad_loss: Tensor<Self, 1>,
+        targets: &LossTargets<Self>,
+    ) -> HeadLossGrads<Self> {
+        let (hidden_dims, weight_dims) = (saved.hidden.dims(), saved.weight.dims());
+        let inputs = [
+            &saved.hidden,
+            &saved.weight,
+            targets.target_weights(),
+            &saved.log_sum_exp,
+        ]
+        .map(native);
+        let grad = in_dtype(grad_loss.clone(), burn::tensor::DType::F32).into_scalar();
+        with_f32(inputs, |[hidden, weight, weights, log_sum_exp]| {
+            let ids = target_ids(targets);
+            let problem = head_loss::Problem {
+                hidden,
+                weight,
+                ids: &ids,
+                weights,
+                dim: hidden_dims[1],
+                max_chunk: targets.max_chunk(),
+            };
+            let (grad_hidden, grad_weight) = head_loss::backward(&problem, log_sum_exp, grad);
+            HeadLossGrads {
+                hidden: tensor(grad_hidden, hidden_dims),
+                weight: tensor(grad_weight, weight_dims),
+            }
+        })
+        .unwrap_or_else(|| chunked::backward(saved, grad_loss, targets))
     }
 
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
@@ -170,6 +239,17 @@ impl Kernels for Cpu {
         })
         .unwrap_or_else(|| optimizer::adamw_composed(param, grad, m, v, step))
     }
+}
+
+/// Each token's target id.
+fn target_ids(targets: &LossTargets<Cpu>) -> Vec<i64> {
+    targets
+        .target_ids()
+        .clone()
+        .into_data()
+        .convert::<i64>()
+        .into_vec()
+        .expect("target ids are integers")
 }
 
 /// `[batch, heads, seq, dim]` of attention's queries (`heads`) or keys and values.
