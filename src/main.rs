@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     if let Err(error) = pp::interrupt::install() {
         tracing::warn!("Ctrl-C will stop pp without cleaning up: {error}");
     }
-    match cli::run() {
+    match on_thread_pool(cli::run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line a user can act on: the error and its causes, no backtrace.
@@ -26,3 +26,17 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Runs `command` on a worker of a rayon pool with the threads rayon would use: the CPU
+/// kernels' parallel passes then start on the calling thread, where from any other thread each
+/// would wake a pool thread and block (two context switches per kernel, with one thread per
+/// pipeline stage). Deep call stacks (graph building, backward) get the main thread's room.
+fn on_thread_pool(command: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .stack_size(MAIN_STACK_BYTES)
+        .build()?;
+    pool.install(command)
+}
+
+/// Stack of the thread a command runs on: as Linux gives a main thread.
+const MAIN_STACK_BYTES: usize = 8 << 20;

@@ -147,11 +147,16 @@ fn a_wgpu_stage_and_a_cpu_stage_train_together() {
     }
 }
 
-/// The worker processes the launcher `pid` started.
+/// The worker processes the launcher `pid` started, whichever of its threads started them.
 fn children(pid: u32) -> Vec<u32> {
-    let path = format!("/proc/{pid}/task/{pid}/children");
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    tasks
+        .flatten()
+        .map(|task| std::fs::read_to_string(task.path().join("children")).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(" ")
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect()
