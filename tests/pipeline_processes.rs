@@ -162,9 +162,37 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn start_long_run(tmp: &Path) -> std::process::Child {
+/// A launcher this test started: killed (and its workers with it) if the test fails first.
+struct Launcher(Option<std::process::Child>);
+
+impl Launcher {
+    fn id(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+
+    fn wait_with_output(mut self) -> std::process::Output {
+        self.0.take().expect("running").wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether process `pid` still runs (not gone, not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|status| !status.contains("zombie"))
+}
+
+fn start_long_run(tmp: &Path) -> Launcher {
     let data = text_data(tmp);
-    Command::new(env!("CARGO_BIN_EXE_pp"))
+    let child = Command::new(env!("CARGO_BIN_EXE_pp"))
         .args([
             "train",
             &fixture("llama3-tiny").join("hf").display().to_string(),
@@ -184,7 +212,8 @@ fn start_long_run(tmp: &Path) -> std::process::Child {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Launcher(Some(child))
 }
 
 fn wait_for_steps(tmp: &Path) {
@@ -209,7 +238,7 @@ fn a_killed_worker_stops_the_others_naming_its_stage() {
     let killed_at = Instant::now();
     // SAFETY: killing a worker process this test started (through the launcher).
     unsafe { libc::kill(workers[1] as i32, libc::SIGKILL) };
-    let output = launcher.wait_with_output().unwrap();
+    let output = launcher.wait_with_output();
     assert!(
         killed_at.elapsed() < Duration::from_secs(40),
         "took {:?}",
@@ -232,21 +261,32 @@ fn ctrl_c_stops_every_worker() {
     let workers = children(launcher.id());
     // SAFETY: interrupting the launcher this test started.
     unsafe { libc::kill(launcher.id() as i32, libc::SIGINT) };
-    let output = launcher.wait_with_output().unwrap();
+    let output = launcher.wait_with_output();
     assert_eq!(output.status.code(), Some(130));
     let saved = std::fs::read_dir(tmp.path().join("run/checkpoints"))
         .unwrap()
         .count();
     assert_eq!(saved, 1, "the interrupted pipeline saved a checkpoint");
     for worker in workers {
+        assert!(!running(worker), "worker {worker} still runs");
+    }
+}
+
+#[test]
+fn workers_stop_when_their_launcher_is_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let launcher = start_long_run(tmp.path());
+    wait_for_steps(tmp.path());
+    let workers = children(launcher.id());
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    drop(launcher); // SIGKILL: the launcher can pass nothing on.
+    let killed_at = Instant::now();
+    while workers.iter().any(|&worker| running(worker)) {
         assert!(
-            !Path::new(&format!("/proc/{worker}")).exists() || {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap_or_default();
-                status.contains("zombie")
-            },
-            "worker {worker} still runs"
+            killed_at.elapsed() < Duration::from_secs(40),
+            "workers {workers:?} still run"
         );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

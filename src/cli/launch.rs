@@ -119,7 +119,9 @@ pub fn launch(pipeline: &PipelineOptions) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the pp executable")?;
     let mut workers: Vec<Child> = Vec::with_capacity(pipeline.ranks);
     for rank in 0..pipeline.ranks {
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        stop_with_launcher(&mut command);
+        let child = command
             // Their own process group: a terminal's Ctrl-C reaches only the launcher, which
             // passes it on once (a second SIGINT would make a worker quit without saving).
             .process_group(0)
@@ -139,6 +141,31 @@ pub fn launch(pipeline: &PipelineOptions) -> anyhow::Result<()> {
         workers.push(child);
     }
     watch(workers)
+}
+
+/// Makes a worker stop (as on Ctrl-C: save, then exit) when the launcher dies, even by
+/// SIGKILL, instead of training on unwatched. Linux ties this to the thread that starts the
+/// worker, which lives until the workers end (it watches them).
+fn stop_with_launcher(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let launcher = std::process::id();
+        // SAFETY: `prctl` and `getppid` are async-signal-safe, as a `pre_exec` hook requires.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The launcher died before the hook ran: nobody would signal this worker.
+                if libc::getppid() as u32 != launcher {
+                    return Err(std::io::Error::other("the launcher is gone"));
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// Waits for every worker; passes Ctrl-C on; once one fails, stops the rest after `GRACE`.
