@@ -256,6 +256,57 @@ pub struct StagePlan {
     pub total: u64,
 }
 
+/// Estimated peak memory of one device that runs several stages (interleaved 1F1B, ZB-V), in
+/// bytes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DevicePlan {
+    /// The stages it runs, in model order.
+    pub stages: Vec<usize>,
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer_state: u64,
+    pub activations: u64,
+    pub host_activations: u64,
+    pub transient: u64,
+    /// Device total.
+    pub total: u64,
+}
+
+/// Each rank's stages of `plans` together: weights, optimizer state and saved activations add
+/// up; transients come one stage at a time, and so do gradients under optimizer-in-backward
+/// (one part's at a time).
+pub fn per_device(
+    plans: &[StagePlan],
+    schedule: &Schedule,
+    savers: &MemorySavers,
+) -> Vec<DevicePlan> {
+    (0..schedule.ranks)
+        .map(|rank| {
+            let stages = schedule.stages_of(rank);
+            let of = |field: fn(&StagePlan) -> u64| stages.iter().map(move |&s| field(&plans[s]));
+            let weights = of(|p| p.weights).sum();
+            let gradients = if savers.optimizer_in_backward {
+                of(|p| p.gradients).max().unwrap_or(0)
+            } else {
+                of(|p| p.gradients).sum()
+            };
+            let optimizer_state = of(|p| p.optimizer_state).sum();
+            let activations = of(|p| p.activations).sum();
+            let transient = of(|p| p.transient).max().unwrap_or(0);
+            DevicePlan {
+                host_activations: of(|p| p.host_activations).sum(),
+                total: weights + gradients + optimizer_state + activations + transient,
+                stages,
+                weights,
+                gradients,
+                optimizer_state,
+                activations,
+                transient,
+            }
+        })
+        .collect()
+}
+
 /// Per-stage peak memory of training `cfg` under `setup`, with the micro-batches in flight on
 /// each stage of `partition` that `setup` gives (each keeps its graph, or with checkpointing
 /// its parts' inputs).
@@ -504,6 +555,58 @@ mod tests {
         let gpipe = plans(ScheduleKind::Gpipe);
         assert_eq!((gpipe[0].in_flight, gpipe[1].in_flight), (8, 8));
         assert_eq!(gpipe[0].activations, 4 * one_f_one_b[0].activations);
+    }
+
+    #[test]
+    fn devices_of_interleaved_and_zbv_add_up_their_stages() {
+        let cfg = ModelConfig::from_hf_json(LLAMA3_8B).unwrap();
+        let partition = Partition::from_split(&[8, 16, 24], cfg.num_layers).unwrap();
+        for (kind, first_device) in [
+            (ScheduleKind::Interleaved, vec![0, 2]),
+            (ScheduleKind::ZbV, vec![0, 3]),
+        ] {
+            let schedule = Schedule::new(kind, 2, 4, 2).unwrap();
+            let mut savers = MemorySavers::default();
+            for in_backward in [false, true] {
+                savers.optimizer_in_backward = in_backward;
+                let setup = TrainingSetup {
+                    dtype: DType::BF16,
+                    seq_len: 1024,
+                    micro_batch_size: 1,
+                    optimizer: Optimizer::AdamW {
+                        betas: (0.9, 0.999),
+                        eps: 1e-8,
+                        weight_decay: 0.0,
+                    },
+                    savers,
+                    in_flight: in_flight(&schedule).unwrap(),
+                };
+                let stages = plan_training(&cfg, &partition, &setup);
+                let devices = per_device(&stages, &schedule, &savers);
+                assert_eq!(devices[0].stages, first_device);
+                let [a, b] = [first_device[0], first_device[1]];
+                let device = &devices[0];
+                assert_eq!(device.weights, stages[a].weights + stages[b].weights);
+                assert_eq!(
+                    device.activations,
+                    stages[a].activations + stages[b].activations
+                );
+                assert_eq!(
+                    device.transient,
+                    stages[a].transient.max(stages[b].transient)
+                );
+                let gradients = if in_backward {
+                    stages[a].gradients.max(stages[b].gradients)
+                } else {
+                    stages[a].gradients + stages[b].gradients
+                };
+                assert_eq!(device.gradients, gradients);
+                assert_eq!(
+                    devices.iter().map(|d| d.weights).sum::<u64>(),
+                    stages.iter().map(|p| p.weights).sum::<u64>()
+                );
+            }
+        }
     }
 
     #[test]

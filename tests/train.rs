@@ -576,6 +576,42 @@ fn plan_shows_what_fits_a_24_gb_card() {
 }
 
 #[test]
+fn plan_puts_interleaved_and_zbv_stages_together_per_device() {
+    let llama = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/models/llama-3-8b");
+    let llama = llama.display().to_string();
+    let plan = |schedule: &str| {
+        let args = [
+            "plan",
+            &llama,
+            "--stages",
+            "2",
+            "--schedule",
+            schedule,
+            "--json",
+        ];
+        serde_json::from_str::<Value>(stdout(&pp(&args)).trim()).unwrap()
+    };
+    for (schedule, first_device) in [("interleaved", [0, 2]), ("zbv", [0, 3])] {
+        let report = plan(schedule);
+        let stages = report["stages"].as_array().unwrap();
+        let devices = report["devices"].as_array().unwrap();
+        assert_eq!((stages.len(), devices.len()), (4, 2), "{schedule}");
+        let device = &devices[0]["plan"];
+        assert_eq!(device["stages"], serde_json::json!(first_device));
+        let weights = |stage: usize| stages[stage]["plan"]["weights"].as_u64().unwrap();
+        assert_eq!(
+            device["weights"].as_u64().unwrap(),
+            weights(first_device[0]) + weights(first_device[1])
+        );
+    }
+    // Three stages cannot go two to a device.
+    let refused = pp(&["plan", &llama, "--split", "10,20", "--schedule", "zbv"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("3 stages do not divide"), "{stderr}");
+}
+
+#[test]
 fn a_two_stage_tied_checkpoint_resumes_with_state_split_by_stage() {
     let tmp = tempfile::tempdir().unwrap();
     let native = tmp.path().join("native").display().to_string();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use pp::checkpoint::Format;
 use pp::dtype::DType;
-use pp::plan::{human_bytes, part_costs, plan_training, Balance, TrainingSetup};
+use pp::plan::{human_bytes, part_costs, per_device, plan_training, Balance, TrainingSetup};
 use pp_stages::{Partition, Schedule, ScheduleKind};
 
 use super::train::{OptimizerFlags, SaverFlags};
@@ -29,8 +29,9 @@ pub struct Args {
     optimizer: OptimizerFlags,
     #[command(flatten)]
     savers: SaverFlags,
-    /// Plan a pipeline of this many stages, balanced by --balance [default: a native
-    /// checkpoint's stages, else 1].
+    /// Plan a pipeline over this many devices, balanced by --balance (interleaved and zbv
+    /// cut the model into more stages than devices) [default: a native checkpoint's stages,
+    /// else 1].
     #[arg(long, conflicts_with = "split")]
     stages: Option<usize>,
     /// What the stages balance.
@@ -40,9 +41,13 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     split: Option<Vec<usize>>,
     /// The pipeline schedule, which decides how many micro-batches each stage holds:
-    /// gpipe, 1f1b or zbh1 (one stage per device).
+    /// gpipe, 1f1b, zbh1 (one stage per device), interleaved (--virtual stages per device) or
+    /// zbv (two per device).
     #[arg(long, default_value = "1f1b")]
     schedule: ScheduleKind,
+    /// Stage slices per device for interleaved.
+    #[arg(long = "virtual", default_value_t = 2)]
+    virtual_stages: usize,
     /// Micro-batches per optimizer step [default: twice the stages].
     #[arg(long)]
     microbatches: Option<usize>,
@@ -61,26 +66,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .seq_len
         .unwrap_or(cfg.max_position_embeddings.min(4096));
     let dtype = args.dtype.unwrap_or(cfg.dtype);
+    let per_device_stages = match args.schedule {
+        ScheduleKind::Interleaved => args.virtual_stages.max(1),
+        ScheduleKind::ZbV => 2,
+        _ => 1,
+    };
+    let balanced = |devices: usize| {
+        Partition::balanced(
+            &part_costs(cfg, args.balance, dtype, seq_len),
+            devices * per_device_stages,
+        )
+    };
     let partition = match (&args.split, args.stages, &info.format) {
         (Some(split), _, _) => Partition::from_split(split, cfg.num_layers),
-        (None, Some(n), _) => {
-            Partition::balanced(&part_costs(cfg, args.balance, dtype, seq_len), n)
-        }
+        (None, Some(n), _) => balanced(n),
         (None, None, Format::Native(native)) => Ok(native.partition().clone()),
-        (None, None, Format::HuggingFace) => Partition::from_split(&[], cfg.num_layers),
+        (None, None, Format::HuggingFace) if per_device_stages == 1 => {
+            Partition::from_split(&[], cfg.num_layers)
+        }
+        (None, None, Format::HuggingFace) => balanced(1),
     }
     .map_err(|e| anyhow::anyhow!("{e}"))
     .context("cannot plan the stages")?;
-    if matches!(args.schedule, ScheduleKind::Interleaved | ScheduleKind::ZbV) {
+    if partition.len() % per_device_stages != 0 {
         anyhow::bail!(
-            "pp plan plans one stage per device (gpipe, 1f1b, zbh1); `{}` puts several on each",
-            args.schedule.name()
+            "{} puts {per_device_stages} stages on each device; {} stages do not divide among devices",
+            args.schedule.name(),
+            partition.len()
         );
     }
-    let ranks = partition.len();
+    let ranks = partition.len() / per_device_stages;
     let microbatches = args.microbatches.unwrap_or(2 * ranks);
-    let schedule =
-        Schedule::new(args.schedule, ranks, microbatches, 1).context("cannot plan the schedule")?;
+    let schedule = Schedule::new(args.schedule, ranks, microbatches, per_device_stages)
+        .context("cannot plan the schedule")?;
     let setup = TrainingSetup {
         dtype,
         seq_len,
@@ -90,16 +108,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         in_flight: pp::plan::in_flight(&schedule)?,
     };
     let plans = plan_training(cfg, &partition, &setup);
+    let devices = per_device(&plans, &schedule, &setup.savers);
     let fits = |total: u64| args.device_memory.map(|m| total <= m);
+    // With one stage per device, a stage's verdict is its device's.
+    let stage_fits = |total: u64| fits(total).filter(|_| per_device_stages == 1);
     if args.json {
         let stages: Vec<_> = plans
             .iter()
-            .map(|p| serde_json::json!({"plan": p, "fits": fits(p.total)}))
+            .map(|p| serde_json::json!({"plan": p, "fits": stage_fits(p.total)}))
+            .collect();
+        let devices: Vec<_> = devices
+            .iter()
+            .map(|d| serde_json::json!({"plan": d, "fits": fits(d.total)}))
             .collect();
         println!(
             "{}",
             serde_json::json!({"dtype": dtype, "seq_len": seq_len,
-                "micro_batch_size": args.micro_batch_size, "stages": stages})
+                "micro_batch_size": args.micro_batch_size, "stages": stages,
+                "devices": devices})
         );
         return Ok(());
     }
@@ -123,7 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             on.join(", ")
         }
     );
-    if ranks > 1 {
+    if partition.len() > 1 {
         let held: Vec<String> = plans.iter().map(|p| p.in_flight.to_string()).collect();
         println!(
             "{} with {microbatches} micro-batches: the stages hold {} at once",
@@ -144,11 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             slice.layers.end,
             if slice.head { " + head" } else { "" }
         );
-        let verdict = match fits(plan.total) {
-            Some(true) => "  fits",
-            Some(false) => "  does not fit",
-            None => "",
-        };
+        let verdict = verdict(stage_fits(plan.total));
         println!(
             "{parts:<32} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}{verdict}",
             human_bytes(plan.weights),
@@ -160,5 +182,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             human_bytes(plan.host_activations),
         );
     }
+    if per_device_stages > 1 {
+        for (rank, device) in devices.iter().enumerate() {
+            let stages: Vec<String> = device.stages.iter().map(ToString::to_string).collect();
+            println!(
+                "{:<32} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}{}",
+                format!("device {rank} (stages {})", stages.join(", ")),
+                human_bytes(device.weights),
+                human_bytes(device.gradients),
+                human_bytes(device.optimizer_state),
+                human_bytes(device.activations),
+                human_bytes(device.transient),
+                human_bytes(device.total),
+                human_bytes(device.host_activations),
+                verdict(fits(device.total)),
+            );
+        }
+    }
     Ok(())
+}
+
+/// ` fits` or ` does not fit` after a device's total, when a device size was given.
+fn verdict(fits: Option<bool>) -> &'static str {
+    match fits {
+        Some(true) => "  fits",
+        Some(false) => "  does not fit",
+        None => "",
+    }
 }
