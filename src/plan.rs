@@ -228,82 +228,101 @@ pub fn in_flight(schedule: &Schedule) -> Result<Vec<usize>, ScheduleError> {
         .collect())
 }
 
-/// Estimated peak memory of one pipeline stage (one device), in bytes.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StagePlan {
-    /// The parts the stage owns.
-    pub slice: StageSlice,
-    /// Parameters it holds.
-    pub params: u64,
-    /// Its weights.
+/// Bytes a stage or a device holds at its peak, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Memory {
+    /// Weights (float32 master weights).
     pub weights: u64,
-    /// Gradients alive at once: all of the stage's, or with optimizer-in-backward the largest
+    /// Gradients alive at once: all of them, or with optimizer-in-backward the largest
     /// part's.
     pub gradients: u64,
     /// Optimizer state in float32.
     pub optimizer_state: u64,
     /// Activations saved for backward on the device, for every micro-batch in flight.
     pub activations: u64,
-    /// Activations offloaded to host memory.
+    /// Activations offloaded to host memory (not in the device total).
     pub host_activations: u64,
     /// The largest short-lived buffer: one layer recomputed with an attention tile, or a
     /// chunk of the head's logits, their probabilities and gradient.
     pub transient: u64,
-    /// Micro-batches whose activations the stage holds at once (1F1B: stages before the last
-    /// hold more; GPipe: every stage holds them all).
-    pub in_flight: usize,
     /// Device total.
     pub total: u64,
 }
 
-/// Estimated peak memory of one device that runs several stages (interleaved 1F1B, ZB-V), in
-/// bytes.
+impl Memory {
+    fn new(
+        weights: u64,
+        gradients: u64,
+        optimizer_state: u64,
+        activations: u64,
+        host_activations: u64,
+        transient: u64,
+    ) -> Self {
+        Self {
+            weights,
+            gradients,
+            optimizer_state,
+            activations,
+            host_activations,
+            transient,
+            total: weights + gradients + optimizer_state + activations + transient,
+        }
+    }
+}
+
+/// Estimated peak memory of one pipeline stage.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StagePlan {
+    /// The parts the stage owns.
+    pub slice: StageSlice,
+    /// Parameters it holds.
+    pub params: u64,
+    #[serde(flatten)]
+    pub memory: Memory,
+    /// Micro-batches whose activations the stage holds at once (1F1B: stages before the last
+    /// hold more; GPipe: every stage holds them all).
+    pub in_flight: usize,
+}
+
+/// Estimated peak memory of one device: one stage, or several under interleaved 1F1B and
+/// ZB-V.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DevicePlan {
     /// The stages it runs, in model order.
     pub stages: Vec<usize>,
-    pub weights: u64,
-    pub gradients: u64,
-    pub optimizer_state: u64,
-    pub activations: u64,
-    pub host_activations: u64,
-    pub transient: u64,
-    /// Device total.
-    pub total: u64,
+    #[serde(flatten)]
+    pub memory: Memory,
 }
 
-/// Each rank's stages of `plans` together: weights, optimizer state and saved activations add
-/// up; transients come one stage at a time, and so do gradients under optimizer-in-backward
-/// (one part's at a time).
+/// The device that runs `stages` of `plans`: weights, optimizer state and saved activations
+/// add up; transients come one stage at a time, and so do gradients under
+/// optimizer-in-backward (one part's at a time).
+pub fn device_plan(plans: &[StagePlan], stages: Vec<usize>, savers: &MemorySavers) -> DevicePlan {
+    let each = |field: fn(&Memory) -> u64| stages.iter().map(move |&s| field(&plans[s].memory));
+    let gradients = if savers.optimizer_in_backward {
+        each(|m| m.gradients).max().unwrap_or(0)
+    } else {
+        each(|m| m.gradients).sum()
+    };
+    let memory = Memory::new(
+        each(|m| m.weights).sum(),
+        gradients,
+        each(|m| m.optimizer_state).sum(),
+        each(|m| m.activations).sum(),
+        each(|m| m.host_activations).sum(),
+        each(|m| m.transient).max().unwrap_or(0),
+    );
+    DevicePlan { stages, memory }
+}
+
+/// Every rank's [`device_plan`] under `schedule`.
 pub fn per_device(
     plans: &[StagePlan],
     schedule: &Schedule,
     savers: &MemorySavers,
 ) -> Vec<DevicePlan> {
     (0..schedule.ranks)
-        .map(|rank| {
-            let stages = schedule.stages_of(rank);
-            let of = |field: fn(&StagePlan) -> u64| stages.iter().map(move |&s| field(&plans[s]));
-            let weights = of(|p| p.weights).sum();
-            let gradients = if savers.optimizer_in_backward {
-                of(|p| p.gradients).max().unwrap_or(0)
-            } else {
-                of(|p| p.gradients).sum()
-            };
-            let optimizer_state = of(|p| p.optimizer_state).sum();
-            let activations = of(|p| p.activations).sum();
-            let transient = of(|p| p.transient).max().unwrap_or(0);
-            DevicePlan {
-                host_activations: of(|p| p.host_activations).sum(),
-                total: weights + gradients + optimizer_state + activations + transient,
-                stages,
-                weights,
-                gradients,
-                optimizer_state,
-                activations,
-                transient,
-            }
-        })
+        .map(|rank| device_plan(plans, schedule.stages_of(rank), savers))
         .collect()
 }
 
@@ -395,14 +414,15 @@ pub fn plan_training(
             StagePlan {
                 slice: slice.clone(),
                 params,
-                weights: params * param_bytes,
-                gradients,
-                optimizer_state,
-                activations,
-                host_activations,
-                transient,
+                memory: Memory::new(
+                    params * param_bytes,
+                    gradients,
+                    optimizer_state,
+                    activations,
+                    host_activations,
+                    transient,
+                ),
                 in_flight,
-                total: params * param_bytes + gradients + optimizer_state + activations + transient,
             }
         })
         .collect()
@@ -503,26 +523,30 @@ mod tests {
             offload_activations: true,
             optimizer_in_backward: true,
         });
-        assert_eq!(plain.weights, 4 * 8_030_261_248);
+        assert_eq!(plain.memory.weights, 4 * 8_030_261_248);
         assert!(
-            plain.total > 60 << 30,
+            plain.memory.total > 60 << 30,
             "plain: {}",
-            human_bytes(plain.total)
+            human_bytes(plain.memory.total)
         );
         // Beside the float32 weights (30 GiB) the savers leave under 3 GiB: one part's
         // gradients (the head's 2 GiB) and the tiled kernels' chunks (no whole logits or score
         // matrix). The weights keep 8B off a 24 GB card.
         assert!(
-            all.total - all.weights < 3 << 30,
+            all.memory.total - all.memory.weights < 3 << 30,
             "all savers: {}",
-            human_bytes(all.total)
+            human_bytes(all.memory.total)
         );
-        assert!(all.transient < 3 << 29, "{}", human_bytes(all.transient));
-        assert!(all.total > 24 << 30);
-        assert_eq!(all.activations, 0);
-        assert_eq!(all.host_activations, 33 * 4096 * 4096 * 2);
+        assert!(
+            all.memory.transient < 3 << 29,
+            "{}",
+            human_bytes(all.memory.transient)
+        );
+        assert!(all.memory.total > 24 << 30);
+        assert_eq!(all.memory.activations, 0);
+        assert_eq!(all.memory.host_activations, 33 * 4096 * 4096 * 2);
         // Optimizer-in-backward keeps one part's gradients: the head (output matrix and norm).
-        assert_eq!(all.gradients, 4 * (128_256 * 4096 + 4096));
+        assert_eq!(all.memory.gradients, 4 * (128_256 * 4096 + 4096));
     }
 
     #[test]
@@ -550,11 +574,14 @@ mod tests {
             one_f_one_b[0].params + one_f_one_b[1].params,
             cfg.num_params()
         );
-        assert_eq!(one_f_one_b[0].optimizer_state, 0);
+        assert_eq!(one_f_one_b[0].memory.optimizer_state, 0);
         // GPipe runs every forward first: each stage holds all eight micro-batches.
         let gpipe = plans(ScheduleKind::Gpipe);
         assert_eq!((gpipe[0].in_flight, gpipe[1].in_flight), (8, 8));
-        assert_eq!(gpipe[0].activations, 4 * one_f_one_b[0].activations);
+        assert_eq!(
+            gpipe[0].memory.activations,
+            4 * one_f_one_b[0].memory.activations
+        );
     }
 
     #[test]
@@ -586,24 +613,27 @@ mod tests {
                 assert_eq!(devices[0].stages, first_device);
                 let [a, b] = [first_device[0], first_device[1]];
                 let device = &devices[0];
-                assert_eq!(device.weights, stages[a].weights + stages[b].weights);
                 assert_eq!(
-                    device.activations,
-                    stages[a].activations + stages[b].activations
+                    device.memory.weights,
+                    stages[a].memory.weights + stages[b].memory.weights
                 );
                 assert_eq!(
-                    device.transient,
-                    stages[a].transient.max(stages[b].transient)
+                    device.memory.activations,
+                    stages[a].memory.activations + stages[b].memory.activations
+                );
+                assert_eq!(
+                    device.memory.transient,
+                    stages[a].memory.transient.max(stages[b].memory.transient)
                 );
                 let gradients = if in_backward {
-                    stages[a].gradients.max(stages[b].gradients)
+                    stages[a].memory.gradients.max(stages[b].memory.gradients)
                 } else {
-                    stages[a].gradients + stages[b].gradients
+                    stages[a].memory.gradients + stages[b].memory.gradients
                 };
-                assert_eq!(device.gradients, gradients);
+                assert_eq!(device.memory.gradients, gradients);
                 assert_eq!(
-                    devices.iter().map(|d| d.weights).sum::<u64>(),
-                    stages.iter().map(|p| p.weights).sum::<u64>()
+                    devices.iter().map(|d| d.memory.weights).sum::<u64>(),
+                    stages.iter().map(|p| p.memory.weights).sum::<u64>()
                 );
             }
         }

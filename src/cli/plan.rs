@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use pp::checkpoint::Format;
 use pp::dtype::DType;
-use pp::plan::{human_bytes, part_costs, per_device, plan_training, Balance, TrainingSetup};
+use pp::plan::{
+    human_bytes, part_costs, per_device, plan_training, Balance, Memory, TrainingSetup,
+};
 use pp_stages::{Partition, Schedule, ScheduleKind};
 
 use super::train::{OptimizerFlags, SaverFlags};
@@ -115,11 +117,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         let stages: Vec<_> = plans
             .iter()
-            .map(|p| serde_json::json!({"plan": p, "fits": stage_fits(p.total)}))
+            .map(|p| serde_json::json!({"plan": p, "fits": stage_fits(p.memory.total)}))
             .collect();
         let devices: Vec<_> = devices
             .iter()
-            .map(|d| serde_json::json!({"plan": d, "fits": fits(d.total)}))
+            .map(|d| serde_json::json!({"plan": d, "fits": fits(d.memory.total)}))
             .collect();
         println!(
             "{}",
@@ -170,43 +172,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             slice.layers.end,
             if slice.head { " + head" } else { "" }
         );
-        let verdict = verdict(stage_fits(plan.total));
-        println!(
-            "{parts:<32} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}{verdict}",
-            human_bytes(plan.weights),
-            human_bytes(plan.gradients),
-            human_bytes(plan.optimizer_state),
-            human_bytes(plan.activations),
-            human_bytes(plan.transient),
-            human_bytes(plan.total),
-            human_bytes(plan.host_activations),
-        );
+        print_row(&parts, &plan.memory, stage_fits(plan.memory.total));
     }
     if per_device_stages > 1 {
         for (rank, device) in devices.iter().enumerate() {
             let stages: Vec<String> = device.stages.iter().map(ToString::to_string).collect();
-            println!(
-                "{:<32} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}{}",
-                format!("device {rank} (stages {})", stages.join(", ")),
-                human_bytes(device.weights),
-                human_bytes(device.gradients),
-                human_bytes(device.optimizer_state),
-                human_bytes(device.activations),
-                human_bytes(device.transient),
-                human_bytes(device.total),
-                human_bytes(device.host_activations),
-                verdict(fits(device.total)),
-            );
+            let label = format!("device {rank} (stages {})", stages.join(", "));
+            print_row(&label, &device.memory, fits(device.memory.total));
         }
     }
     Ok(())
 }
 
-/// ` fits` or ` does not fit` after a device's total, when a device size was given.
-fn verdict(fits: Option<bool>) -> &'static str {
-    match fits {
+/// One line of the table: `label`, the sizes, and whether it fits when a device size was
+/// given.
+fn print_row(label: &str, memory: &Memory, fits: Option<bool>) {
+    let verdict = match fits {
         Some(true) => "  fits",
         Some(false) => "  does not fit",
         None => "",
-    }
+    };
+    println!(
+        "{label:<32} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}{verdict}",
+        human_bytes(memory.weights),
+        human_bytes(memory.gradients),
+        human_bytes(memory.optimizer_state),
+        human_bytes(memory.activations),
+        human_bytes(memory.transient),
+        human_bytes(memory.total),
+        human_bytes(memory.host_activations),
+    );
 }

@@ -94,10 +94,8 @@ impl<B: Backend> AttentionSpec<B> {
     }
 
     /// The query tiles: `(first row, rows)`.
-    fn tiles(&self, seq: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (0..seq)
-            .step_by(self.tile)
-            .map(move |start| (start, self.tile.min(seq - start)))
+    fn tiles(&self, seq: usize) -> impl Iterator<Item = (usize, usize)> {
+        tiles(seq, self.tile)
     }
 
     /// `[batch, 1, 1, rows, seq]`, true where query `start + r` may not see key `k`.
@@ -132,6 +130,13 @@ impl<B: Backend> AttentionSpec<B> {
             .bool_or(own_document.not_equal(key_document))
             .reshape([batch, 1, 1, rows, seq])
     }
+}
+
+/// Tiles of `tile` rows over `0..seq`: `(first row, rows)`.
+pub(super) fn tiles(seq: usize, tile: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..seq)
+        .step_by(tile)
+        .map(move |start| (start, tile.min(seq - start)))
 }
 
 /// The attention output and what backward needs.
@@ -169,18 +174,22 @@ pub struct AttentionGrads<B: Backend> {
 
 /// The shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
-struct Shape {
-    batch: usize,
-    heads: usize,
-    kv_heads: usize,
-    seq: usize,
-    dim: usize,
+pub(super) struct Shape {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub seq: usize,
+    pub dim: usize,
 }
 
 impl Shape {
     fn of<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> Self {
-        let [batch, heads, seq, dim] = q.dims();
-        let kv_heads = k.dims()[1];
+        Self::from_dims(q.dims(), k.dims())
+    }
+
+    /// From the dims of the queries and the keys.
+    pub(super) fn from_dims([batch, heads, seq, dim]: [usize; 4], k: [usize; 4]) -> Self {
+        let kv_heads = k[1];
         assert_eq!(
             heads % kv_heads,
             0,
@@ -195,7 +204,7 @@ impl Shape {
         }
     }
 
-    fn groups(&self) -> usize {
+    pub(super) fn groups(&self) -> usize {
         self.heads / self.kv_heads
     }
 

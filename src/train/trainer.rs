@@ -25,7 +25,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::TrainBackend;
 use crate::model::{ModelConfig, StageModel};
-use crate::plan::{human_bytes, plan_training, TrainingSetup};
+use crate::plan::{device_plan, human_bytes, plan_training, TrainingSetup};
 use crate::tokenizer::Tokenizer;
 
 /// Where validation data comes from.
@@ -226,10 +226,10 @@ pub(super) fn device_note(
         in_flight,
     };
     let plans = plan_training(config, partition, &setup);
-    let planned: u64 = stages.iter().map(|&stage| plans[stage].total).sum();
+    let planned = device_plan(&plans, stages.to_vec(), &options.savers);
     format!(
         "device: {device}; pp plan estimates a peak of {} at --max-len {}",
-        human_bytes(planned),
+        human_bytes(planned.memory.total),
         options.sequences.max_len
     )
 }

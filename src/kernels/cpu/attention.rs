@@ -10,71 +10,26 @@ use std::ops::Range;
 
 use super::matmul::{matmul_into, Matrix};
 use super::Cpu;
+use crate::kernels::attention::{tiles, Shape};
 use crate::kernels::AttentionSpec;
 
 /// Query rows per tile at most (a spec may ask for fewer).
 const TILE: usize = 64;
 
-/// The sizes of one attention call.
-#[derive(Debug, Clone, Copy)]
-pub struct Shape {
-    pub batch: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub seq: usize,
-    pub dim: usize,
-    /// Query rows per tile.
-    pub tile: usize,
-}
-
-impl Shape {
-    /// From the dims of the queries and the keys, and the spec's tile.
-    pub fn of([batch, heads, seq, dim]: [usize; 4], k: [usize; 4], tile: usize) -> Self {
-        let kv_heads = k[1];
-        assert_eq!(
-            heads % kv_heads,
-            0,
-            "query heads are a multiple of kv heads"
-        );
-        Self {
-            batch,
-            heads,
-            kv_heads,
-            seq,
-            dim,
-            tile: tile.clamp(1, TILE),
-        }
-    }
-
-    fn groups(&self) -> usize {
-        self.heads / self.kv_heads
-    }
-
-    /// Elements of one head's `[seq, dim]` matrix.
-    fn head(&self) -> usize {
-        self.seq * self.dim
-    }
-
-    /// Query tiles: `(first row, rows)`.
-    fn tiles(&self) -> impl Iterator<Item = (usize, usize)> {
-        let (seq, tile) = (self.seq, self.tile);
-        (0..seq)
-            .step_by(tile)
-            .map(move |start| (start, tile.min(seq - start)))
-    }
-}
-
-/// Which keys each query sees (as `AttentionSpec::blocked`): with documents packed as
-/// contiguous runs, as the batcher packs them, a query sees the keys from the start of its
-/// document's run (or of its window) up to itself, a range.
-pub struct Mask {
+/// An [`AttentionSpec`] as the CPU kernels read it. Which keys each query sees (as
+/// `AttentionSpec::blocked`): with documents packed as contiguous runs, as the batcher packs
+/// them, a query sees the keys from the start of its document's run (or of its window) up to
+/// itself, a range.
+pub struct Spec {
     /// `[batch, seq]`: the first key each query sees.
     first_key: Vec<usize>,
     seq: usize,
     scale: f32,
+    /// Query rows per tile.
+    tile: usize,
 }
 
-impl Mask {
+impl Spec {
     /// `None` when a document id comes back after another's run: then the keys a query sees
     /// are no range, and the composition masks them.
     pub fn of(spec: &AttentionSpec<Cpu>) -> Option<Self> {
@@ -108,6 +63,7 @@ impl Mask {
             first_key,
             seq,
             scale: spec.scale() as f32,
+            tile: spec.tile().clamp(1, TILE),
         })
     }
 
@@ -121,53 +77,70 @@ impl Mask {
         self.visible(row, queries.start).start..queries.end
     }
 
-    /// Query `query`'s visible keys within a tile's `keys`, counted from the tile's first.
-    fn visible_in(&self, row: usize, query: usize, keys: &Range<usize>) -> Range<usize> {
-        let visible = self.visible(row, query);
-        visible.start - keys.start..visible.end - keys.start
+    /// Scores of query rows `start..start + rows` of `row` against the keys they can see
+    /// (returned, `seen`), `rows × seen.len()` at the front of `buffer`: `finish` gets each
+    /// query and its visible scores, still raw; the others are zeroed.
+    fn score_tile<'b>(
+        &self,
+        buffer: &'b mut [f32],
+        queries: Matrix,
+        keys: Matrix,
+        row: usize,
+        (start, rows): (usize, usize),
+        mut finish: impl FnMut(usize, &mut [f32]),
+    ) -> (Range<usize>, &'b mut [f32]) {
+        let seen = self.keys(row, start..start + rows);
+        let width = seen.len();
+        let scores = &mut buffer[..rows * width];
+        matmul_into(
+            scores,
+            queries.rows(start, rows),
+            keys.rows(seen.start, width).t(),
+            false,
+        );
+        for (r, scores) in scores.chunks_mut(width).enumerate() {
+            let query = start + r;
+            let visible = self.visible(row, query);
+            let (before, rest) = scores.split_at_mut(visible.start - seen.start);
+            let (visible_scores, after) = rest.split_at_mut(visible.len());
+            before.fill(0.0);
+            after.fill(0.0);
+            finish(query, visible_scores);
+        }
+        (seen, scores)
     }
 }
 
 /// The output `[batch, heads, seq, dim]` and each query row's log-sum-exp `[batch, heads,
 /// seq]` of float32 `q`, `k`, `v` in row-major order.
-pub fn forward(shape: Shape, mask: &Mask, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (groups, head) = (shape.groups(), shape.head());
+pub fn forward(shape: Shape, spec: &Spec, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (groups, seq, dim) = (shape.groups(), shape.seq, shape.dim);
+    let head = seq * dim;
     let mut output = vec![0.0; shape.batch * shape.heads * head];
-    let mut log_sum_exp = vec![0.0; shape.batch * shape.heads * shape.seq];
+    let mut log_sum_exp = vec![0.0; shape.batch * shape.heads * seq];
     // Task (row, kv head) owns the outputs of its `groups` query heads, which lie together.
     output
         .par_chunks_mut(groups * head)
-        .zip(log_sum_exp.par_chunks_mut(groups * shape.seq))
+        .zip(log_sum_exp.par_chunks_mut(groups * seq))
         .enumerate()
         .for_each(|(task, (output, log_sum_exp))| {
             let row = task / shape.kv_heads;
-            let keys = Matrix::row_major(&k[task * head..], shape.seq, shape.dim);
-            let values = Matrix::row_major(&v[task * head..], shape.seq, shape.dim);
-            let mut scores = vec![0.0f32; shape.tile * shape.seq];
+            let keys = Matrix::row_major(&k[task * head..], seq, dim);
+            let values = Matrix::row_major(&v[task * head..], seq, dim);
+            let mut buffer = vec![0.0f32; spec.tile * seq];
             for group in 0..groups {
-                let queries =
-                    Matrix::row_major(&q[(task * groups + group) * head..], shape.seq, shape.dim);
+                let queries = Matrix::row_major(&q[(task * groups + group) * head..], seq, dim);
                 let output = &mut output[group * head..][..head];
-                let log_sum_exp = &mut log_sum_exp[group * shape.seq..][..shape.seq];
-                for (start, rows) in shape.tiles() {
-                    let seen = mask.keys(row, start..start + rows);
-                    let width = seen.len();
-                    let probs = &mut scores[..rows * width];
+                let log_sum_exp = &mut log_sum_exp[group * seq..][..seq];
+                for (start, rows) in tiles(seq, spec.tile) {
+                    let (seen, probs) =
+                        spec.score_tile(&mut buffer, queries, keys, row, (start, rows), {
+                            |query, scores| log_sum_exp[query] = softmax(scores, spec.scale)
+                        });
                     matmul_into(
-                        probs,
-                        queries.rows(start, rows),
-                        keys.rows(seen.start, width).t(),
-                        false,
-                    );
-                    for (r, scores) in probs.chunks_mut(width).enumerate() {
-                        let query = start + r;
-                        let visible = mask.visible_in(row, query, &seen);
-                        log_sum_exp[query] = softmax(scores, visible, mask.scale);
-                    }
-                    matmul_into(
-                        &mut output[start * shape.dim..(start + rows) * shape.dim],
-                        Matrix::row_major(probs, rows, width),
-                        values.rows(seen.start, width),
+                        &mut output[start * dim..(start + rows) * dim],
+                        Matrix::row_major(probs, rows, seen.len()),
+                        values.rows(seen.start, seen.len()),
                         false,
                     );
                 }
@@ -176,10 +149,9 @@ pub fn forward(shape: Shape, mask: &Mask, q: &[f32], k: &[f32], v: &[f32]) -> (V
     (output, log_sum_exp)
 }
 
-/// One row of raw scores in place to probabilities: scaled and normalised over the `visible`
-/// keys, exactly 0 elsewhere. Returns the row's log-sum-exp.
-fn softmax(scores: &mut [f32], visible: Range<usize>, scale: f32) -> f32 {
-    let row = masked(scores, visible);
+/// One row's visible raw scores in place to probabilities: scaled and normalised. Returns the
+/// row's log-sum-exp.
+fn softmax(row: &mut [f32], scale: f32) -> f32 {
     row.iter_mut().for_each(|score| *score *= scale);
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut total = 0.0f32;
@@ -189,15 +161,6 @@ fn softmax(scores: &mut [f32], visible: Range<usize>, scale: f32) -> f32 {
     }
     row.iter_mut().for_each(|score| *score /= total);
     max + total.ln()
-}
-
-/// `scores` zeroed outside `visible`; the `visible` part.
-fn masked(scores: &mut [f32], visible: Range<usize>) -> &mut [f32] {
-    let (before, rest) = scores.split_at_mut(visible.start);
-    let (row, after) = rest.split_at_mut(visible.len());
-    before.fill(0.0);
-    after.fill(0.0);
-    row
 }
 
 /// What the backward pass reads: the forward inputs and results, row-major float32.
@@ -212,8 +175,9 @@ pub struct Saved<'a> {
 /// Gradients `[d q, d k, d v]` for `grad_output` of the output (FlashAttention-2's backward,
 /// as `kernels::attention::backward`): per tile, probabilities from the saved log-sum-exp,
 /// `dV += Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O))·scale`, `dQ = dS·K`, `dK += dSᵀ·Q`.
-pub fn backward(shape: Shape, mask: &Mask, saved: &Saved, grad_output: &[f32]) -> [Vec<f32>; 3] {
-    let (groups, head, seq, dim) = (shape.groups(), shape.head(), shape.seq, shape.dim);
+pub fn backward(shape: Shape, spec: &Spec, saved: &Saved, grad_output: &[f32]) -> [Vec<f32>; 3] {
+    let (groups, seq, dim) = (shape.groups(), shape.seq, shape.dim);
+    let head = seq * dim;
     let mut grad_q = vec![0.0; shape.batch * shape.heads * head];
     let mut grad_k = vec![0.0; shape.batch * shape.kv_heads * head];
     let mut grad_v = vec![0.0; grad_k.len()];
@@ -225,8 +189,8 @@ pub fn backward(shape: Shape, mask: &Mask, saved: &Saved, grad_output: &[f32]) -
             let row = task / shape.kv_heads;
             let keys = Matrix::row_major(&saved.k[task * head..], seq, dim);
             let values = Matrix::row_major(&saved.v[task * head..], seq, dim);
-            let mut probs = vec![0.0f32; shape.tile * seq];
-            let mut grad_scores = vec![0.0f32; shape.tile * seq];
+            let mut buffer = vec![0.0f32; spec.tile * seq];
+            let mut grad_scores = vec![0.0f32; spec.tile * seq];
             for group in 0..groups {
                 let at = (task * groups + group) * head;
                 let queries = Matrix::row_major(&saved.q[at..], seq, dim);
@@ -239,31 +203,22 @@ pub fn backward(shape: Shape, mask: &Mask, saved: &Saved, grad_output: &[f32]) -
                     .map(|(g, o)| g.iter().zip(o).map(|(g, o)| g * o).sum())
                     .collect();
                 let grad_q = &mut grad_q[group * head..][..head];
-                for (start, rows) in shape.tiles() {
-                    let seen = mask.keys(row, start..start + rows);
-                    let width = seen.len();
-                    let probs = &mut probs[..rows * width];
+                for (start, rows) in tiles(seq, spec.tile) {
+                    let (seen, probs) =
+                        spec.score_tile(&mut buffer, queries, keys, row, (start, rows), {
+                            |query, scores| {
+                                for score in scores {
+                                    *score = (*score * spec.scale - log_sum_exp[query]).exp();
+                                }
+                            }
+                        });
+                    let (probs, width) = (&*probs, seen.len());
                     let grad_scores = &mut grad_scores[..rows * width];
-                    matmul_into(
-                        probs,
-                        queries.rows(start, rows),
-                        keys.rows(seen.start, width).t(),
-                        false,
-                    );
-                    for (r, scores) in probs.chunks_mut(width).enumerate() {
-                        let query = start + r;
-                        let visible = mask.visible_in(row, query, &seen);
-                        for score in masked(scores, visible) {
-                            *score = (*score * mask.scale - log_sum_exp[query]).exp();
-                        }
-                    }
-                    let probs: &[f32] = probs;
-                    let probs_matrix = Matrix::row_major(probs, rows, width);
                     let grad_out_tile = grad_out.rows(start, rows);
                     let kv_rows = seen.start * dim..seen.end * dim;
                     matmul_into(
                         &mut grad_v[kv_rows.clone()],
-                        probs_matrix.t(),
+                        Matrix::row_major(probs, rows, width).t(),
                         grad_out_tile,
                         true,
                     );
@@ -280,7 +235,7 @@ pub fn backward(shape: Shape, mask: &Mask, saved: &Saved, grad_output: &[f32]) -
                     {
                         let delta = delta[start + r];
                         for (grad, p) in grad_scores.iter_mut().zip(probs) {
-                            *grad = p * (*grad - delta) * mask.scale;
+                            *grad = p * (*grad - delta) * spec.scale;
                         }
                     }
                     let grad_scores = Matrix::row_major(grad_scores, rows, width);

@@ -16,6 +16,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_ndarray::NdArrayTensor;
 use ndarray::{CowArray, IxDyn};
 
+use super::attention::Shape;
 use super::{
     attention as tiled, head_loss as chunked, optimizer, rotary, swiglu, AdamWResult, AdamWStep,
     AttentionForward, AttentionGrads, AttentionSaved, AttentionSpec, HeadLossForward,
@@ -49,13 +50,13 @@ impl Kernels for Cpu {
         v: Tensor<Self, 4>,
         spec: &AttentionSpec<Self>,
     ) -> AttentionForward<Self> {
-        let shape = attention::Shape::of(q.dims(), k.dims(), spec.tile());
-        let Some(mask) = attention::Mask::of(spec) else {
+        let shape = Shape::from_dims(q.dims(), k.dims());
+        let Some(cpu_spec) = attention::Spec::of(spec) else {
             return tiled::forward(q, k, v, spec);
         };
         with_f32([&q, &k, &v].map(native), |[q_values, k_values, v_values]| {
             let (output, log_sum_exp) =
-                attention::forward(shape, &mask, q_values, k_values, v_values);
+                attention::forward(shape, &cpu_spec, q_values, k_values, v_values);
             let [batch, heads, seq, dim] = q.dims();
             AttentionForward {
                 output: tensor(output, [batch, heads, seq, dim]),
@@ -70,8 +71,8 @@ impl Kernels for Cpu {
         grad_output: Tensor<Self, 4>,
         spec: &AttentionSpec<Self>,
     ) -> AttentionGrads<Self> {
-        let shape = attention::Shape::of(saved.q.dims(), saved.k.dims(), spec.tile());
-        let Some(mask) = attention::Mask::of(spec) else {
+        let shape = Shape::from_dims(saved.q.dims(), saved.k.dims());
+        let Some(cpu_spec) = attention::Spec::of(spec) else {
             return tiled::backward(saved, grad_output, spec);
         };
         let inputs = [
@@ -91,7 +92,7 @@ impl Kernels for Cpu {
                 output,
                 log_sum_exp,
             };
-            let [q, k, v] = attention::backward(shape, &mask, &saved, grad_output);
+            let [q, k, v] = attention::backward(shape, &cpu_spec, &saved, grad_output);
             AttentionGrads {
                 q: tensor(q, saved_dims(&shape, shape.heads)),
                 k: tensor(k, saved_dims(&shape, shape.kv_heads)),
@@ -254,7 +255,7 @@ fn target_ids(targets: &LossTargets<Cpu>) -> Vec<i64> {
 }
 
 /// `[batch, heads, seq, dim]` of attention's queries (`heads`) or keys and values.
-fn saved_dims(shape: &attention::Shape, heads: usize) -> [usize; 4] {
+fn saved_dims(shape: &Shape, heads: usize) -> [usize; 4] {
     [shape.batch, heads, shape.seq, shape.dim]
 }
 
