@@ -7,13 +7,18 @@
 //! and machines; NCCL will implement the same trait.
 #![deny(missing_docs)]
 
+mod auth;
 mod in_process;
 mod message;
 mod quic;
+pub mod rendezvous;
+mod tls;
 
+pub use auth::AuthError;
 pub use in_process::{InProcessHub, InProcessTransport};
 pub use message::{Kind, Tag, TensorMessage};
 pub use quic::{QuicConfig, QuicError, QuicTransport};
+pub use tls::IDLE_TIMEOUT;
 
 use std::time::Duration;
 

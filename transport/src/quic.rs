@@ -1,11 +1,8 @@
 //! Ranks in different processes or machines, connected over QUIC (`quinn`): encrypted with TLS
-//! 1.3, and admitted only with the cluster token.
+//! 1.3 (`tls`), and admitted only with the cluster token, proven over the TLS session (`auth`).
 //!
 //! Every pair of ranks shares one connection: a rank dials every lower rank and accepts every
-//! higher one. The dialler opens its connection with a hello — a magic, its rank and the
-//! cluster token — and the listener closes connections whose hello is wrong. Certificates are
-//! self-signed per process and not verified: TLS gives confidentiality, the token
-//! authenticates (pinning certificates belongs with rendezvous).
+//! higher one, and each side proves the token before any tensor moves.
 //!
 //! Each tensor travels on its own unidirectional stream: a little-endian `u32` header length, the
 //! `bincode` header (tag and shape), then the raw little-endian float32 values. Sends return as
@@ -19,19 +16,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{ClientConfig, Connection, Endpoint, ServerConfig, VarInt};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use quinn::{Connection, Endpoint, VarInt};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
+use crate::auth::{self, AuthError};
 use crate::{Tag, TensorMessage, Transport, TransportError};
 
-/// Opens every connection's first stream.
-const HELLO_MAGIC: &[u8; 4] = b"PPQ1";
 /// Largest header accepted (a tag and a shape are a few dozen bytes).
 const MAX_HEADER: usize = 1 << 16;
 /// Largest tensor accepted: 4 GiB.
@@ -65,7 +57,9 @@ pub enum QuicError {
 pub struct QuicConfig {
     /// This process's rank.
     pub rank: usize,
-    /// Every rank's listening address, by rank.
+    /// Every rank's address, by rank, as the others reach it. A rank listens on its own
+    /// address's port: on that address when it is a loopback one, else on every interface (a
+    /// node behind NAT does not own the address the others use).
     pub addresses: Vec<SocketAddr>,
     /// The shared secret every member presents.
     pub token: String,
@@ -109,12 +103,15 @@ impl QuicTransport {
             .enable_all()
             .build()
             .map_err(|e| listen_error(e.to_string()))?;
-        let mut endpoint = {
-            let _guard = runtime.enter();
-            Endpoint::server(server_config().map_err(listen_error)?, address)
-                .map_err(|e| listen_error(e.to_string()))?
+        let bind = if address.ip().is_loopback() {
+            address
+        } else {
+            SocketAddr::new(unspecified(address), address.port())
         };
-        endpoint.set_default_client_config(client_config().map_err(listen_error)?);
+        let endpoint = {
+            let _guard = runtime.enter();
+            crate::tls::endpoint(bind).map_err(listen_error)?
+        };
         let inbox = Arc::new((
             Mutex::new(Inbox {
                 messages: HashMap::new(),
@@ -240,6 +237,13 @@ impl Drop for QuicTransport {
     }
 }
 
+fn unspecified(address: SocketAddr) -> std::net::IpAddr {
+    match address {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
 fn mark_lost(inbox: &(Mutex<Inbox>, Condvar), rank: usize) {
     inbox.0.lock().expect("inbox lock").lost[rank] = true;
     inbox.1.notify_all();
@@ -320,31 +324,16 @@ async fn connect_all(
             address,
             message,
         };
-        let connection = loop {
-            let attempt = async {
-                let connection = endpoint
-                    .connect(address, "pp")
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut hello = connection.open_uni().await.map_err(|e| e.to_string())?;
-                let mut bytes = HELLO_MAGIC.to_vec();
-                bytes.extend_from_slice(&(config.rank as u32).to_le_bytes());
-                bytes.extend_from_slice(config.token.as_bytes());
-                hello.write_all(&bytes).await.map_err(|e| e.to_string())?;
-                hello.finish().map_err(|e| e.to_string())?;
-                Ok::<_, String>(connection)
-            };
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left.max(Duration::from_millis(1)), attempt).await {
-                Ok(Ok(connection)) => break connection,
-                Ok(Err(_)) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Ok(Err(message)) => return Err(connect_error(message)),
-                Err(_) => return Err(connect_error("no answer before the join timeout".into())),
-            }
-        };
+        let connection = auth::dial(
+            endpoint,
+            address,
+            &config.token,
+            config.rank as u32,
+            deadline,
+            &mut || {},
+        )
+        .await
+        .map_err(|e| connect_error(e.to_string()))?;
         peers[peer] = Some(connection);
     }
     let expected = world_size - config.rank - 1;
@@ -371,115 +360,35 @@ async fn connect_all(
         let Ok(connection) = incoming.await else {
             continue;
         };
-        // The hello: magic, rank, token. Anything else is turned away.
-        let hello = async {
-            let mut stream = connection.accept_uni().await.ok()?;
-            stream.read_to_end(MAX_HEADER).await.ok()
-        };
-        let Ok(Some(bytes)) = tokio::time::timeout(Duration::from_secs(5), hello).await else {
-            connection.close(VarInt::from_u32(1), b"no hello");
-            continue;
-        };
-        let rank = (bytes.len() >= 8 && &bytes[..4] == HELLO_MAGIC)
-            .then(|| u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")) as usize)
-            .filter(|&r| r > config.rank && r < world_size && peers[r].is_none());
-        let token_ok = bytes.get(8..) == Some(config.token.as_bytes());
-        match rank {
-            Some(rank) if token_ok => {
-                peers[rank] = Some(connection);
-                accepted += 1;
+        let admitted = tokio::time::timeout(
+            Duration::from_secs(5),
+            auth::admit_dialler(&connection, &config.token),
+        )
+        .await;
+        match admitted {
+            Ok(Ok(rank)) => {
+                let rank = rank as usize;
+                if rank > config.rank && rank < world_size && peers[rank].is_none() {
+                    peers[rank] = Some(connection);
+                    accepted += 1;
+                } else {
+                    connection.close(VarInt::from_u32(3), b"unexpected rank");
+                }
             }
-            _ => connection.close(VarInt::from_u32(1), b"wrong cluster token"),
+            Ok(Err(refused @ (AuthError::Refused | AuthError::Unproven))) => {
+                return Err(QuicError::Connect {
+                    rank: waiting_for(),
+                    address: connection.remote_address(),
+                    message: format!(
+                        "a peer at {} was turned away: {refused}",
+                        connection.remote_address()
+                    ),
+                });
+            }
+            _ => connection.close(VarInt::from_u32(1), b"no admission"),
         }
     }
     Ok(peers)
-}
-
-fn server_config() -> Result<ServerConfig, String> {
-    let certificate =
-        rcgen::generate_simple_self_signed(vec!["pp".to_string()]).map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        certificate.key_pair.serialize_der(),
-    ));
-    let chain = vec![CertificateDer::from(certificate.cert.der().to_vec())];
-    let mut config = ServerConfig::with_single_cert(chain, key).map_err(|e| e.to_string())?;
-    config.transport_config(liveness());
-    Ok(config)
-}
-
-/// Keep-alives every second and a 10-second idle timeout: a peer whose process died (which
-/// sends no goodbye) is noticed within seconds, not after QUIC's default 30.
-fn liveness() -> Arc<quinn::TransportConfig> {
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(1)));
-    transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(10)).expect("10 s is a valid timeout"),
-    ));
-    Arc::new(transport)
-}
-
-fn client_config() -> Result<ClientConfig, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-        .with_no_client_auth();
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
-    let mut config = ClientConfig::new(Arc::new(quic));
-    config.transport_config(liveness());
-    Ok(config)
-}
-
-/// Accepts any server certificate (checking only its signatures): peers are authenticated by
-/// the cluster token instead.
-#[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]
@@ -579,6 +488,12 @@ mod tests {
             (good.join().unwrap(), bad.join().unwrap())
         });
         let err = joined.0.err().expect("rank 0 never admits the impostor");
-        assert!(err.to_string().contains("rank 1"), "{err}");
+        assert!(err.to_string().contains("could not prove"), "{err}");
+        let err = joined.1.err().expect("the impostor is told");
+        assert!(
+            err.to_string().contains("rank 0")
+                && err.to_string().contains("different cluster token"),
+            "{err}"
+        );
     }
 }
