@@ -132,6 +132,11 @@ impl Device {
         }
     }
 
+    /// How many CUDA devices this machine has usable (0 without a driver or CUDA support).
+    pub fn cuda_count() -> usize {
+        cuda_devices().unwrap_or(0)
+    }
+
     fn cpu() -> Self {
         Self {
             spec: DeviceSpec::Cpu,

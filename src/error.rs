@@ -57,6 +57,10 @@ pub enum Error {
     /// The device asked for is not usable here (no driver, index out of range, not built in).
     #[error("{0}")]
     Device(String),
+    /// The group of workers or nodes could not be formed or kept (a refused token, a lost
+    /// node, a failed worker).
+    #[error("{0}")]
+    Cluster(String),
     /// The user pressed Ctrl-C; the operation stopped and cleaned up.
     #[error("interrupted")]
     Interrupted,

@@ -5,6 +5,7 @@
 //! The `pp` binary is a thin command-line layer over it.
 
 pub mod checkpoint;
+pub mod cluster;
 pub mod convert;
 pub mod data;
 pub mod device;

@@ -1,10 +1,10 @@
 //! Argument parsing and dispatch; one module per subcommand.
 
+mod cluster;
 mod convert;
 mod eval;
 mod generate;
 mod inspect;
-mod launch;
 mod plan;
 mod schedule;
 mod train;

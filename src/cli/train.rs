@@ -210,7 +210,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    pub(super) pipeline: super::launch::PipelineFlags,
+    pub(super) pipeline: super::cluster::PipelineFlags,
 }
 
 /// `pp train` alone, to re-parse a command line merged with a config file; later occurrences
@@ -228,17 +228,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => args,
     };
     let options = options(&args)?;
-    if let Some(pipeline) = args.pipeline.options()? {
-        if args.pipeline.worker_rank.is_none() {
-            args.pipeline.check_devices()?;
+    if args.pipeline.is_launcher() {
+        if let Some((node, layout)) = args.pipeline.node()? {
+            let devices = args.pipeline.local_devices(args.device.device)?;
+            return Ok(pp::cluster::node::run(&options, &layout, &node, &devices)?);
+        }
+        if let Some(pipeline) = args.pipeline.options()? {
+            args.pipeline.local_devices(args.device.device)?;
             pp::train::worker::check_pipeline_options(&options, &pipeline)?;
-            return super::launch::launch(&pipeline);
+            return Ok(pp::cluster::launch_local(pipeline.ranks)?);
         }
     }
     let mut observer = Progress::new();
     let report = match args.pipeline.options()? {
         Some(pipeline) => {
-            super::launch::run_worker(&options, &pipeline, &args.pipeline, &mut observer)
+            super::cluster::run_worker(&options, &pipeline, &args.pipeline, &mut observer)
         }
         None => pp::with_backend!(options.device, |B, device| {
             pp::train::train::<Autodiff<B>>(&options, device, &mut observer)
@@ -413,12 +417,12 @@ fn options(args: &Args) -> anyhow::Result<TrainOptions> {
 }
 
 /// A progress bar on stderr: step, loss, learning rate, tokens/s and ETA.
-pub(super) struct Progress {
+struct Progress {
     bar: ProgressBar,
 }
 
 impl Progress {
-    pub(super) fn new() -> Self {
+    fn new() -> Self {
         let bar = ProgressBar::hidden();
         bar.set_style(
             ProgressStyle::with_template(

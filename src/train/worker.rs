@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use pp_stages::{Partition, Schedule, ScheduleKind};
+use pp_stages::{Partition, Schedule, ScheduleKind, StageSlice};
 use pp_transport::{Transport, TransportError};
 
 use super::checkpoint::{self, weights_of, TrainerState};
@@ -69,25 +69,7 @@ pub fn train_rank<B: TrainBackend>(
             pipeline.microbatches
         )));
     }
-    let partition = match &info.format {
-        Format::Native(native) if native.partition().len() == schedule.stages() => {
-            native.partition().clone()
-        }
-        _ => {
-            let costs = part_costs(
-                config,
-                Balance::Memory,
-                options.dtype,
-                options.sequences.max_len,
-            );
-            Partition::balanced(&costs, schedule.stages()).map_err(|e| {
-                Error::Usage(format!(
-                    "the model cannot be cut into the {} stages the schedule needs: {e}",
-                    schedule.stages()
-                ))
-            })?
-        }
-    };
+    let partition = partition_for(info, options, &schedule)?;
     // A native checkpoint cut as the schedule needs: map only this rank's stage files.
     let weights: Box<dyn WeightSource> = match &info.format {
         Format::Native(native) if native.partition() == &partition => {
@@ -194,6 +176,47 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
     fn leads(&self) -> bool {
         self.worker.rank() == 0
     }
+}
+
+/// How the model is cut for `schedule`: as a native checkpoint already is when it has that
+/// many stages, else balanced by memory.
+fn partition_for(info: &ModelInfo, options: &TrainOptions, schedule: &Schedule) -> Result<Partition> {
+    if let Format::Native(native) = &info.format {
+        if native.partition().len() == schedule.stages() {
+            return Ok(native.partition().clone());
+        }
+    }
+    let costs = part_costs(
+        &info.config,
+        Balance::Memory,
+        options.dtype,
+        options.sequences.max_len,
+    );
+    Partition::balanced(&costs, schedule.stages()).map_err(|e| {
+        Error::Usage(format!(
+            "the model cannot be cut into the {} stages the schedule needs: {e}",
+            schedule.stages()
+        ))
+    })
+}
+
+/// Each rank's stages and their model slices, as the workers will cut the model.
+pub fn rank_slices(
+    options: &TrainOptions,
+    pipeline: &PipelineOptions,
+) -> Result<Vec<Vec<(usize, StageSlice)>>> {
+    let info = crate::checkpoint::describe(&options.model_dir)?;
+    let schedule = pipeline_schedule(pipeline)?;
+    let partition = partition_for(&info, options, &schedule)?;
+    Ok((0..pipeline.ranks)
+        .map(|rank| {
+            schedule
+                .stages_of(rank)
+                .into_iter()
+                .map(|stage| (stage, partition.stages()[stage].clone()))
+                .collect()
+        })
+        .collect())
 }
 
 /// Checks the options of a pipeline run, before any worker starts: the single-device checks,

@@ -52,6 +52,14 @@ impl From<ConnectionError> for AuthError {
     }
 }
 
+/// A fresh cluster token: 128 bits from the operating system's random source, as hex.
+pub fn random_token() -> String {
+    let bytes: [u8; 16] = ring::rand::generate(&ring::rand::SystemRandom::new())
+        .expect("the system random source works")
+        .expose();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Connects to `address` and proves the token as `id`, retrying while nobody answers there yet
 /// (peers start in any order) until `deadline`; `retrying` hears each retry. A refused token
 /// is final.

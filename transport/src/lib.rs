@@ -14,7 +14,7 @@ mod quic;
 pub mod rendezvous;
 mod tls;
 
-pub use auth::AuthError;
+pub use auth::{random_token, AuthError};
 pub use in_process::{InProcessHub, InProcessTransport};
 pub use message::{Kind, Tag, TensorMessage};
 pub use quic::{QuicConfig, QuicError, QuicTransport};

@@ -413,7 +413,7 @@ async fn form(
     while members.len() < nodes {
         tokio::select! {
             incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { return None };
+                let incoming = incoming?;
                 tokio::spawn(admit(incoming, token.to_string(), admitted.clone()));
             }
             Some(member) = arrivals.recv() => {
@@ -703,16 +703,15 @@ mod tests {
         }
     }
 
+    type Joined = Result<(RendezvousNode, Group), RendezvousError>;
+
     /// Joins every report on its own thread; returns each node's outcome and what it was told
     /// while waiting.
     fn join_all(
         address: SocketAddr,
         token: &str,
         reports: Vec<(Duration, NodeJoin)>,
-    ) -> Vec<(
-        Result<(RendezvousNode, Group), RendezvousError>,
-        Vec<String>,
-    )> {
+    ) -> Vec<(Joined, Vec<String>)> {
         std::thread::scope(|scope| {
             let handles: Vec<_> = reports
                 .into_iter()

@@ -1,0 +1,254 @@
+//! The flags that spread `pp train` over worker processes and machines, and the worker side of
+//! a pipeline: join the group, train this rank. Launching lives in `pp::cluster`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use burn::backend::Autodiff;
+use pp::cluster::node::{NodeOptions, PipelineLayout};
+use pp::cluster::{RUN_VARIABLE, TOKEN_VARIABLE};
+use pp::device::{Device, DeviceSpec};
+use pp::train::worker::{train_rank, PipelineOptions};
+use pp::train::{Observer, StepReport, TrainOptions, TrainReport};
+use pp_stages::ScheduleKind;
+use pp_transport::{QuicConfig, QuicTransport};
+
+/// Pipeline and multi-node flags of `pp train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineFlags {
+    /// Train as a pipeline of this many worker processes (on this machine, or with --nnodes
+    /// across all nodes [default there: every node's workers]).
+    #[arg(long)]
+    stages: Option<usize>,
+    /// The pipeline schedule: gpipe, 1f1b, interleaved, zbh1 or zbv.
+    #[arg(long, default_value = "1f1b")]
+    schedule: ScheduleKind,
+    /// Micro-batches per step [default: twice the workers].
+    #[arg(long)]
+    microbatches: Option<usize>,
+    /// Stage slices per worker for interleaved.
+    #[arg(long = "virtual", default_value_t = 2)]
+    virtual_stages: usize,
+    /// Each worker's device, by local rank (cuda:0,cuda:1), or one for all; kinds may differ
+    /// (a wgpu stage beside a cpu stage) since activations cross as host tensors
+    /// [default: --device; with auto, worker R takes CUDA device R mod the count].
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<DeviceSpec>,
+    /// Train across this many machines: run the same command on each, with --rdzv.
+    #[arg(long, requires = "rdzv")]
+    nnodes: Option<usize>,
+    /// The rendezvous, HOST[:PORT] (port 29400 when not given): the node whose address is HOST
+    /// hosts it and is node 0.
+    #[arg(long, requires = "nnodes")]
+    rdzv: Option<String>,
+    /// This node's rank [default: 0 on the rendezvous host, the others in join order].
+    #[arg(long, requires = "nnodes")]
+    node_rank: Option<usize>,
+    /// Host the rendezvous on this node (node 0) even if HOST is not one of its addresses.
+    #[arg(long, requires = "nnodes")]
+    rdzv_host: bool,
+    /// Workers on this node: auto (one per GPU, else one) or a count.
+    #[arg(long, default_value = "auto", requires = "nnodes")]
+    nproc_per_node: WorkerCount,
+    /// Seconds to wait for every node to join.
+    #[arg(long, default_value_t = 300, requires = "nnodes")]
+    join_timeout: u64,
+    /// The cluster token every node must hold [default: $PP_TOKEN; node 0 generates one when
+    /// neither is set]. Prefer PP_TOKEN: other users can read command lines.
+    #[arg(long, requires = "nnodes")]
+    token: Option<String>,
+    /// Form the group, print the plan on every node and exit.
+    #[arg(long, requires = "nnodes")]
+    plan_only: bool,
+    /// Internal: this process is the worker of this global rank.
+    #[arg(long, hide = true, requires = "worker_addresses")]
+    pub(super) worker_rank: Option<usize>,
+    /// Internal: this worker's rank on its machine.
+    #[arg(long, hide = true, requires = "worker_rank")]
+    worker_local_rank: Option<usize>,
+    /// Internal: every worker's address, by rank.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    worker_addresses: Vec<SocketAddr>,
+}
+
+/// `--nproc-per-node`.
+#[derive(Debug, Clone, Copy)]
+pub enum WorkerCount {
+    /// One per CUDA device, else one.
+    Auto,
+    /// This many.
+    Count(usize),
+}
+
+impl std::str::FromStr for WorkerCount {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            count => match count.parse() {
+                Ok(0) | Err(_) => Err(format!("`{text}` is not auto or a positive count")),
+                Ok(n) => Ok(Self::Count(n)),
+            },
+        }
+    }
+}
+
+impl PipelineFlags {
+    /// Whether this process launches workers (rather than being one).
+    pub fn is_launcher(&self) -> bool {
+        self.worker_rank.is_none()
+    }
+
+    /// How many workers run on this machine.
+    fn local_workers(&self) -> usize {
+        match (self.nnodes, self.nproc_per_node) {
+            (Some(_), WorkerCount::Count(n)) => n,
+            (Some(_), WorkerCount::Auto) if self.devices.len() > 1 => self.devices.len(),
+            (Some(_), WorkerCount::Auto) => Device::cuda_count().max(1),
+            (None, _) => self.stages.unwrap_or(1),
+        }
+    }
+
+    /// The device of the worker with this local rank: its entry of `--devices`, else `device`
+    /// (`--device`), spread over the CUDA devices by local rank when it is `auto`.
+    fn worker_device(&self, device: DeviceSpec, local: usize) -> anyhow::Result<DeviceSpec> {
+        let workers = self.local_workers();
+        if self.devices.len() > 1 && self.devices.len() != workers {
+            bail!(
+                "--devices lists {} devices for {workers} workers on this machine: give one per \
+                 worker, or one for all",
+                self.devices.len()
+            );
+        }
+        let spec = match self.devices.as_slice() {
+            [] => device,
+            [one] => *one,
+            many => many[local],
+        };
+        Ok(match spec {
+            DeviceSpec::Auto => Device::auto_for_rank(local),
+            other => other,
+        })
+    }
+
+    /// The device this process computes on (a launcher: its first worker's).
+    pub fn device_spec(&self, device: DeviceSpec) -> anyhow::Result<DeviceSpec> {
+        let local = self.worker_local_rank.or(self.worker_rank).unwrap_or(0);
+        self.worker_device(device, local)
+    }
+
+    /// Every worker's device on this machine, checked usable before any worker starts, so that
+    /// an unusable one is one line from the launcher rather than a failed worker.
+    pub fn local_devices(&self, device: DeviceSpec) -> anyhow::Result<Vec<Device>> {
+        (0..self.local_workers())
+            .map(|local| Ok(Device::resolve(self.worker_device(device, local)?)?))
+            .collect()
+    }
+
+    /// The pipeline layout, when `--stages` asks for one on this machine, or for a worker.
+    pub fn options(&self) -> anyhow::Result<Option<PipelineOptions>> {
+        if self.stages == Some(0) {
+            bail!("--stages must be at least 1");
+        }
+        let Some(ranks) = self.stages.filter(|&n| n > 1) else {
+            return Ok(None);
+        };
+        Ok(Some(PipelineOptions {
+            schedule: self.schedule,
+            ranks,
+            microbatches: self.microbatches.unwrap_or(2 * ranks),
+            virtual_stages: self.virtual_stages,
+        }))
+    }
+
+    /// The multi-node settings, when `--nnodes` asks for them.
+    pub fn node(&self) -> anyhow::Result<Option<(NodeOptions, PipelineLayout)>> {
+        let (Some(nodes), Some(rendezvous)) = (self.nnodes, &self.rdzv) else {
+            return Ok(None);
+        };
+        if nodes == 0 {
+            bail!("--nnodes must be at least 1");
+        }
+        let token = self
+            .token
+            .clone()
+            .or_else(|| std::env::var("PP_TOKEN").ok())
+            .filter(|token| !token.is_empty());
+        let node = NodeOptions {
+            nodes,
+            rendezvous: rendezvous.clone(),
+            node_rank: self.node_rank,
+            host: self.rdzv_host,
+            join_timeout: Duration::from_secs(self.join_timeout),
+            token,
+            plan_only: self.plan_only,
+        };
+        let layout = PipelineLayout {
+            schedule: self.schedule,
+            stages: self.stages,
+            microbatches: self.microbatches,
+            virtual_stages: self.virtual_stages,
+        };
+        Ok(Some((node, layout)))
+    }
+
+    /// Whether this worker reports progress: the first of its machine.
+    pub fn reports(&self) -> bool {
+        self.worker_local_rank.or(self.worker_rank).unwrap_or(0) == 0
+    }
+}
+
+/// Joins the group and trains this worker's rank.
+pub fn run_worker(
+    options: &TrainOptions,
+    pipeline: &PipelineOptions,
+    flags: &PipelineFlags,
+    progress: &mut dyn Observer,
+) -> anyhow::Result<TrainReport> {
+    let rank = flags.worker_rank.expect("only workers come here");
+    if rank >= pipeline.ranks {
+        bail!(
+            "--worker-rank {rank} is not below --stages {}",
+            pipeline.ranks
+        );
+    }
+    if flags.worker_addresses.len() != pipeline.ranks {
+        bail!("--worker-addresses must list {} addresses", pipeline.ranks);
+    }
+    let token = std::env::var(TOKEN_VARIABLE)
+        .with_context(|| format!("{TOKEN_VARIABLE} is not set (start workers with --stages)"))?;
+    let run_id = std::env::var(RUN_VARIABLE).unwrap_or_else(|_| token.chars().take(8).collect());
+    let transport = QuicTransport::join(QuicConfig {
+        rank,
+        addresses: flags.worker_addresses.clone(),
+        token,
+        join_timeout: Duration::from_secs(60),
+    })?;
+    let mut quiet = Quiet;
+    let observer: &mut dyn Observer = if flags.reports() {
+        progress
+    } else {
+        &mut quiet
+    };
+    Ok(pp::with_backend!(options.device, |B, device| {
+        train_rank::<Autodiff<B>>(
+            options,
+            pipeline,
+            Box::new(transport),
+            &run_id,
+            device,
+            observer,
+        )
+    })?)
+}
+
+/// Workers other than each machine's first report nothing.
+struct Quiet;
+
+impl Observer for Quiet {
+    fn started(&mut self, _: u64, _: u64) {}
+    fn step(&mut self, _: &StepReport) {}
+    fn note(&mut self, _: &str) {}
+}

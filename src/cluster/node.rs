@@ -1,0 +1,325 @@
+//! One machine of a multi-node run (`pp train --nnodes N --rdzv HOST:PORT`): the same command
+//! on every node. The node whose address is HOST (or that passes `--rdzv-host`, or is
+//! `--node-rank 0`) hosts the rendezvous and is node 0; the others get ranks in join order.
+//! Once all have joined, every node prints the plan and starts its workers, whose global ranks
+//! follow the node ranks.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::time::Duration;
+
+use pp_stages::ScheduleKind;
+use pp_transport::rendezvous::{
+    Group, NodeJoin, RendezvousError, RendezvousHost, RendezvousNode, WorkerInfo,
+};
+
+use super::launcher::{WorkerLaunch, Workers};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::train::worker::{check_pipeline_options, rank_slices, PipelineOptions};
+use crate::train::TrainOptions;
+
+/// The rendezvous port when `--rdzv` names none (torchrun's).
+pub const DEFAULT_PORT: u16 = 29400;
+
+/// How this node joins the group.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// How many nodes the group has.
+    pub nodes: usize,
+    /// The rendezvous, `HOST[:PORT]`.
+    pub rendezvous: String,
+    /// This node's rank, when the user gives it.
+    pub node_rank: Option<usize>,
+    /// Host the rendezvous here even if HOST does not look local (behind NAT).
+    pub host: bool,
+    /// How long to wait for every node.
+    pub join_timeout: Duration,
+    /// The cluster token (`--token` or `PP_TOKEN`).
+    pub token: Option<String>,
+    /// Print the plan and exit.
+    pub plan_only: bool,
+}
+
+/// The pipeline as the flags give it; the worker count is the group's.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineLayout {
+    /// The schedule.
+    pub schedule: ScheduleKind,
+    /// `--stages`, when given: it must equal the group's worker count.
+    pub stages: Option<usize>,
+    /// `--microbatches` [default: twice the workers].
+    pub microbatches: Option<usize>,
+    /// Stage slices per worker for interleaved.
+    pub virtual_stages: usize,
+}
+
+/// Joins the group, prints the plan and runs this node's workers (one per entry of
+/// `devices`) until the group finishes.
+pub fn run(
+    train: &TrainOptions,
+    layout: &PipelineLayout,
+    node: &NodeOptions,
+    devices: &[Device],
+) -> Result<()> {
+    let address = resolve(&node.rendezvous)?;
+    let host = host_here(address, node)?;
+    let token = match (&node.token, &host) {
+        (Some(token), _) => token.clone(),
+        (None, Some(_)) => {
+            let token = pp_transport::random_token();
+            eprintln!(
+                "no cluster token given: generated one. On the other nodes run\n  \
+                 PP_TOKEN={token} {}",
+                command_line()
+            );
+            token
+        }
+        (None, None) => {
+            return Err(Error::Usage(
+                "no cluster token: pass --token or set PP_TOKEN (node 0 prints one when it has \
+                 none)"
+                    .into(),
+            ))
+        }
+    };
+    let host = host
+        .map(|bind| RendezvousHost::start(bind, &token, node.nodes, node.join_timeout))
+        .transpose()
+        .map_err(rendezvous_error)?;
+    let ports = super::free_ports(devices.len(), IpAddr::from([0, 0, 0, 0]))?;
+    let join = NodeJoin {
+        node_rank: if host.is_some() { Some(0) } else { node.node_rank },
+        name: hostname(),
+        workers: ports
+            .iter()
+            .zip(devices)
+            .map(|(&port, device)| WorkerInfo {
+                port,
+                device: device.to_string(),
+            })
+            .collect(),
+        settings: shared_settings(train, layout),
+    };
+    eprintln!(
+        "joining the rendezvous at {address} as {} of {} nodes",
+        join.node_rank
+            .map_or("a node".to_string(), |rank| format!("node {rank}")),
+        node.nodes
+    );
+    let (member, group) = RendezvousNode::join(
+        address,
+        &token,
+        join,
+        node.join_timeout,
+        &mut |line| eprintln!("rendezvous: {line}"),
+    )
+    .map_err(rendezvous_error)?;
+    let pipeline = pipeline_of(layout, &group)?;
+    check_pipeline_options(train, &pipeline)?;
+    print_plan(train, &pipeline, &group)?;
+    let outcome = if node.plan_only {
+        Workers::none().watch(Some(&member))
+    } else {
+        Workers::spawn(&WorkerLaunch {
+            addresses: group.worker_addresses(),
+            first_rank: group.this_node().first_rank,
+            local_workers: devices.len(),
+            run_id: run_id(&token, &group),
+            token,
+            extra_args: match layout.stages {
+                Some(_) => Vec::new(),
+                None => vec!["--stages".into(), pipeline.ranks.to_string()],
+            },
+        })?
+        .watch(Some(&member))
+    };
+    // Node 0 keeps the rendezvous until every node has heard the outcome.
+    drop(member);
+    drop(host);
+    outcome
+}
+
+/// `HOST[:PORT]` as a socket address.
+fn resolve(rendezvous: &str) -> Result<SocketAddr> {
+    let with_port = if rendezvous.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        rendezvous.to_string()
+    } else {
+        format!("{rendezvous}:{DEFAULT_PORT}")
+    };
+    with_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addresses| addresses.find(SocketAddr::is_ipv4))
+        .ok_or_else(|| Error::Usage(format!("--rdzv {rendezvous}: cannot resolve this host")))
+}
+
+/// Where to host the rendezvous, when this node hosts it: when told to, or when HOST is one of
+/// this machine's addresses and nobody here hosts it yet (several nodes on one machine: the
+/// first to bind hosts).
+fn host_here(address: SocketAddr, node: &NodeOptions) -> Result<Option<SocketAddr>> {
+    let told = node.host || node.node_rank == Some(0);
+    if node.node_rank.is_some_and(|rank| rank > 0) {
+        if node.host {
+            return Err(Error::Usage(
+                "--rdzv-host makes this node 0; drop --node-rank".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let local = UdpSocket::bind((address.ip(), 0)).is_ok();
+    let bind = if local {
+        address
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], address.port()))
+    };
+    if told {
+        return Ok(Some(bind));
+    }
+    if !local {
+        return Ok(None);
+    }
+    match UdpSocket::bind(bind) {
+        Ok(_) => Ok(Some(bind)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(None),
+        Err(e) => Err(Error::Cluster(format!("cannot listen on {bind}: {e}"))),
+    }
+}
+
+fn rendezvous_error(error: RendezvousError) -> Error {
+    Error::Cluster(error.to_string())
+}
+
+/// The pipeline the group makes: one rank per worker of every node.
+fn pipeline_of(layout: &PipelineLayout, group: &Group) -> Result<PipelineOptions> {
+    let ranks = group.worker_addresses().len();
+    if let Some(stages) = layout.stages.filter(|&stages| stages != ranks) {
+        return Err(Error::Usage(format!(
+            "--stages {stages}, but the {} nodes bring {ranks} workers ({}); drop --stages or \
+             change --nproc-per-node",
+            group.nodes.len(),
+            group
+                .nodes
+                .iter()
+                .map(|node| format!("{} on node {}", node.workers.len(), node.rank))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(PipelineOptions {
+        schedule: layout.schedule,
+        ranks,
+        microbatches: layout.microbatches.unwrap_or(2 * ranks),
+        virtual_stages: layout.virtual_stages,
+    })
+}
+
+/// Which layers run where, printed on every node.
+fn print_plan(train: &TrainOptions, pipeline: &PipelineOptions, group: &Group) -> Result<()> {
+    let slices = rank_slices(train, pipeline)?;
+    eprintln!(
+        "plan: {} nodes, {} workers, {} with {} micro-batches",
+        group.nodes.len(),
+        pipeline.ranks,
+        pipeline.schedule.name(),
+        pipeline.microbatches
+    );
+    for node in &group.nodes {
+        for (local, worker) in node.workers.iter().enumerate() {
+            let rank = node.first_rank + local;
+            let stages: Vec<String> = slices[rank]
+                .iter()
+                .map(|(stage, slice)| {
+                    let mut parts = vec![format!("layers {}-{}", slice.layers.start, slice.layers.end - 1)];
+                    if slice.embedding {
+                        parts.insert(0, "embedding".into());
+                    }
+                    if slice.head {
+                        parts.push("head".into());
+                    }
+                    format!("stage {stage} ({})", parts.join(", "))
+                })
+                .collect();
+            eprintln!(
+                "  rank {rank}: node {} ({} at {}), {}: {}",
+                node.rank,
+                node.name,
+                node.address,
+                worker.device,
+                stages.join("; ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What must be the same on every node: everything but where files are and which device.
+fn shared_settings(train: &TrainOptions, layout: &PipelineLayout) -> Vec<(String, String)> {
+    let data_size = |path: &std::path::Path| {
+        std::fs::metadata(path).map_or("missing".to_string(), |m| format!("{} bytes", m.len()))
+    };
+    let described = crate::checkpoint::describe(&train.model_dir)
+        .map(|info| format!("{:?}", info.config))
+        .unwrap_or_else(|e| e.to_string());
+    [
+        ("the model's config", described),
+        ("--data", data_size(&train.data)),
+        ("the validation data", format!("{:?}", train.validation)),
+        ("the schedule and micro-batches", format!("{layout:?}")),
+        ("--loss-on", format!("{:?}", train.loss_on)),
+        ("--template", format!("{:?}", train.template)),
+        ("the sequence options", format!("{:?}", train.sequences)),
+        ("the data order", format!("{:?}", train.shuffle_seed)),
+        ("--dtype", train.dtype.to_string()),
+        ("--master-weights", train.master_weights.to_string()),
+        ("the optimizer", format!("{:?}", train.optimizer)),
+        ("the learning-rate schedule", format!("{:?}", train.schedule)),
+        ("the length", format!("{:?}", train.length)),
+        ("--batch-size", train.batch_size.to_string()),
+        ("--micro-batch-size", train.micro_batch_size.to_string()),
+        ("--max-grad-norm", format!("{:?}", train.max_grad_norm)),
+        ("the memory savers", format!("{:?}", train.savers)),
+        ("--save-every", format!("{:?}", train.save_every)),
+        ("--eval-every", format!("{:?}", train.eval_every)),
+        ("--resume", format!("{:?}", train.resume.is_some())),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect()
+}
+
+/// The same on every node: derived from the token and the group.
+fn run_id(token: &str, group: &Group) -> String {
+    let addresses: Vec<String> = group
+        .worker_addresses()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let digest = xxhash_rust::xxh3::xxh3_64(format!("{token}|{}", addresses.join(",")).as_bytes());
+    format!("{digest:016x}")
+}
+
+/// This process's command line, to repeat on the other nodes.
+fn command_line() -> String {
+    std::env::args()
+        .map(|arg| {
+            if arg.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+                format!("'{}'", arg.replace('\'', "'\\''"))
+            } else {
+                arg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn hostname() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is writable for its whole length.
+    let ok = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    match std::str::from_utf8(&buffer[..end]) {
+        Ok(name) if ok && !name.is_empty() => name.to_string(),
+        _ => "unknown".to_string(),
+    }
+}
