@@ -11,18 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::cli::{metric, pp, stdout};
 use common::fixture;
+use common::processes::{assert_same_weights, children, running, text_data, weights, Launcher};
 use common::training::relative_l2;
 use pp::checkpoint::read_f32;
-
-/// 24 short text rows: every tokenizer in the fixtures can read them.
-fn text_data(dir: &Path) -> String {
-    let rows: String = (0..24)
-        .map(|i| format!("{{\"text\": \"row {i}: pipelines move activations forward\"}}\n"))
-        .collect();
-    let path = dir.join("text.jsonl");
-    std::fs::write(&path, rows).unwrap();
-    path.display().to_string()
-}
 
 fn train(model: &str, data: &str, out: &Path, extra: &[&str]) {
     let out = out.display().to_string();
@@ -49,21 +40,6 @@ fn train(model: &str, data: &str, out: &Path, extra: &[&str]) {
     stdout(&pp(&args));
 }
 
-/// Every tensor of the checkpoint in `dir`, as float32.
-fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let files = pp::checkpoint::open(dir).unwrap();
-    files
-        .weights
-        .names()
-        .into_iter()
-        .map(|name| {
-            let shape = files.weights.tensor(&name).unwrap().shape.to_vec();
-            let values = read_f32(files.weights.as_ref(), &name, &shape).unwrap();
-            (name, values)
-        })
-        .collect()
-}
-
 #[test]
 fn every_schedule_over_quic_equals_single_device_training() {
     let tmp = tempfile::tempdir().unwrap();
@@ -76,7 +52,6 @@ fn every_schedule_over_quic_equals_single_device_training() {
             // The same micro-batches on one device: 6 rows in `microbatches` parts.
             let micro = (6 / microbatches).to_string();
             train(&model, &data, &single, &["--micro-batch-size", &micro]);
-            let want = weights(&single.join("final"));
             for schedule in ["gpipe", "1f1b", "interleaved", "zbh1", "zbv"] {
                 // Interleaved runs two slices per worker (the default --virtual), ZB-V always two.
                 let stages = match schedule {
@@ -101,16 +76,12 @@ fn every_schedule_over_quic_equals_single_device_training() {
                         &microbatches.to_string(),
                     ],
                 );
-                let got = weights(&out.join("final"));
-                assert_eq!(got.len(), want.len(), "{name} {schedule} {ranks}");
-                for ((n, g), (m, w)) in got.iter().zip(&want) {
-                    assert_eq!(n, m);
-                    let relative = relative_l2(g, w);
-                    assert!(
-                        relative <= 1e-5,
-                        "{name} {schedule} with {ranks} workers: {n} off by {relative:e}"
-                    );
-                }
+                assert_same_weights(
+                    &out.join("final"),
+                    &single.join("final"),
+                    1e-5,
+                    &format!("{name} {schedule} with {ranks} workers"),
+                );
             }
         }
     }
@@ -135,59 +106,12 @@ fn a_wgpu_stage_and_a_cpu_stage_train_together() {
         &mixed,
         &[&pipeline[..], &["--devices", "wgpu,cpu"]].concat(),
     );
-    let (want, got) = (
-        weights(&single.join("final")),
-        weights(&mixed.join("final")),
+    assert_same_weights(
+        &mixed.join("final"),
+        &single.join("final"),
+        1e-4,
+        "wgpu and cpu",
     );
-    assert_eq!(got.len(), want.len());
-    for ((n, g), (m, w)) in got.iter().zip(&want) {
-        assert_eq!(n, m);
-        let relative = relative_l2(g, w);
-        assert!(relative <= 1e-4, "{n} off by {relative:e}");
-    }
-}
-
-/// The worker processes the launcher `pid` started, whichever of its threads started them.
-fn children(pid: u32) -> Vec<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten();
-    tasks
-        .flatten()
-        .map(|task| std::fs::read_to_string(task.path().join("children")).unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join(" ")
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-/// A launcher this test started: killed (and its workers with it) if the test fails first.
-struct Launcher(Option<std::process::Child>);
-
-impl Launcher {
-    fn id(&self) -> u32 {
-        self.0.as_ref().expect("running").id()
-    }
-
-    fn wait_with_output(mut self) -> std::process::Output {
-        self.0.take().expect("running").wait_with_output().unwrap()
-    }
-}
-
-impl Drop for Launcher {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Whether process `pid` still runs (not gone, not a zombie).
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .is_ok_and(|status| !status.contains("zombie"))
 }
 
 fn start_long_run(tmp: &Path) -> Launcher {

@@ -73,7 +73,9 @@ impl Workers {
                     Stdio::null()
                 })
                 .spawn()
-                .map_err(|e| Error::Cluster(format!("cannot start the worker of rank {rank}: {e}")))?;
+                .map_err(|e| {
+                    Error::Cluster(format!("cannot start the worker of rank {rank}: {e}"))
+                })?;
             children.push(child);
         }
         Ok(Self {
@@ -101,7 +103,10 @@ impl Workers {
         while status.iter().any(Option::is_none) {
             for (local, child) in self.children.iter_mut().enumerate() {
                 if status[local].is_none() {
-                    if let Some(exit) = child.try_wait().map_err(|e| Error::Cluster(e.to_string()))? {
+                    if let Some(exit) = child
+                        .try_wait()
+                        .map_err(|e| Error::Cluster(e.to_string()))?
+                    {
                         if failed(exit) && first_failure.is_none() {
                             first_failure = Some((local, Instant::now()));
                             if let Some(group) = group {

@@ -63,32 +63,35 @@ pub fn run(
 ) -> Result<()> {
     let address = resolve(&node.rendezvous)?;
     let host = host_here(address, node)?;
-    let token = match (&node.token, &host) {
-        (Some(token), _) => token.clone(),
-        (None, Some(_)) => {
-            let token = pp_transport::random_token();
-            eprintln!(
-                "no cluster token given: generated one. On the other nodes run\n  \
+    let token =
+        match (&node.token, &host) {
+            (Some(token), _) => token.clone(),
+            (None, Some(_)) => {
+                let token = pp_transport::random_token();
+                eprintln!(
+                    "no cluster token given: generated one. On the other nodes run\n  \
                  PP_TOKEN={token} {}",
-                command_line()
-            );
-            token
-        }
-        (None, None) => {
-            return Err(Error::Usage(
+                    command_line()
+                );
+                token
+            }
+            (None, None) => return Err(Error::Usage(
                 "no cluster token: pass --token or set PP_TOKEN (node 0 prints one when it has \
                  none)"
                     .into(),
-            ))
-        }
-    };
+            )),
+        };
     let host = host
         .map(|bind| RendezvousHost::start(bind, &token, node.nodes, node.join_timeout))
         .transpose()
         .map_err(rendezvous_error)?;
     let ports = super::free_ports(devices.len(), IpAddr::from([0, 0, 0, 0]))?;
     let join = NodeJoin {
-        node_rank: if host.is_some() { Some(0) } else { node.node_rank },
+        node_rank: if host.is_some() {
+            Some(0)
+        } else {
+            node.node_rank
+        },
         name: hostname(),
         workers: ports
             .iter()
@@ -106,14 +109,11 @@ pub fn run(
             .map_or("a node".to_string(), |rank| format!("node {rank}")),
         node.nodes
     );
-    let (member, group) = RendezvousNode::join(
-        address,
-        &token,
-        join,
-        node.join_timeout,
-        &mut |line| eprintln!("rendezvous: {line}"),
-    )
-    .map_err(rendezvous_error)?;
+    let (member, group) =
+        RendezvousNode::join(address, &token, join, node.join_timeout, &mut |line| {
+            eprintln!("rendezvous: {line}")
+        })
+        .map_err(rendezvous_error)?;
     let pipeline = pipeline_of(layout, &group)?;
     check_pipeline_options(train, &pipeline)?;
     print_plan(train, &pipeline, &group)?;
@@ -141,7 +141,9 @@ pub fn run(
 
 /// `HOST[:PORT]` as a socket address.
 fn resolve(rendezvous: &str) -> Result<SocketAddr> {
-    let with_port = if rendezvous.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    let with_port = if rendezvous
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
     {
         rendezvous.to_string()
     } else {
@@ -230,7 +232,11 @@ fn print_plan(train: &TrainOptions, pipeline: &PipelineOptions, group: &Group) -
             let stages: Vec<String> = slices[rank]
                 .iter()
                 .map(|(stage, slice)| {
-                    let mut parts = vec![format!("layers {}-{}", slice.layers.start, slice.layers.end - 1)];
+                    let mut parts = vec![format!(
+                        "layers {}-{}",
+                        slice.layers.start,
+                        slice.layers.end - 1
+                    )];
                     if slice.embedding {
                         parts.insert(0, "embedding".into());
                     }
@@ -273,7 +279,10 @@ fn shared_settings(train: &TrainOptions, layout: &PipelineLayout) -> Vec<(String
         ("--dtype", train.dtype.to_string()),
         ("--master-weights", train.master_weights.to_string()),
         ("the optimizer", format!("{:?}", train.optimizer)),
-        ("the learning-rate schedule", format!("{:?}", train.schedule)),
+        (
+            "the learning-rate schedule",
+            format!("{:?}", train.schedule),
+        ),
         ("the length", format!("{:?}", train.length)),
         ("--batch-size", train.batch_size.to_string()),
         ("--micro-batch-size", train.micro_batch_size.to_string()),

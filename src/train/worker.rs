@@ -180,7 +180,11 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
 
 /// How the model is cut for `schedule`: as a native checkpoint already is when it has that
 /// many stages, else balanced by memory.
-fn partition_for(info: &ModelInfo, options: &TrainOptions, schedule: &Schedule) -> Result<Partition> {
+fn partition_for(
+    info: &ModelInfo,
+    options: &TrainOptions,
+    schedule: &Schedule,
+) -> Result<Partition> {
     if let Format::Native(native) = &info.format {
         if native.partition().len() == schedule.stages() {
             return Ok(native.partition().clone());

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod pipeline;
+pub mod processes;
 pub mod training;
 
 use std::path::PathBuf;

@@ -408,6 +408,7 @@ async fn form(
 ) -> Option<Vec<Member>> {
     let (admitted, mut arrivals) = async_mpsc::unbounded_channel();
     let mut members: BTreeMap<usize, Member> = BTreeMap::new();
+    let mut turned_away: Vec<String> = Vec::new();
     let mut notice = tokio::time::interval(WAITING_NOTICE);
     notice.tick().await;
     while members.len() < nodes {
@@ -416,7 +417,14 @@ async fn form(
                 let incoming = incoming?;
                 tokio::spawn(admit(incoming, token.to_string(), admitted.clone()));
             }
-            Some(member) = arrivals.recv() => {
+            Some(arrival) = arrivals.recv() => {
+                let member = match arrival {
+                    Arrival::Member(member) => member,
+                    Arrival::TurnedAway(address) => {
+                        turned_away.push(format!("{address} (wrong cluster token)"));
+                        continue;
+                    }
+                };
                 members.retain(|_, m| m.connection.close_reason().is_none());
                 match assign_rank(&members, &member, nodes) {
                     Ok(rank) => {
@@ -427,7 +435,7 @@ async fn form(
             }
             _ = notice.tick() => {
                 members.retain(|_, m| m.connection.close_reason().is_none());
-                let text = waiting_text(&members, nodes);
+                let text = waiting_text(&members, nodes, &turned_away);
                 for member in members.values_mut() {
                     let _ = write_frame(&mut member.send, &ToNode::Waiting(text.clone())).await;
                 }
@@ -435,7 +443,7 @@ async fn form(
             _ = tokio::time::sleep_until(deadline.into()) => {
                 let reason = format!(
                     "the group was not formed before the join timeout: {}",
-                    waiting_text(&members, nodes)
+                    waiting_text(&members, nodes, &turned_away)
                 );
                 refuse(members.into_values().collect(), &reason).await;
                 return None;
@@ -487,27 +495,40 @@ async fn refuse(members: Vec<Member>, reason: &str) {
     told.join_all().await;
 }
 
+/// What the host hears of a node that dialled in.
+enum Arrival {
+    Member(Member),
+    /// It did not prove the token.
+    TurnedAway(SocketAddr),
+}
+
 /// Proves the token both ways and reads the node's report.
 async fn admit(
     incoming: quinn::Incoming,
     token: String,
-    admitted: async_mpsc::UnboundedSender<Member>,
+    admitted: async_mpsc::UnboundedSender<Arrival>,
 ) {
     let arrival = async {
         let connection = incoming.await.ok()?;
-        auth::admit_dialler(&connection, &token).await.ok()?;
+        match auth::admit_dialler(&connection, &token).await {
+            Ok(_) => {}
+            Err(AuthError::Unproven) => {
+                return Some(Arrival::TurnedAway(connection.remote_address()))
+            }
+            Err(_) => return None,
+        }
         let (send, mut recv) = connection.accept_bi().await.ok()?;
         let join: NodeJoin = read_frame(&mut recv).await.ok()?;
-        Some(Member {
+        Some(Arrival::Member(Member {
             join,
             address: connection.remote_address().ip(),
             connection,
             send,
             recv,
-        })
+        }))
     };
-    if let Ok(Some(member)) = tokio::time::timeout(Duration::from_secs(10), arrival).await {
-        let _ = admitted.send(member);
+    if let Ok(Some(arrival)) = tokio::time::timeout(Duration::from_secs(10), arrival).await {
+        let _ = admitted.send(arrival);
     }
 }
 
@@ -536,13 +557,13 @@ fn assign_rank(
     }
 }
 
-fn waiting_text(members: &BTreeMap<usize, Member>, nodes: usize) -> String {
+fn waiting_text(members: &BTreeMap<usize, Member>, nodes: usize, turned_away: &[String]) -> String {
     let joined: Vec<String> = members.iter().map(|(rank, m)| m.describe(*rank)).collect();
     let missing: Vec<String> = (0..nodes)
         .filter(|rank| !members.contains_key(rank))
         .map(|rank| format!("node {rank}"))
         .collect();
-    format!(
+    let mut text = format!(
         "{} of {nodes} nodes joined ({}); missing: {}",
         members.len(),
         if joined.is_empty() {
@@ -551,7 +572,11 @@ fn waiting_text(members: &BTreeMap<usize, Member>, nodes: usize) -> String {
             joined.join(", ")
         },
         missing.join(", ")
-    )
+    );
+    if !turned_away.is_empty() {
+        text += &format!("; turned away: {}", turned_away.join(", "));
+    }
+    text
 }
 
 /// The first setting in which a node differs from node 0.
@@ -840,8 +865,9 @@ mod tests {
                 "{error}"
             );
         }
+        // Another token: refused at once, and named to the nodes that wait.
         let address = free_address();
-        let _host = RendezvousHost::start(address, "secret", 2, Duration::from_secs(20)).unwrap();
+        let _host = RendezvousHost::start(address, "secret", 2, Duration::from_secs(3)).unwrap();
         let wrong = join_all(
             address,
             "guess",
@@ -856,6 +882,23 @@ mod tests {
                     ..
                 }
             ),
+            "{error}"
+        );
+        let waiting = join_all(
+            address,
+            "secret",
+            vec![(Duration::ZERO, report(Some(0), 1, "1e-4"))],
+        );
+        let error = waiting
+            .into_iter()
+            .next()
+            .unwrap()
+            .0
+            .err()
+            .expect("no group");
+        assert!(
+            error.to_string().contains("turned away: 127.0.0.1:")
+                && error.to_string().contains("(wrong cluster token)"),
             "{error}"
         );
     }
