@@ -5,77 +5,33 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::cli::{pp, stdout};
 use common::fixture;
+use common::nodes::{
+    finish, free_port, long_run_args, node_args, start_node, stderr, wait_for_steps,
+};
 use common::processes::{assert_same_weights, children, running, text_data, Launcher};
 
-/// A UDP port free on loopback now.
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+fn loopback(port: u16) -> String {
+    format!("127.0.0.1:{port}")
 }
 
-/// `pp train` of llama3-tiny on `data` into `out`, as one node of `nodes` (6 rows a step and
-/// a 60-second join timeout unless `extra` says otherwise).
-fn node_args(data: &str, out: &Path, nodes: usize, port: u16, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "train",
-        &fixture("llama3-tiny").join("hf").display().to_string(),
-        "--data",
-        data,
-        "--out",
-        &out.display().to_string(),
-        "--lr",
-        "1e-3",
-        "--max-grad-norm",
-        "0.05",
-        "--dtype",
-        "f32",
-        "--no-shuffle",
-        "--nnodes",
-        &nodes.to_string(),
-        "--rdzv",
-        &format!("127.0.0.1:{port}"),
-    ]
-    .map(str::to_string)
-    .to_vec();
-    for (flag, default) in [("--batch-size", "6"), ("--join-timeout", "60")] {
-        if !extra.contains(&flag) {
-            args.extend([flag.to_string(), default.to_string()]);
-        }
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
-fn start_node(args: &[String], token: &str) -> Launcher {
-    let child = Command::new(env!("CARGO_BIN_EXE_pp"))
-        .args(args)
-        .env("PP_TOKEN", token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    Launcher(Some(child))
-}
-
-/// Waits for every node, failing the test if one takes longer than `limit`.
-fn finish(nodes: Vec<Launcher>, limit: Duration) -> Vec<Output> {
-    let started = Instant::now();
-    let outputs: Vec<Output> = nodes.into_iter().map(Launcher::wait_with_output).collect();
-    assert!(started.elapsed() < limit, "took {:?}", started.elapsed());
-    outputs
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
+/// Two nodes on loopback training for long, node 0 hosting.
+fn start_long_run(tmp: &std::path::Path) -> (Launcher, Launcher) {
+    let data = text_data(tmp);
+    let rendezvous = loopback(free_port());
+    let out = tmp.join("run");
+    let node = |rank| {
+        start_node(
+            &long_run_args(&data, &out, &rendezvous, rank),
+            "secret",
+            None,
+        )
+    };
+    (node(0), node(1))
 }
 
 #[test]
@@ -117,7 +73,7 @@ fn nodes_on_one_machine_train_what_one_device_trains() {
                 &data,
                 &out,
                 workers.len(),
-                port,
+                &loopback(port),
                 &[
                     "--steps",
                     "3",
@@ -131,7 +87,7 @@ fn nodes_on_one_machine_train_what_one_device_trains() {
                     &rank,
                 ],
             );
-            nodes.push(start_node(&args, "secret"));
+            nodes.push(start_node(&args, "secret", None));
             std::thread::sleep(Duration::from_millis(300));
         }
         let outputs = finish(nodes, Duration::from_secs(300));
@@ -171,11 +127,20 @@ fn a_wrong_token_or_other_settings_are_refused_on_every_node() {
         &data,
         &out,
         2,
-        port,
+        &loopback(port),
         &["--steps", "3", "--node-rank", "0", "--join-timeout", "8"],
     );
-    let node1 = node_args(&data, &out, 2, port, &["--steps", "3", "--node-rank", "1"]);
-    let nodes = vec![start_node(&node0, "secret"), start_node(&node1, "guess")];
+    let node1 = node_args(
+        &data,
+        &out,
+        2,
+        &loopback(port),
+        &["--steps", "3", "--node-rank", "1"],
+    );
+    let nodes = vec![
+        start_node(&node0, "secret", None),
+        start_node(&node1, "guess", None),
+    ];
     let outputs = finish(nodes, Duration::from_secs(60));
     let (host, guest) = (stderr(&outputs[0]), stderr(&outputs[1]));
     assert!(!outputs[1].status.success());
@@ -187,9 +152,24 @@ fn a_wrong_token_or_other_settings_are_refused_on_every_node() {
     );
 
     let port = free_port();
-    let node0 = node_args(&data, &out, 2, port, &["--steps", "3", "--node-rank", "0"]);
-    let node1 = node_args(&data, &out, 2, port, &["--steps", "4", "--node-rank", "1"]);
-    let nodes = vec![start_node(&node0, "secret"), start_node(&node1, "secret")];
+    let node0 = node_args(
+        &data,
+        &out,
+        2,
+        &loopback(port),
+        &["--steps", "3", "--node-rank", "0"],
+    );
+    let node1 = node_args(
+        &data,
+        &out,
+        2,
+        &loopback(port),
+        &["--steps", "4", "--node-rank", "1"],
+    );
+    let nodes = vec![
+        start_node(&node0, "secret", None),
+        start_node(&node1, "secret", None),
+    ];
     for output in finish(nodes, Duration::from_secs(60)) {
         let text = stderr(&output);
         assert!(!output.status.success());
@@ -200,55 +180,6 @@ fn a_wrong_token_or_other_settings_are_refused_on_every_node() {
             "{text}"
         );
         assert!(!text.contains("panicked"), "{text}");
-    }
-}
-
-/// Two nodes training for long, node 0 hosting.
-fn start_long_run(tmp: &Path) -> (Launcher, Launcher) {
-    let data = text_data(tmp);
-    let out = tmp.join("run");
-    let port = free_port();
-    let long = [
-        "--steps",
-        "100000",
-        "--batch-size",
-        "4",
-        "--microbatches",
-        "2",
-    ];
-    let node0 = node_args(
-        &data,
-        &out,
-        2,
-        port,
-        &[&long[..], &["--node-rank", "0"]].concat(),
-    );
-    let node1 = node_args(
-        &data,
-        &out,
-        2,
-        port,
-        &[&long[..], &["--node-rank", "1"]].concat(),
-    );
-    (start_node(&node0, "secret"), start_node(&node1, "secret"))
-}
-
-/// Waits until the nodes have trained a few steps; fails with their stderr if one ends first.
-fn wait_for_steps(out: &Path, nodes: &mut [&mut Launcher]) {
-    let started = Instant::now();
-    let metrics = out.join("metrics.jsonl");
-    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
-        for node in nodes.iter_mut() {
-            if node.has_exited() {
-                let output = node.take().wait_with_output().unwrap();
-                panic!("a node ended early: {}", stderr(&output));
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the nodes never trained"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod nodes;
 pub mod pipeline;
 pub mod processes;
 pub mod training;
