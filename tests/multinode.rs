@@ -235,3 +235,120 @@ fn ctrl_c_on_one_node_stops_every_node_after_the_same_step() {
         assert!(!running(worker), "worker {worker} still runs");
     }
 }
+
+/// `pp ctl ACTION` against the rendezvous, with `token`.
+fn ctl(rendezvous: &str, action: &str, token: &str) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pp"))
+        .args(["ctl", action, "--rdzv", rendezvous])
+        .env("PP_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+fn checkpoints(out: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("step-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Waits up to `limit` for `condition`.
+fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn pp_ctl_reports_saves_and_stops_a_run_from_outside() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let out = tmp.path().join("run");
+    let rendezvous = loopback(free_port());
+    let node = |rank| {
+        start_node(
+            &long_run_args(&data, &out, &rendezvous, rank),
+            "secret",
+            None,
+        )
+    };
+    let (mut node0, mut node1) = (node(0), node(1));
+    wait_for_steps(&out, &mut [&mut node0, &mut node1]);
+
+    let status = ctl(&rendezvous, "status", "secret");
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.status.success(), "{}", stderr(&status));
+    assert!(
+        text.contains(": running") && text.contains("rank 1: node 1 ("),
+        "{text}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let status = ctl(&rendezvous, "status", "secret");
+            String::from_utf8_lossy(&status.stdout).contains("tokens/s, bubble")
+        }),
+        "the status never showed progress"
+    );
+    let refused = ctl(&rendezvous, "status", "guess");
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("different cluster token"),
+        "{}",
+        stderr(&refused)
+    );
+
+    // One checkpoint, written by both nodes at the same step; training goes on.
+    assert!(ctl(&rendezvous, "save", "secret").status.success());
+    assert!(eventually(Duration::from_secs(30), || checkpoints(&out)
+        .len()
+        == 1));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(checkpoints(&out).len(), 1, "{:?}", checkpoints(&out));
+    assert!(!node0.has_exited() && !node1.has_exited());
+
+    let stop = ctl(&rendezvous, "stop", "secret");
+    assert!(stop.status.success(), "{}", stderr(&stop));
+    for output in finish(vec![node0, node1], Duration::from_secs(60)) {
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(stderr(&output).contains("stopped by pp ctl from 127.0.0.1"));
+    }
+    assert_eq!(checkpoints(&out).len(), 2, "the stop saved too");
+}
+
+#[test]
+fn pp_ctl_abort_ends_every_node_without_saving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let out = tmp.path().join("run");
+    let rendezvous = loopback(free_port());
+    let node = |rank| {
+        start_node(
+            &long_run_args(&data, &out, &rendezvous, rank),
+            "secret",
+            None,
+        )
+    };
+    let (mut node0, mut node1) = (node(0), node(1));
+    wait_for_steps(&out, &mut [&mut node0, &mut node1]);
+    assert!(ctl(&rendezvous, "abort", "secret").status.success());
+    for output in finish(vec![node0, node1], Duration::from_secs(20)) {
+        assert!(!output.status.success());
+        assert!(
+            stderr(&output).contains("aborted by pp ctl from 127.0.0.1"),
+            "{}",
+            stderr(&output)
+        );
+    }
+    assert!(checkpoints(&out).is_empty());
+}

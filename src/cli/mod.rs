@@ -2,6 +2,7 @@
 
 mod cluster;
 mod convert;
+mod ctl;
 mod eval;
 mod generate;
 mod inspect;
@@ -37,6 +38,8 @@ enum Command {
     Schedule(schedule::Args),
     /// Fine-tune a model on a JSONL dataset.
     Train(Box<train::Args>),
+    /// Ask a running multi-node training for its status, a checkpoint, a stop or an abort.
+    Ctl(ctl::Args),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -49,6 +52,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Schedule(args) => schedule::run(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 

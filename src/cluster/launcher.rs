@@ -84,22 +84,15 @@ impl Workers {
         })
     }
 
-    /// No workers: a node that only takes part in the rendezvous (`--plan-only`).
-    pub fn none() -> Self {
-        Self {
-            children: Vec::new(),
-            first_rank: 0,
-        }
-    }
-
     /// Waits for every worker; passes Ctrl-C on (to the group too); once one fails, stops the
     /// rest after [`GRACE`]. With a `group`, tells it how this machine's workers ended, and
-    /// stops them when it says so.
+    /// acts on what it says: save (SIGUSR1), stop after a step (SIGINT), abort (kill).
     pub fn watch(mut self, group: Option<&RendezvousNode>) -> Result<()> {
         let mut status: Vec<Option<ExitStatus>> = vec![None; self.children.len()];
         let mut first_failure: Option<(usize, Instant)> = None;
         let mut interrupted = false;
-        let mut stopped: Option<(String, Instant)> = None;
+        let mut aborted: Option<(String, Instant)> = None;
+        let mut stop_requested: Option<String> = None;
         while status.iter().any(Option::is_none) {
             for (local, child) in self.children.iter_mut().enumerate() {
                 if status[local].is_none() {
@@ -132,13 +125,27 @@ impl Workers {
                     interrupted = true;
                     self.signal(libc::SIGINT);
                 }
-                Some(GroupEvent::Stop(reason)) if stopped.is_none() => {
-                    stopped = Some((reason, Instant::now()));
+                // One worker is enough: the step's all-reduce tells every rank to save at
+                // that step (signalling all could make two steps save, as signals arrive
+                // between steps).
+                Some(GroupEvent::Save) if self.first_rank == 0 => {
+                    if let Some(rank0) = self.children.first() {
+                        // SAFETY: signalling our own child process.
+                        unsafe { libc::kill(rank0.id() as libc::pid_t, libc::SIGUSR1) };
+                    }
+                }
+                Some(GroupEvent::Stop { by }) if !interrupted => {
+                    interrupted = true;
+                    stop_requested = Some(by);
+                    self.signal(libc::SIGINT);
+                }
+                Some(GroupEvent::Abort(reason)) if aborted.is_none() => {
+                    aborted = Some((reason, Instant::now()));
                 }
                 _ => {}
             }
             let give_up = first_failure.is_some_and(|(_, since)| since.elapsed() > GRACE)
-                || stopped
+                || aborted
                     .as_ref()
                     .is_some_and(|(_, since)| since.elapsed() > STOP_GRACE);
             if give_up {
@@ -150,13 +157,13 @@ impl Workers {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if let Some((reason, _)) = stopped {
+        if let Some((reason, _)) = aborted {
             return Err(Error::Cluster(format!("{reason}; stopping")));
         }
         if let Some((local, _)) = first_failure {
             let exit = status[local].expect("the failed worker has exited");
             return Err(Error::Cluster(format!(
-                "{}; the pipeline stopped",
+                "{}; the pipeline aborted",
                 failure(self.first_rank + local, exit)
             )));
         }
@@ -167,6 +174,10 @@ impl Workers {
         let saved_on_interrupt = status
             .iter()
             .any(|exit| exit.is_some_and(|e| e.code() == Some(crate::interrupt::EXIT_CODE)));
+        if let Some(by) = stop_requested {
+            eprintln!("stopped by {by}; continue with --resume");
+            return Ok(());
+        }
         if interrupted || saved_on_interrupt {
             return Err(Error::Interrupted);
         }
@@ -181,7 +192,7 @@ impl Workers {
     }
 }
 
-/// Whether a worker failed: it neither finished nor stopped on Ctrl-C.
+/// Whether a worker failed: it neither finished nor aborted on Ctrl-C.
 fn failed(exit: ExitStatus) -> bool {
     !exit.success() && exit.code() != Some(crate::interrupt::EXIT_CODE)
 }
@@ -199,8 +210,8 @@ fn wait_for_the_group(group: &RendezvousNode) -> Result<()> {
     loop {
         match group.wait(Duration::from_secs(1)) {
             Some(GroupEvent::Finished) => return Ok(()),
-            Some(GroupEvent::Stop(reason)) => return Err(Error::Cluster(reason)),
-            Some(GroupEvent::Interrupt { .. }) | None => {}
+            Some(GroupEvent::Abort(reason)) => return Err(Error::Cluster(reason)),
+            _ => {}
         }
     }
 }

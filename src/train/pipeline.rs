@@ -29,6 +29,8 @@ pub struct PipelineStep {
     pub grad_norm: f64,
     /// Some rank was asked to stop (Ctrl-C); every rank sees the same answer.
     pub interrupted: bool,
+    /// Some rank was asked for a checkpoint (SIGUSR1); every rank sees the same answer.
+    pub save_requested: bool,
     /// Where each rank's time went, by rank.
     pub timings: Vec<RankTiming>,
 }
@@ -194,14 +196,17 @@ impl<B: TrainBackend> RankWorker<B> {
                 runner.grad_sum_squares_excluding(skip)
             })
             .sum();
-        // Ctrl-C reaches the ranks at different moments; they stop after the same step.
+        // Ctrl-C and save requests reach the ranks at different moments; they act after the
+        // same step.
         let interrupted = f64::from(u8::from(crate::interrupt::check().is_err()));
+        let save = f64::from(u8::from(crate::interrupt::take_save_request()));
         let ranks = self.transport.world_size();
-        let mut values = vec![sum_squares, loss_sum, interrupted];
+        let mut values = vec![sum_squares, loss_sum, interrupted, save];
         values.extend(timing.to_slot(rank, ranks));
         let totals = self.all_reduce(step, 0, values)?;
-        let (sum_squares, loss_sum, interrupted) = (totals[0], totals[1], totals[2]);
-        let timings = totals[3..]
+        let (sum_squares, loss_sum, interrupted, save) =
+            (totals[0], totals[1], totals[2], totals[3]);
+        let timings = totals[4..]
             .chunks_exact(TIMING_FIELDS)
             .map(RankTiming::from_slot)
             .collect();
@@ -214,6 +219,7 @@ impl<B: TrainBackend> RankWorker<B> {
             loss_sum,
             grad_norm,
             interrupted: interrupted > 0.0,
+            save_requested: save > 0.0,
             timings,
         })
     }

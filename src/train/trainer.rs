@@ -274,6 +274,8 @@ pub(super) struct StepOutcome {
     pub grad_norm: f64,
     /// Ctrl-C was pressed (in a pipeline: on any rank); the run saves and stops.
     pub interrupted: bool,
+    /// A checkpoint was asked for (SIGUSR1, from `pp ctl save`); the run saves and goes on.
+    pub save_requested: bool,
     /// Further metrics of the step (a pipeline's bubble).
     pub metrics: Vec<(&'static str, f64)>,
 }
@@ -428,7 +430,7 @@ impl Run<'_> {
             let save_due = options
                 .save_every
                 .is_some_and(|n| state.step.is_multiple_of(n));
-            if save_due || outcome.interrupted {
+            if save_due || outcome.interrupted || outcome.save_requested {
                 let dir = checkpoint::step_dir(&checkpoints, state.step);
                 engine.save(&dir, &state)?;
                 if engine.leads() {
@@ -499,6 +501,7 @@ impl<B: TrainBackend> Engine for SingleDevice<'_, B> {
             loss_sum,
             grad_norm,
             interrupted: crate::interrupt::check().is_err(),
+            save_requested: crate::interrupt::take_save_request(),
             metrics: Vec::new(),
         })
     }

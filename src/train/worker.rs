@@ -151,6 +151,7 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
             loss_sum: result.loss_sum,
             grad_norm: result.grad_norm,
             interrupted: result.interrupted,
+            save_requested: result.save_requested,
             metrics: vec![
                 ("pipeline/bubble", measured),
                 ("pipeline/bubble_simulated", simulated),

@@ -376,6 +376,8 @@ async fn connect_all(
                 }
             }
             Ok(Err(refused @ (AuthError::Refused | AuthError::Unproven))) => {
+                // Let the refusal reach the peer before this endpoint goes away.
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
                 return Err(QuicError::Connect {
                     rank: waiting_for(),
                     address: connection.remote_address(),

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
@@ -158,11 +158,110 @@ pub enum GroupEvent {
         /// Where.
         node: usize,
     },
-    /// The run cannot go on; the text says why (a lost node, a failed worker).
-    Stop(String),
+    /// `pp ctl save`: every worker saves a checkpoint at its next step.
+    Save,
+    /// `pp ctl stop`: every worker saves and stops after the same step; the run ends cleanly.
+    Stop {
+        /// Who asked.
+        by: String,
+    },
+    /// The run cannot go on; the text says why (a lost node, a failed worker, `pp ctl abort`).
+    Abort(String),
     /// Every node finished.
     Finished,
 }
+
+/// What `pp ctl` asks of a running group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// The group's state and the run's progress.
+    Status,
+    /// A checkpoint at the next step.
+    Save,
+    /// Save and end on every node.
+    Stop,
+    /// End on every node without saving.
+    Abort,
+}
+
+/// The group as `pp ctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// `forming`, `running` or `ended`.
+    pub phase: String,
+    /// Who has joined (while forming) or the whole group.
+    pub nodes: Vec<Node>,
+    /// While forming: who is missing.
+    pub waiting: Option<String>,
+    /// The run's latest progress, as node 0 reports it ([`RendezvousHost::set_progress`]).
+    pub progress: Option<String>,
+}
+
+/// The host's answer to `pp ctl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// For [`ControlRequest::Status`].
+    Status(GroupStatus),
+    /// The request was passed on to every node.
+    Done(String),
+    /// The request cannot be carried out now.
+    Refused(String),
+}
+
+/// Asks the group hosted at `address` (with the cluster token) and returns its answer.
+pub fn control(
+    address: SocketAddr,
+    token: &str,
+    request: ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply, RendezvousError> {
+    let link = |message: String| RendezvousError::Link { address, message };
+    let runtime = runtime().map_err(link)?;
+    let endpoint = {
+        let _guard = runtime.enter();
+        crate::tls::client_endpoint().map_err(link)?
+    };
+    runtime.block_on(async {
+        let deadline = Instant::now() + timeout;
+        let connection = auth::dial(&endpoint, address, token, 0, deadline, &mut || {})
+            .await
+            .map_err(|error| RendezvousError::Auth { address, error })?;
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| link(e.to_string()))?;
+        write_frame(&mut send, &ToHost::Control(request))
+            .await
+            .map_err(link)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let reply = tokio::time::timeout(left, read_frame::<ControlReply>(&mut recv))
+            .await
+            .map_err(|_| link("no answer".into()))?
+            .map_err(link)?;
+        connection.close(VarInt::from_u32(0), b"done");
+        Ok(reply)
+    })
+}
+
+/// Node or `pp ctl` to host: the first message of a connection.
+#[derive(Debug, Serialize, Deserialize)]
+enum ToHost {
+    Join(NodeJoin),
+    Control(ControlRequest),
+}
+
+/// What the host knows, shared by its tasks.
+#[derive(Default)]
+struct HostState {
+    phase: &'static str,
+    nodes: Vec<Node>,
+    waiting: Option<String>,
+    progress: Option<String>,
+    /// Into the running group's relay, once formed.
+    commands: Option<async_mpsc::UnboundedSender<GroupEvent>>,
+}
+
+type SharedState = Arc<Mutex<HostState>>;
 
 /// Host to node.
 #[derive(Debug, Serialize, Deserialize)]
@@ -178,6 +277,7 @@ enum ToNode {
 pub struct RendezvousHost {
     runtime: Runtime,
     endpoint: Endpoint,
+    state: SharedState,
 }
 
 impl RendezvousHost {
@@ -203,13 +303,25 @@ impl RendezvousHost {
             crate::tls::endpoint_on(socket)
                 .map_err(|message| RendezvousError::Listen { address, message })?
         };
+        let state = SharedState::default();
+        state.lock().expect("state lock").phase = "forming";
         runtime.spawn(host(
             endpoint.clone(),
             token.to_string(),
             nodes,
             Instant::now() + join_timeout,
+            state.clone(),
         ));
-        Ok(Self { runtime, endpoint })
+        Ok(Self {
+            runtime,
+            endpoint,
+            state,
+        })
+    }
+
+    /// The run's latest progress, for `pp ctl status`.
+    pub fn set_progress(&self, progress: String) {
+        self.state.lock().expect("state lock").progress = Some(progress);
     }
 }
 
@@ -272,7 +384,7 @@ impl RendezvousNode {
             .block_on(connection.open_bi())
             .map_err(|e| link(e.to_string()))?;
         runtime
-            .block_on(write_frame(&mut send, &join))
+            .block_on(write_frame(&mut send, &ToHost::Join(join)))
             .map_err(link)?;
         // The host gives up at its own deadline; a little longer here hears why.
         let formed = runtime.block_on(async {
@@ -350,7 +462,7 @@ fn runtime() -> Result<Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Hands the host's events to the node; a dropped link becomes a `Stop` naming the host.
+/// Hands the host's events to the node; a dropped link becomes an `Abort` naming the host.
 async fn relay_group_events(
     connection: Connection,
     mut recv: RecvStream,
@@ -368,7 +480,7 @@ async fn relay_group_events(
             Ok(_) => {}
             Err(message) => {
                 let reason = closed_reason(&connection, message);
-                let _ = sender.send(GroupEvent::Stop(format!("{lost}: {reason}")));
+                let _ = sender.send(GroupEvent::Abort(format!("{lost}: {reason}")));
                 return;
             }
         }
@@ -391,32 +503,49 @@ impl Member {
 }
 
 /// The host's whole job: form the group, then relay events.
-async fn host(endpoint: Endpoint, token: String, nodes: usize, deadline: Instant) {
-    let Some(members) = form(&endpoint, &token, nodes, deadline).await else {
-        return;
+async fn host(
+    endpoint: Endpoint,
+    token: String,
+    nodes: usize,
+    deadline: Instant,
+    state: SharedState,
+) {
+    let (admitted, arrivals) = async_mpsc::unbounded_channel();
+    // Admission goes on for the whole run: `pp ctl` may call at any time.
+    let accepting = {
+        let (endpoint, state) = (endpoint.clone(), state.clone());
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                tokio::spawn(admit(
+                    incoming,
+                    token.clone(),
+                    admitted.clone(),
+                    state.clone(),
+                ));
+            }
+        })
     };
-    relay_node_events(members).await;
+    if let Some(members) = form(arrivals, nodes, deadline, &state).await {
+        relay_node_events(members, &state).await;
+    }
+    state.lock().expect("state lock").phase = "ended";
+    accepting.abort();
 }
 
 /// Admits nodes until `nodes` have joined; `None` when the group could not be formed (those
 /// that joined are told why).
 async fn form(
-    endpoint: &Endpoint,
-    token: &str,
+    mut arrivals: async_mpsc::UnboundedReceiver<Arrival>,
     nodes: usize,
     deadline: Instant,
+    state: &SharedState,
 ) -> Option<Vec<Member>> {
-    let (admitted, mut arrivals) = async_mpsc::unbounded_channel();
     let mut members: BTreeMap<usize, Member> = BTreeMap::new();
     let mut turned_away: Vec<String> = Vec::new();
     let mut notice = tokio::time::interval(WAITING_NOTICE);
     notice.tick().await;
     while members.len() < nodes {
         tokio::select! {
-            incoming = endpoint.accept() => {
-                let incoming = incoming?;
-                tokio::spawn(admit(incoming, token.to_string(), admitted.clone()));
-            }
             Some(arrival) = arrivals.recv() => {
                 let member = match arrival {
                     Arrival::Member(member) => member,
@@ -432,10 +561,13 @@ async fn form(
                     }
                     Err(reason) => refuse(vec![member], &reason).await,
                 }
+                state.lock().expect("state lock").waiting =
+                    Some(waiting_text(&members, nodes, &turned_away));
             }
             _ = notice.tick() => {
                 members.retain(|_, m| m.connection.close_reason().is_none());
                 let text = waiting_text(&members, nodes, &turned_away);
+                state.lock().expect("state lock").waiting = Some(text.clone());
                 for member in members.values_mut() {
                     let _ = write_frame(&mut member.send, &ToNode::Waiting(text.clone())).await;
                 }
@@ -478,6 +610,10 @@ async fn form(
         };
         let _ = write_frame(&mut member.send, &ToNode::Formed(group)).await;
     }
+    let mut state = state.lock().expect("state lock");
+    state.phase = "running";
+    state.waiting = None;
+    state.nodes = group_nodes;
     Some(members)
 }
 
@@ -502,11 +638,12 @@ enum Arrival {
     TurnedAway(SocketAddr),
 }
 
-/// Proves the token both ways and reads the node's report.
+/// Proves the token both ways, then reads the node's report, or answers `pp ctl`.
 async fn admit(
     incoming: quinn::Incoming,
     token: String,
     admitted: async_mpsc::UnboundedSender<Arrival>,
+    state: SharedState,
 ) {
     let arrival = async {
         let connection = incoming.await.ok()?;
@@ -517,8 +654,17 @@ async fn admit(
             }
             Err(_) => return None,
         }
-        let (send, mut recv) = connection.accept_bi().await.ok()?;
-        let join: NodeJoin = read_frame(&mut recv).await.ok()?;
+        let (mut send, mut recv) = connection.accept_bi().await.ok()?;
+        let join = match read_frame::<ToHost>(&mut recv).await.ok()? {
+            ToHost::Join(join) => join,
+            ToHost::Control(request) => {
+                let reply = answer(request, connection.remote_address(), &state);
+                let _ = write_frame(&mut send, &reply).await;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                return None;
+            }
+        };
         Some(Arrival::Member(Member {
             join,
             address: connection.remote_address().ip(),
@@ -529,6 +675,32 @@ async fn admit(
     };
     if let Ok(Some(arrival)) = tokio::time::timeout(Duration::from_secs(10), arrival).await {
         let _ = admitted.send(arrival);
+    }
+}
+
+/// Carries out a `pp ctl` request.
+fn answer(request: ControlRequest, from: SocketAddr, state: &SharedState) -> ControlReply {
+    let state = state.lock().expect("state lock");
+    let event = match request {
+        ControlRequest::Status => {
+            return ControlReply::Status(GroupStatus {
+                phase: state.phase.to_string(),
+                nodes: state.nodes.clone(),
+                waiting: state.waiting.clone(),
+                progress: state.progress.clone(),
+            })
+        }
+        ControlRequest::Save => GroupEvent::Save,
+        ControlRequest::Stop => GroupEvent::Stop {
+            by: format!("pp ctl from {}", from.ip()),
+        },
+        ControlRequest::Abort => GroupEvent::Abort(format!("aborted by pp ctl from {}", from.ip())),
+    };
+    match &state.commands {
+        Some(commands) if commands.send(event).is_ok() => {
+            ControlReply::Done(format!("told all {} nodes", state.nodes.len()))
+        }
+        _ => ControlReply::Refused(format!("the group is {}, not running", state.phase)),
     }
 }
 
@@ -606,9 +778,12 @@ fn settings_difference(members: &[Member]) -> Option<String> {
         })
 }
 
-/// Relays node events to every node until all finish or the run must stop.
-async fn relay_node_events(members: Vec<Member>) {
+/// Relays node events, and `pp ctl`'s requests, to every node until all finish or the run
+/// must stop.
+async fn relay_node_events(members: Vec<Member>, state: &SharedState) {
     let (events, mut arrivals) = async_mpsc::unbounded_channel();
+    let (commands, mut requests) = async_mpsc::unbounded_channel();
+    state.lock().expect("state lock").commands = Some(commands);
     let mut sends = Vec::with_capacity(members.len());
     let mut names = Vec::with_capacity(members.len());
     for (rank, member) in members.into_iter().enumerate() {
@@ -636,8 +811,18 @@ async fn relay_node_events(members: Vec<Member>) {
     drop(events);
     let mut finished = vec![false; sends.len()];
     let outcome = loop {
-        let Some((rank, event)) = arrivals.recv().await else {
-            return;
+        let (rank, event) = tokio::select! {
+            arrival = arrivals.recv() => match arrival {
+                Some(arrival) => arrival,
+                None => return,
+            },
+            Some(request) = requests.recv() => match request {
+                abort @ GroupEvent::Abort(_) => break abort,
+                other => {
+                    broadcast(&mut sends, &other).await;
+                    continue;
+                }
+            },
         };
         match event {
             Some(NodeEvent::Finished) => {
@@ -649,11 +834,12 @@ async fn relay_node_events(members: Vec<Member>) {
             Some(NodeEvent::Interrupt) => {
                 broadcast(&mut sends, &GroupEvent::Interrupt { node: rank }).await;
             }
-            Some(NodeEvent::Failed(reason)) => break GroupEvent::Stop(reason),
+            Some(NodeEvent::Failed(reason)) => break GroupEvent::Abort(reason),
             None if finished[rank] => {}
-            None => break GroupEvent::Stop(format!("{} was lost", names[rank])),
+            None => break GroupEvent::Abort(format!("{} was lost", names[rank])),
         }
     };
+    state.lock().expect("state lock").commands = None;
     broadcast(&mut sends, &outcome).await;
     for send in &mut sends {
         let _ = send.finish();
@@ -817,6 +1003,76 @@ mod tests {
     }
 
     #[test]
+    fn control_requests_reach_every_node() {
+        let address = free_address();
+        let host = RendezvousHost::start(address, "secret", 2, Duration::from_secs(20)).unwrap();
+        let status = |token| {
+            control(
+                address,
+                token,
+                ControlRequest::Status,
+                Duration::from_secs(5),
+            )
+        };
+        match status("secret").unwrap() {
+            ControlReply::Status(status) => assert_eq!(status.phase, "forming"),
+            other => panic!("{other:?}"),
+        }
+        let joined = join_all(
+            address,
+            "secret",
+            vec![
+                (Duration::ZERO, report(Some(0), 1, "1e-4")),
+                (Duration::ZERO, report(Some(1), 2, "1e-4")),
+            ],
+        );
+        let nodes: Vec<RendezvousNode> = joined.into_iter().map(|(r, _)| r.unwrap().0).collect();
+        host.set_progress("step 7".into());
+        match status("secret").unwrap() {
+            ControlReply::Status(status) => {
+                assert_eq!(status.phase, "running");
+                assert_eq!(status.nodes.len(), 2);
+                assert_eq!(status.nodes[1].workers.len(), 2);
+                assert_eq!(status.progress.as_deref(), Some("step 7"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let wrong = status("guess").unwrap_err();
+        assert!(
+            matches!(
+                wrong,
+                RendezvousError::Auth {
+                    error: AuthError::Refused,
+                    ..
+                }
+            ),
+            "{wrong}"
+        );
+        let ask = |request| control(address, "secret", request, Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            ask(ControlRequest::Save),
+            ControlReply::Done("told all 2 nodes".into())
+        );
+        for node in &nodes {
+            assert_eq!(node.wait(Duration::from_secs(5)), Some(GroupEvent::Save));
+        }
+        assert!(matches!(ask(ControlRequest::Stop), ControlReply::Done(_)));
+        for node in &nodes {
+            assert!(matches!(
+                node.wait(Duration::from_secs(5)),
+                Some(GroupEvent::Stop { by }) if by == "pp ctl from 127.0.0.1"
+            ));
+        }
+        assert!(matches!(ask(ControlRequest::Abort), ControlReply::Done(_)));
+        for node in &nodes {
+            assert!(matches!(
+                node.wait(Duration::from_secs(5)),
+                Some(GroupEvent::Abort(reason)) if reason.contains("aborted by pp ctl")
+            ));
+        }
+    }
+
+    #[test]
     fn a_lost_node_stops_the_others_naming_it() {
         let address = free_address();
         let _host = RendezvousHost::start(address, "secret", 3, Duration::from_secs(20)).unwrap();
@@ -834,7 +1090,7 @@ mod tests {
         drop(nodes.remove(1));
         for node in &nodes {
             match node.wait(Duration::from_secs(15)) {
-                Some(GroupEvent::Stop(reason)) => {
+                Some(GroupEvent::Abort(reason)) => {
                     assert!(
                         reason.contains("node 1 (host1 at 127.0.0.1) was lost"),
                         "{reason}"
