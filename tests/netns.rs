@@ -61,7 +61,7 @@ fn nodes_behind_a_1_gbit_link_train_what_one_device_trains() {
         for output in finish(launched, Duration::from_secs(300)) {
             assert!(output.status.success(), "{}", stderr(&output));
             let text = stderr(&output);
-            assert!(text.contains(&format!("rank 1: node 1 (")), "{text}");
+            assert!(text.contains("rank 1: node 1 ("), "{text}");
             assert!(
                 text.contains(&format!("at {})", Namespaces::address(1))),
                 "{text}"

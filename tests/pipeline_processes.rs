@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::cli::{metric, pp, stdout};
 use common::fixture;
-use common::processes::{assert_same_weights, children, running, text_data, weights, Launcher};
-use common::training::relative_l2;
-use pp::checkpoint::read_f32;
+use common::processes::{assert_same_weights, children, running, text_data, Launcher};
 
 fn train(model: &str, data: &str, out: &Path, extra: &[&str]) {
     let out = out.display().to_string();
