@@ -61,6 +61,9 @@ pub enum Error {
     /// node, a failed worker).
     #[error("{0}")]
     Cluster(String),
+    /// A node was lost or a worker failed; the group can be formed again (`--max-restarts`).
+    #[error("{0}")]
+    GroupBroken(String),
     /// The user pressed Ctrl-C; the operation stopped and cleaned up.
     #[error("interrupted")]
     Interrupted,

@@ -352,3 +352,93 @@ fn pp_ctl_abort_ends_every_node_without_saving() {
     }
     assert!(checkpoints(&out).is_empty());
 }
+
+#[test]
+fn a_lost_node_that_comes_back_rejoins_and_the_run_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let out = tmp.path().join("run");
+    let rendezvous = loopback(free_port());
+    let args = |rank: &str| {
+        node_args(
+            &data,
+            &out,
+            2,
+            &rendezvous,
+            &[
+                "--steps",
+                "24",
+                "--batch-size",
+                "4",
+                "--microbatches",
+                "2",
+                "--save-every",
+                "4",
+                "--max-restarts",
+                "1",
+                "--node-rank",
+                rank,
+            ],
+        )
+    };
+    let node0 = start_node(&args("0"), "secret", None);
+    let node1 = start_node(&args("1"), "secret", None);
+    assert!(
+        eventually(Duration::from_secs(120), || !checkpoints(&out).is_empty()),
+        "no checkpoint"
+    );
+    // Node 1's machine dies, and comes back with the same command.
+    for pid in children(node1.id()).iter().chain([node1.id()].iter()) {
+        // SAFETY: killing processes this test started.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    drop(node1);
+    let node1 = start_node(&args("1"), "secret", None);
+    let outputs = finish(vec![node0, node1], Duration::from_secs(180));
+    for output in &outputs {
+        assert!(
+            output.status.success(),
+            "node 0: {}\nnode 1: {}",
+            stderr(&outputs[0]),
+            stderr(&outputs[1])
+        );
+    }
+    let host = stderr(&outputs[0]);
+    assert!(
+        host.contains("forming the group again (restart 1 of 1)"),
+        "{host}"
+    );
+    assert!(host.contains("resumed from "), "{host}");
+    let report = String::from_utf8_lossy(&outputs[0].stdout).into_owned();
+    assert!(report.contains("trained 24 steps"), "{report}");
+    // Resuming is exact: the weights are those of one device training straight through.
+    let single = tmp.path().join("single");
+    let model = fixture("llama3-tiny").join("hf").display().to_string();
+    stdout(&pp(&[
+        "train",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &single.display().to_string(),
+        "--batch-size",
+        "4",
+        "--steps",
+        "24",
+        "--lr",
+        "1e-3",
+        "--max-grad-norm",
+        "0.05",
+        "--dtype",
+        "f32",
+        "--no-shuffle",
+        "--micro-batch-size",
+        "2",
+    ]));
+    assert_same_weights(
+        &out.join("final"),
+        &single.join("final"),
+        1e-4,
+        "after a restart",
+    );
+}

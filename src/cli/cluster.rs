@@ -58,6 +58,10 @@ pub struct PipelineFlags {
     /// neither is set]. Prefer PP_TOKEN: other users can read command lines.
     #[arg(long, requires = "nnodes")]
     token: Option<String>,
+    /// After a lost node or a failed worker, form the group again (waiting --join-timeout for
+    /// the lost node to come back) and resume from the newest checkpoint, this many times.
+    #[arg(long, default_value_t = 0, requires = "nnodes")]
+    max_restarts: u32,
     /// Form the group, print the plan on every node and exit.
     #[arg(long, requires = "nnodes")]
     plan_only: bool,
@@ -184,6 +188,7 @@ impl PipelineFlags {
             join_timeout: Duration::from_secs(self.join_timeout),
             token,
             plan_only: self.plan_only,
+            max_restarts: self.max_restarts,
         };
         let layout = PipelineLayout {
             schedule: self.schedule,

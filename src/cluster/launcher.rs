@@ -91,7 +91,7 @@ impl Workers {
         let mut status: Vec<Option<ExitStatus>> = vec![None; self.children.len()];
         let mut first_failure: Option<(usize, Instant)> = None;
         let mut interrupted = false;
-        let mut aborted: Option<(String, Instant)> = None;
+        let mut aborted: Option<(Error, Instant)> = None;
         let mut stop_requested: Option<String> = None;
         while status.iter().any(Option::is_none) {
             for (local, child) in self.children.iter_mut().enumerate() {
@@ -139,8 +139,14 @@ impl Workers {
                     stop_requested = Some(by);
                     self.signal(libc::SIGINT);
                 }
+                Some(GroupEvent::Broken(reason)) if aborted.is_none() => {
+                    aborted = Some((
+                        Error::GroupBroken(format!("{reason}; stopping")),
+                        Instant::now(),
+                    ));
+                }
                 Some(GroupEvent::Abort(reason)) if aborted.is_none() => {
-                    aborted = Some((reason, Instant::now()));
+                    aborted = Some((Error::Cluster(reason), Instant::now()));
                 }
                 _ => {}
             }
@@ -157,13 +163,13 @@ impl Workers {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if let Some((reason, _)) = aborted {
-            return Err(Error::Cluster(format!("{reason}; stopping")));
+        if let Some((error, _)) = aborted {
+            return Err(error);
         }
         if let Some((local, _)) = first_failure {
             let exit = status[local].expect("the failed worker has exited");
-            return Err(Error::Cluster(format!(
-                "{}; the pipeline aborted",
+            return Err(Error::GroupBroken(format!(
+                "{}; the pipeline stopped",
                 failure(self.first_rank + local, exit)
             )));
         }
@@ -192,7 +198,7 @@ impl Workers {
     }
 }
 
-/// Whether a worker failed: it neither finished nor aborted on Ctrl-C.
+/// Whether a worker failed: it neither finished nor stopped on Ctrl-C.
 fn failed(exit: ExitStatus) -> bool {
     !exit.success() && exit.code() != Some(crate::interrupt::EXIT_CODE)
 }
@@ -210,6 +216,7 @@ fn wait_for_the_group(group: &RendezvousNode) -> Result<()> {
     loop {
         match group.wait(Duration::from_secs(1)) {
             Some(GroupEvent::Finished) => return Ok(()),
+            Some(GroupEvent::Broken(reason)) => return Err(Error::GroupBroken(reason)),
             Some(GroupEvent::Abort(reason)) => return Err(Error::Cluster(reason)),
             _ => {}
         }

@@ -41,6 +41,8 @@ pub struct NodeOptions {
     pub token: Option<String>,
     /// Print the plan and exit.
     pub plan_only: bool,
+    /// How many times to form the group again after a lost node or a failed worker.
+    pub max_restarts: u32,
 }
 
 /// The pipeline as the flags give it; the worker count is the group's.
@@ -57,7 +59,8 @@ pub struct PipelineLayout {
 }
 
 /// Joins the group, prints the plan and runs this node's workers (one per entry of
-/// `devices`) until the group finishes.
+/// `devices`) until the group finishes. When a node is lost or a worker fails, forms the group
+/// again, up to `--max-restarts` times, and resumes from the newest checkpoint.
 pub fn run(
     train: &TrainOptions,
     layout: &PipelineLayout,
@@ -84,67 +87,122 @@ pub fn run(
                     .into(),
             )),
         };
-    let host = host
-        .map(|bind| RendezvousHost::start(bind, &token, node.nodes, node.join_timeout))
-        .transpose()
-        .map_err(rendezvous_error)?;
-    let ports = super::free_ports(devices.len(), IpAddr::from([0, 0, 0, 0]))?;
-    let join = NodeJoin {
-        node_rank: if host.is_some() {
-            Some(0)
-        } else {
-            node.node_rank
-        },
-        name: hostname(),
-        workers: ports
-            .iter()
-            .zip(devices)
-            .map(|(&port, device)| WorkerInfo {
-                port,
-                device: device.to_string(),
-            })
-            .collect(),
-        settings: shared_settings(train, layout),
-    };
-    eprintln!(
-        "joining the rendezvous at {address} as {} of {} nodes",
-        join.node_rank
-            .map_or("a node".to_string(), |rank| format!("node {rank}")),
-        node.nodes
-    );
-    let (member, group) =
-        RendezvousNode::join(address, &token, join, node.join_timeout, &mut |line| {
-            eprintln!("rendezvous: {line}")
-        })
-        .map_err(rendezvous_error)?;
-    let pipeline = pipeline_of(layout, &group)?;
-    check_pipeline_options(train, &pipeline)?;
-    print_plan(train, &pipeline, &group)?;
-    let launch = WorkerLaunch {
-        addresses: group.worker_addresses(),
-        first_rank: group.this_node().first_rank,
-        local_workers: if node.plan_only { 0 } else { devices.len() },
-        run_id: run_id(&token, &group),
+    let round = Round {
+        train,
+        layout,
+        node,
+        devices,
+        address,
+        host,
         token,
-        extra_args: match layout.stages {
-            Some(_) => Vec::new(),
-            None => vec!["--stages".into(), pipeline.ranks.to_string()],
-        },
     };
-    let done = AtomicBool::new(false);
-    let outcome = std::thread::scope(|scope| {
-        if let Some(host) = &host {
-            let metrics = train.out_dir.join("metrics.jsonl");
-            scope.spawn(|| report_progress(host, metrics, &done));
+    let mut restarts = 0;
+    loop {
+        match round.run(restarts) {
+            Err(Error::GroupBroken(reason)) if restarts < node.max_restarts => {
+                restarts += 1;
+                eprintln!(
+                    "{reason}; forming the group again (restart {restarts} of {}), waiting up to \
+                     {} s for every node",
+                    node.max_restarts,
+                    node.join_timeout.as_secs()
+                );
+            }
+            outcome => return outcome,
         }
-        let outcome = Workers::spawn(&launch).and_then(|workers| workers.watch(Some(&member)));
-        done.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One forming of the group and the training that follows.
+struct Round<'a> {
+    train: &'a TrainOptions,
+    layout: &'a PipelineLayout,
+    node: &'a NodeOptions,
+    devices: &'a [Device],
+    address: SocketAddr,
+    /// Where this node hosts the rendezvous, when it does.
+    host: Option<SocketAddr>,
+    token: String,
+}
+
+impl Round<'_> {
+    /// Forms the group (the `restarts`-th time here) and trains until it ends.
+    fn run(&self, restarts: u32) -> Result<()> {
+        let (train, node, devices) = (self.train, self.node, self.devices);
+        let host = self
+            .host
+            .map(|bind| RendezvousHost::start(bind, &self.token, node.nodes, node.join_timeout))
+            .transpose()
+            .map_err(rendezvous_error)?;
+        let ports = super::free_ports(devices.len(), IpAddr::from([0, 0, 0, 0]))?;
+        let join = NodeJoin {
+            node_rank: if host.is_some() {
+                Some(0)
+            } else {
+                node.node_rank
+            },
+            name: hostname(),
+            workers: ports
+                .iter()
+                .zip(devices)
+                .map(|(&port, device)| WorkerInfo {
+                    port,
+                    device: device.to_string(),
+                })
+                .collect(),
+            settings: shared_settings(train, self.layout),
+            restarts,
+        };
+        eprintln!(
+            "joining the rendezvous at {} as {} of {} nodes",
+            self.address,
+            join.node_rank
+                .map_or("a node".to_string(), |rank| format!("node {rank}")),
+            node.nodes
+        );
+        let (member, group) = RendezvousNode::join(
+            self.address,
+            &self.token,
+            join,
+            node.join_timeout,
+            &mut |line| eprintln!("rendezvous: {line}"),
+        )
+        .map_err(rendezvous_error)?;
+        let pipeline = pipeline_of(self.layout, &group)?;
+        check_pipeline_options(train, &pipeline)?;
+        print_plan(train, &pipeline, &group)?;
+        let mut extra_args = Vec::new();
+        if self.layout.stages.is_none() {
+            extra_args.extend(["--stages".into(), pipeline.ranks.to_string()]);
+        }
+        // A group formed again goes on from the newest checkpoint, when there is one.
+        let saved = !crate::train::checkpoint::list(&train.out_dir.join("checkpoints")).is_empty();
+        if group.round > 0 && train.resume.is_none() && saved {
+            extra_args.push("--resume=latest".into());
+        }
+        let launch = WorkerLaunch {
+            addresses: group.worker_addresses(),
+            first_rank: group.this_node().first_rank,
+            local_workers: if node.plan_only { 0 } else { devices.len() },
+            run_id: run_id(&self.token, &group),
+            token: self.token.clone(),
+            extra_args,
+        };
+        let done = AtomicBool::new(false);
+        let outcome = std::thread::scope(|scope| {
+            if let Some(host) = &host {
+                let metrics = train.out_dir.join("metrics.jsonl");
+                scope.spawn(|| report_progress(host, metrics, &done));
+            }
+            let outcome = Workers::spawn(&launch).and_then(|workers| workers.watch(Some(&member)));
+            done.store(true, Ordering::Relaxed);
+            outcome
+        });
+        // Node 0 keeps the rendezvous until every node has heard the outcome.
+        drop(member);
+        drop(host);
         outcome
-    });
-    // Node 0 keeps the rendezvous until every node has heard the outcome.
-    drop(member);
-    drop(host);
-    outcome
+    }
 }
 
 /// Tells the rendezvous (for `pp ctl status`) how training goes, from the metrics rank 0

@@ -88,6 +88,8 @@ pub struct NodeJoin {
     /// Settings that must be the same on every node (name, value); the first difference from
     /// node 0 is reported.
     pub settings: Vec<(String, String)>,
+    /// How many times this node has formed the group again after losing it.
+    pub restarts: u32,
 }
 
 /// A member of the formed group.
@@ -116,6 +118,10 @@ impl fmt::Display for Node {
 pub struct Group {
     /// The receiving node's rank.
     pub node_rank: usize,
+    /// How many times the group has been formed again after a lost node (0 the first time;
+    /// the most any node has seen): after a restart, the workers resume from the newest
+    /// checkpoint.
+    pub round: u32,
     /// Every node, by node rank; their workers' global ranks are contiguous in this order.
     pub nodes: Vec<Node>,
 }
@@ -165,7 +171,9 @@ pub enum GroupEvent {
         /// Who asked.
         by: String,
     },
-    /// The run cannot go on; the text says why (a lost node, a failed worker, `pp ctl abort`).
+    /// A node was lost or a worker failed; the text says which. The group can be formed again.
+    Broken(String),
+    /// `pp ctl abort`: every node ends now, without saving.
     Abort(String),
     /// Every node finished.
     Finished,
@@ -267,6 +275,8 @@ type SharedState = Arc<Mutex<HostState>>;
 #[derive(Debug, Serialize, Deserialize)]
 enum ToNode {
     Waiting(String),
+    /// The group is running: join when it forms again.
+    Busy(String),
     Refused(String),
     Formed(Group),
     Event(GroupEvent),
@@ -364,48 +374,74 @@ impl RendezvousNode {
         };
         let deadline = Instant::now() + join_timeout;
         let mut last_notice = Instant::now();
-        let mut retrying = || {
-            if last_notice.elapsed() >= WAITING_NOTICE {
-                waiting(&format!("waiting for the rendezvous host at {address}"));
+        // Lines the host sends are passed on; our own at most every few seconds.
+        let mut notice = |text: &str, own: bool| {
+            if !own || last_notice.elapsed() >= WAITING_NOTICE {
+                waiting(text);
                 last_notice = Instant::now();
             }
         };
-        let connection = runtime
-            .block_on(auth::dial(
-                &endpoint,
-                address,
-                token,
-                0,
-                deadline,
-                &mut retrying,
-            ))
-            .map_err(|error| RendezvousError::Auth { address, error })?;
-        let (mut send, mut recv) = runtime
-            .block_on(connection.open_bi())
-            .map_err(|e| link(e.to_string()))?;
-        runtime
-            .block_on(write_frame(&mut send, &ToHost::Join(join)))
-            .map_err(link)?;
-        // The host gives up at its own deadline; a little longer here hears why.
-        let formed = runtime.block_on(async {
-            loop {
-                let left =
-                    (deadline + Duration::from_secs(5)).saturating_duration_since(Instant::now());
-                let message = tokio::time::timeout(left, read_frame::<ToNode>(&mut recv)).await;
-                match message {
-                    Ok(Ok(ToNode::Waiting(text))) => waiting(&text),
-                    Ok(Ok(ToNode::Formed(group))) => return Ok(group),
-                    Ok(Ok(ToNode::Refused(reason))) => {
-                        return Err(RendezvousError::Refused(reason))
+        // Until the host admits us to a group that is forming (a running one says so, and we
+        // wait for it to form again, as after a lost node).
+        let (connection, send, recv, formed) = loop {
+            let connection = runtime
+                .block_on(auth::dial(
+                    &endpoint,
+                    address,
+                    token,
+                    0,
+                    deadline,
+                    &mut || {
+                        notice(
+                            &format!("waiting for the rendezvous host at {address}"),
+                            true,
+                        )
+                    },
+                ))
+                .map_err(|error| RendezvousError::Auth { address, error })?;
+            let (mut send, mut recv) = runtime
+                .block_on(connection.open_bi())
+                .map_err(|e| link(e.to_string()))?;
+            runtime
+                .block_on(write_frame(&mut send, &ToHost::Join(join.clone())))
+                .map_err(link)?;
+            // The host gives up at its own deadline; a little longer here hears why.
+            let answer = runtime.block_on(async {
+                loop {
+                    let left = (deadline + Duration::from_secs(5))
+                        .saturating_duration_since(Instant::now());
+                    let message = tokio::time::timeout(left, read_frame::<ToNode>(&mut recv)).await;
+                    match message {
+                        Ok(Ok(ToNode::Waiting(text))) => notice(&text, false),
+                        Ok(Ok(ToNode::Formed(group))) => return Ok(Some(group)),
+                        Ok(Ok(ToNode::Busy(text))) => {
+                            notice(&text, true);
+                            return Ok(None);
+                        }
+                        Ok(Ok(ToNode::Refused(reason))) => {
+                            return Err(RendezvousError::Refused(reason))
+                        }
+                        Ok(Ok(ToNode::Event(_))) => {
+                            return Err(link("an event before the group was formed".into()))
+                        }
+                        Ok(Err(message)) => return Err(link(closed_reason(&connection, message))),
+                        Err(_) => return Err(link("the group was not formed in time".into())),
                     }
-                    Ok(Ok(ToNode::Event(_))) => {
-                        return Err(link("an event before the group was formed".into()))
-                    }
-                    Ok(Err(message)) => return Err(link(closed_reason(&connection, message))),
-                    Err(_) => return Err(link("the group was not formed in time".into())),
+                }
+            })?;
+            match answer {
+                Some(group) => break (connection, send, recv, group),
+                None if Instant::now() < deadline => {
+                    connection.close(VarInt::from_u32(0), b"later");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                None => {
+                    return Err(link(
+                        "the group was still running at the join timeout".into(),
+                    ))
                 }
             }
-        })?;
+        };
         let (sender, events) = mpsc::channel();
         runtime.spawn(relay_group_events(
             connection.clone(),
@@ -462,7 +498,7 @@ fn runtime() -> Result<Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Hands the host's events to the node; a dropped link becomes an `Abort` naming the host.
+/// Hands the host's events to the node; a dropped link becomes `Broken`, naming the host.
 async fn relay_group_events(
     connection: Connection,
     mut recv: RecvStream,
@@ -480,7 +516,7 @@ async fn relay_group_events(
             Ok(_) => {}
             Err(message) => {
                 let reason = closed_reason(&connection, message);
-                let _ = sender.send(GroupEvent::Abort(format!("{lost}: {reason}")));
+                let _ = sender.send(GroupEvent::Broken(format!("{lost}: {reason}")));
                 return;
             }
         }
@@ -587,6 +623,8 @@ async fn form(
         refuse(members, &reason).await;
         return None;
     }
+    // A node that formed groups before (here or in a previous process) makes this a restart.
+    let round = members.iter().map(|m| m.join.restarts).max().unwrap_or(0);
     let mut first_rank = 0;
     let group_nodes: Vec<Node> = members
         .iter()
@@ -606,6 +644,7 @@ async fn form(
     for (rank, member) in members.iter_mut().enumerate() {
         let group = Group {
             node_rank: rank,
+            round,
             nodes: group_nodes.clone(),
         };
         let _ = write_frame(&mut member.send, &ToNode::Formed(group)).await;
@@ -656,6 +695,15 @@ async fn admit(
         }
         let (mut send, mut recv) = connection.accept_bi().await.ok()?;
         let join = match read_frame::<ToHost>(&mut recv).await.ok()? {
+            ToHost::Join(_) if state.lock().expect("state lock").phase != "forming" => {
+                let busy = ToNode::Busy(
+                    "the group is running without this node; waiting for it to form again".into(),
+                );
+                let _ = write_frame(&mut send, &busy).await;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                return None;
+            }
             ToHost::Join(join) => join,
             ToHost::Control(request) => {
                 let reply = answer(request, connection.remote_address(), &state);
@@ -834,9 +882,9 @@ async fn relay_node_events(members: Vec<Member>, state: &SharedState) {
             Some(NodeEvent::Interrupt) => {
                 broadcast(&mut sends, &GroupEvent::Interrupt { node: rank }).await;
             }
-            Some(NodeEvent::Failed(reason)) => break GroupEvent::Abort(reason),
+            Some(NodeEvent::Failed(reason)) => break GroupEvent::Broken(reason),
             None if finished[rank] => {}
-            None => break GroupEvent::Abort(format!("{} was lost", names[rank])),
+            None => break GroupEvent::Broken(format!("{} was lost", names[rank])),
         }
     };
     state.lock().expect("state lock").commands = None;
@@ -911,6 +959,7 @@ mod tests {
                 })
                 .collect(),
             settings: vec![("stages".into(), "3".into()), ("lr".into(), lr.into())],
+            restarts: 0,
         }
     }
 
@@ -1090,7 +1139,7 @@ mod tests {
         drop(nodes.remove(1));
         for node in &nodes {
             match node.wait(Duration::from_secs(15)) {
-                Some(GroupEvent::Abort(reason)) => {
+                Some(GroupEvent::Broken(reason)) => {
                     assert!(
                         reason.contains("node 1 (host1 at 127.0.0.1) was lost"),
                         "{reason}"
