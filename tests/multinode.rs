@@ -442,3 +442,100 @@ fn a_lost_node_that_comes_back_rejoins_and_the_run_resumes() {
         "after a restart",
     );
 }
+
+/// `scripts/slurm/train.sbatch` run as Slurm would on a two-node allocation: stand-ins for
+/// `srun` (one task per node, `SLURM_NODEID` set) and `scontrol` (the node list) on `PATH`.
+#[test]
+fn the_slurm_script_trains_across_the_allocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let write_tool = |name: &str, body: &str| {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/usr/bin/env bash\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    };
+    write_tool("scontrol", "echo 127.0.0.1; echo 127.0.0.1");
+    write_tool(
+        "srun",
+        r#"shift  # --kill-on-bad-exit=1
+for node in 0 1; do SLURM_NODEID=$node "$@" & done
+status=0; for job in $(jobs -p); do wait "$job" || status=1; done; exit $status"#,
+    );
+    let out = tmp.path().join("run");
+    let output = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/train.sbatch"),
+    )
+    .args([
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--microbatches",
+        "2",
+        "--dtype",
+        "f32",
+    ])
+    .env(
+        "PATH",
+        format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+    )
+    .env("SLURM_JOB_NODELIST", "n[1-2]")
+    .env("SLURM_NNODES", "2")
+    .env("PP", env!("CARGO_BIN_EXE_pp"))
+    .env("MODEL", fixture("llama3-tiny").join("hf"))
+    .env("DATA", &data)
+    .env("OUT", &out)
+    .output()
+    .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(out.join("final").join("manifest.json").is_file() || out.join("final").is_dir());
+    assert!(
+        stderr(&output).contains("rank 1: node 1 ("),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn plan_only_prints_the_plan_on_every_node_and_trains_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let out = tmp.path().join("run");
+    let port = free_port();
+    let args = |rank: &str| {
+        node_args(
+            &data,
+            &out,
+            2,
+            &loopback(port),
+            &[
+                "--steps",
+                "3",
+                "--plan-only",
+                "--microbatches",
+                "4",
+                "--nproc-per-node",
+                "2",
+                "--node-rank",
+                rank,
+            ],
+        )
+    };
+    let nodes = vec![
+        start_node(&args("0"), "secret", None),
+        start_node(&args("1"), "secret", None),
+    ];
+    for output in finish(nodes, Duration::from_secs(60)) {
+        let text = stderr(&output);
+        assert!(output.status.success(), "{text}");
+        assert!(text.contains("plan: 2 nodes, 4 workers"), "{text}");
+        assert!(
+            text.contains("rank 3: node 1 (") && text.contains("layers 3-3, head"),
+            "{text}"
+        );
+    }
+    assert!(!out.join("final").exists());
+}
