@@ -387,3 +387,33 @@ fn pipeline_settings_are_checked_before_workers_start() {
     ]);
     assert!(!run.status.success());
 }
+
+/// `--wire-dtype`: activations and gradients cross narrow, and training follows float32's.
+#[test]
+fn narrow_wire_dtypes_train_close_to_float32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let model = fixture("llama3-tiny").join("hf").display().to_string();
+    let losses = |wire: &str| {
+        let out = tmp.path().join(wire);
+        let pipeline = ["--stages", "2", "--microbatches", "2", "--wire-dtype", wire];
+        train(&model, &data, &out, &pipeline);
+        metric(&out, "train_loss")
+    };
+    let exact = losses("f32");
+    for (wire, bound) in [("bf16", 5e-3), ("f16", 1e-3), ("fp8", 5e-2)] {
+        let narrow = losses(wire);
+        assert_eq!(narrow.len(), exact.len());
+        for ((step, got), (_, want)) in narrow.iter().zip(&exact) {
+            let relative = (got - want).abs() / want.abs();
+            assert!(
+                relative <= bound,
+                "{wire} step {step}: loss {got} against {want}"
+            );
+        }
+        // Rounded activations change the loss: the flag took effect.
+        if wire == "fp8" {
+            assert_ne!(narrow.last(), exact.last(), "fp8 changed nothing");
+        }
+    }
+}

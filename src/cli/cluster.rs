@@ -9,10 +9,11 @@ use burn::backend::Autodiff;
 use pp::cluster::node::{NodeOptions, PipelineLayout};
 use pp::cluster::{RUN_VARIABLE, TOKEN_VARIABLE};
 use pp::device::{Device, DeviceSpec};
+use pp::dtype::DType;
 use pp::train::worker::{train_rank, PipelineOptions};
 use pp::train::{Observer, StepReport, TrainOptions, TrainReport};
 use pp_stages::ScheduleKind;
-use pp_transport::{QuicConfig, QuicTransport};
+use pp_transport::{QuicConfig, QuicTransport, WireDType};
 
 /// Pipeline and multi-node flags of `pp train`.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,6 +36,10 @@ pub struct PipelineFlags {
     /// [default: --device; with auto, worker R takes CUDA device R mod the count].
     #[arg(long, value_delimiter = ',')]
     devices: Vec<DeviceSpec>,
+    /// The number type activations and gradients cross between workers in: f32, bf16, f16 or
+    /// fp8 (E4M3, scaled per row) [default: the training dtype's, so bf16 training is exact].
+    #[arg(long)]
+    wire_dtype: Option<WireDType>,
     /// Train across this many machines: run the same command on each, with --rdzv.
     #[arg(long, requires = "rdzv")]
     nnodes: Option<usize>,
@@ -230,6 +235,11 @@ pub fn run_worker(
         addresses: flags.worker_addresses.clone(),
         token,
         join_timeout: Duration::from_secs(60),
+        wire: flags.wire_dtype.unwrap_or(match options.dtype {
+            DType::F32 => WireDType::F32,
+            DType::BF16 => WireDType::Bf16,
+            DType::F16 => WireDType::F16,
+        }),
     })?;
     let mut quiet = Quiet;
     let observer: &mut dyn Observer = if flags.reports() {

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use pp_transport::{Kind, QuicConfig, QuicTransport, Tag, TensorMessage, Transport};
+use pp_transport::{Kind, QuicConfig, QuicTransport, Tag, TensorMessage, Transport, WireDType};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -53,6 +53,7 @@ fn quic_seconds(floats: usize, messages: usize) -> f64 {
             addresses: addresses.clone(),
             token: "bench".into(),
             join_timeout: Duration::from_secs(10),
+            wire: WireDType::F32,
         })
         .expect("loopback group")
     };

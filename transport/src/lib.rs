@@ -13,12 +13,14 @@ mod message;
 mod quic;
 pub mod rendezvous;
 mod tls;
+mod wire;
 
 pub use auth::{random_token, AuthError};
 pub use in_process::{InProcessHub, InProcessTransport};
 pub use message::{Kind, Tag, TensorMessage};
 pub use quic::{QuicConfig, QuicError, QuicTransport};
 pub use tls::IDLE_TIMEOUT;
+pub use wire::WireDType;
 
 use std::time::Duration;
 

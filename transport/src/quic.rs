@@ -22,7 +22,7 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
 use crate::auth::{self, AuthError};
-use crate::{Tag, TensorMessage, Transport, TransportError};
+use crate::{Kind, Tag, TensorMessage, Transport, TransportError, WireDType};
 
 /// Largest header accepted (a tag and a shape are a few dozen bytes).
 const MAX_HEADER: usize = 1 << 16;
@@ -65,12 +65,15 @@ pub struct QuicConfig {
     pub token: String,
     /// How long to wait for every peer to join.
     pub join_timeout: Duration,
+    /// The number type activations and gradients travel in.
+    pub wire: WireDType,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Header {
     tag: Tag,
     shape: Vec<usize>,
+    wire: WireDType,
 }
 
 /// Messages that arrived and are not yet asked for, and which peers are gone.
@@ -83,6 +86,7 @@ struct Inbox {
 /// One rank's endpoint of a QUIC group.
 pub struct QuicTransport {
     rank: usize,
+    wire: WireDType,
     runtime: Runtime,
     endpoint: Endpoint,
     peers: Vec<Option<Connection>>,
@@ -128,6 +132,7 @@ impl QuicTransport {
         }
         Ok(Self {
             rank,
+            wire: config.wire,
             runtime,
             endpoint,
             peers,
@@ -161,7 +166,12 @@ impl Transport for QuicTransport {
         if self.inbox.0.lock().expect("inbox lock").lost[to] {
             return Err(TransportError::PeerLost { rank: to });
         }
-        let frame = encode(&message);
+        // Sums over ranks (losses, norms) stay exact; tensors may travel narrow.
+        let wire = match message.tag.kind {
+            Kind::Activation | Kind::Gradient => self.wire,
+            Kind::TiedGradient | Kind::Reduce => WireDType::F32,
+        };
+        let frame = encode(&message, wire);
         let inbox = self.inbox.clone();
         let mut sends = self.sends.lock().expect("send set lock");
         // Reap finished sends so the set does not grow over a long run.
@@ -249,20 +259,24 @@ fn mark_lost(inbox: &(Mutex<Inbox>, Condvar), rank: usize) {
     inbox.1.notify_all();
 }
 
-fn encode(message: &TensorMessage) -> Vec<u8> {
+fn encode(message: &TensorMessage, wire: WireDType) -> Vec<u8> {
     let header = Header {
         tag: message.tag,
         shape: message.shape.clone(),
+        wire,
     };
     let header = bincode::serde::encode_to_vec(&header, bincode::config::standard())
         .expect("headers serialize");
     let mut frame = Vec::with_capacity(4 + header.len() + 4 * message.values.len());
     frame.extend_from_slice(&(header.len() as u32).to_le_bytes());
     frame.extend_from_slice(&header);
-    for value in &message.values {
-        frame.extend_from_slice(&value.to_le_bytes());
-    }
+    wire.encode(&message.values, row_length(&message.shape), &mut frame);
     frame
+}
+
+/// Rows for per-row scales: the last dimension.
+fn row_length(shape: &[usize]) -> usize {
+    shape.last().copied().unwrap_or(1)
 }
 
 fn decode(frame: &[u8]) -> Option<TensorMessage> {
@@ -273,18 +287,14 @@ fn decode(frame: &[u8]) -> Option<TensorMessage> {
     let (header, _): (Header, usize) =
         bincode::serde::decode_from_slice(frame.get(4..4 + length)?, bincode::config::standard())
             .ok()?;
-    let data = frame.get(4 + length..)?;
     let count: usize = header.shape.iter().product();
-    if data.len() != 4 * count {
-        return None;
-    }
+    let values = header
+        .wire
+        .decode(frame.get(4 + length..)?, count, row_length(&header.shape))?;
     Some(TensorMessage {
         tag: header.tag,
         shape: header.shape,
-        values: data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect(),
+        values,
     })
 }
 
@@ -419,6 +429,7 @@ mod tests {
                         addresses: addresses.to_vec(),
                         token: token.into(),
                         join_timeout: Duration::from_secs(10),
+                        wire: WireDType::F32,
                     };
                     scope.spawn(move || QuicTransport::join(config))
                 })
@@ -468,6 +479,41 @@ mod tests {
     }
 
     #[test]
+    fn activations_travel_in_the_wire_dtype_and_sums_stay_exact() {
+        let addresses = addresses(2);
+        let ranks: Vec<QuicTransport> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let config = QuicConfig {
+                        rank,
+                        addresses: addresses.clone(),
+                        token: "secret".into(),
+                        join_timeout: Duration::from_secs(10),
+                        wire: WireDType::Bf16,
+                    };
+                    scope.spawn(move || QuicTransport::join(config).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let precise = 1.0 + 1.0 / 1024.0; // not a bfloat16
+        let activation = message(1, vec![precise]);
+        let mut sum = message(1, vec![precise]);
+        sum.tag.kind = Kind::Reduce;
+        ranks[0].send(1, activation.clone()).unwrap();
+        ranks[0].send(1, sum.clone()).unwrap();
+        let timeout = Duration::from_secs(10);
+        assert_eq!(
+            ranks[1].recv(0, activation.tag, timeout).unwrap().values,
+            vec![1.0]
+        );
+        assert_eq!(
+            ranks[1].recv(0, sum.tag, timeout).unwrap().values,
+            vec![precise]
+        );
+    }
+
+    #[test]
     fn a_rank_without_the_token_is_refused() {
         let addresses = addresses(2);
         let joined = std::thread::scope(|scope| {
@@ -477,6 +523,7 @@ mod tests {
                     addresses: addresses.clone(),
                     token: "secret".into(),
                     join_timeout: Duration::from_secs(3),
+                    wire: WireDType::F32,
                 })
             });
             let bad = scope.spawn(|| {
@@ -485,6 +532,7 @@ mod tests {
                     addresses: addresses.clone(),
                     token: "guess".into(),
                     join_timeout: Duration::from_secs(3),
+                    wire: WireDType::F32,
                 })
             });
             (good.join().unwrap(), bad.join().unwrap())
