@@ -7,6 +7,7 @@
 
 pub mod launcher;
 pub mod node;
+mod progress;
 
 use std::net::{SocketAddr, UdpSocket};
 

@@ -4,9 +4,7 @@
 //! Once all have joined, every node prints the plan and starts its workers, whose global ranks
 //! follow the node ranks.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -192,7 +190,7 @@ impl Round<'_> {
         let outcome = std::thread::scope(|scope| {
             if let Some(host) = &host {
                 let metrics = train.out_dir.join("metrics.jsonl");
-                scope.spawn(|| report_progress(host, metrics, &done));
+                scope.spawn(|| super::progress::report(host, metrics, &done));
             }
             let outcome = Workers::spawn(&launch).and_then(|workers| workers.watch(Some(&member)));
             done.store(true, Ordering::Relaxed);
@@ -203,56 +201,6 @@ impl Round<'_> {
         drop(host);
         outcome
     }
-}
-
-/// Tells the rendezvous (for `pp ctl status`) how training goes, from the metrics rank 0
-/// writes on node 0, every second until `done`.
-fn report_progress(host: &RendezvousHost, metrics: PathBuf, done: &AtomicBool) {
-    while !done.load(Ordering::Relaxed) {
-        if let Some(progress) = last_line(&metrics).and_then(|line| progress_of(&line)) {
-            host.set_progress(progress);
-        }
-        for _ in 0..10 {
-            if done.load(Ordering::Relaxed) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// The last complete line of a file that grows.
-fn last_line(path: &Path) -> Option<String> {
-    let mut file = std::fs::File::open(path).ok()?;
-    let length = file.metadata().ok()?.len();
-    file.seek(SeekFrom::Start(length.saturating_sub(8192)))
-        .ok()?;
-    let mut tail = String::new();
-    file.read_to_string(&mut tail).ok()?;
-    tail.lines()
-        .rev()
-        .find(|line| line.starts_with('{') && line.ends_with('}'))
-        .map(str::to_string)
-}
-
-/// A metrics record in words: step, loss, throughput and the pipeline's bubble.
-fn progress_of(line: &str) -> Option<String> {
-    let record: serde_json::Value = serde_json::from_str(line).ok()?;
-    let number = |key: &str| record.get(key).and_then(serde_json::Value::as_f64);
-    let mut text = format!("step {}", number("step")?);
-    if let Some(loss) = number("train_loss") {
-        text += &format!(", loss {loss:.4}");
-    }
-    if let Some(speed) = number("train_tokens_per_s") {
-        text += &format!(", {speed:.0} tokens/s");
-    }
-    if let (Some(bubble), Some(simulated)) = (
-        number("pipeline_bubble"),
-        number("pipeline_bubble_simulated"),
-    ) {
-        text += &format!(", bubble {bubble:.2} (the schedule alone: {simulated:.2})");
-    }
-    Some(text)
 }
 
 /// `HOST[:PORT]` as a socket address.
