@@ -296,7 +296,7 @@ fn pp_ctl_reports_saves_and_stops_a_run_from_outside() {
     assert!(
         eventually(Duration::from_secs(10), || {
             let status = ctl(&rendezvous, "status", "secret");
-            String::from_utf8_lossy(&status.stdout).contains("tokens/s, bubble")
+            String::from_utf8_lossy(&status.stdout).contains("compute per rank")
         }),
         "the status never showed progress"
     );

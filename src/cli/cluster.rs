@@ -200,6 +200,7 @@ impl PipelineFlags {
             stages: self.stages,
             microbatches: self.microbatches,
             virtual_stages: self.virtual_stages,
+            wire_dtype: self.wire_dtype,
         };
         Ok(Some((node, layout)))
     }

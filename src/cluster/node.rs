@@ -54,6 +54,8 @@ pub struct PipelineLayout {
     pub microbatches: Option<usize>,
     /// Stage slices per worker for interleaved.
     pub virtual_stages: usize,
+    /// `--wire-dtype`, when given.
+    pub wire_dtype: Option<pp_transport::WireDType>,
 }
 
 /// Joins the group, prints the plan and runs this node's workers (one per entry of
@@ -335,7 +337,7 @@ fn shared_settings(train: &TrainOptions, layout: &PipelineLayout) -> Vec<(String
         ("the model's config", described),
         ("--data", data_size(&train.data)),
         ("the validation data", format!("{:?}", train.validation)),
-        ("the schedule and micro-batches", format!("{layout:?}")),
+        ("the pipeline flags", format!("{layout:?}")),
         ("--loss-on", format!("{:?}", train.loss_on)),
         ("--template", format!("{:?}", train.template)),
         ("the sequence options", format!("{:?}", train.sequences)),

@@ -55,6 +55,13 @@ fn progress_of(line: &str) -> Option<String> {
     ) {
         text += &format!(", bubble {bubble:.2} (the schedule alone: {simulated:.2})");
     }
+    let busy: Vec<String> = (0..)
+        .map_while(|rank| number(&format!("pipeline_rank{rank}_busy_s")))
+        .map(|seconds| format!("{seconds:.3}"))
+        .collect();
+    if !busy.is_empty() {
+        text += &format!(", compute per rank {} s", busy.join(" / "));
+    }
     Some(text)
 }
 
@@ -69,13 +76,15 @@ mod tests {
         std::fs::write(
             &path,
             "{\"step\":1,\"train_loss\":6.0}\n{\"pipeline_bubble\":0.4,\"pipeline_bubble_simulated\":0.33,\
-             \"step\":2,\"train_loss\":5.5705,\"train_tokens_per_s\":7536.2}\n{\"step\":3,\"tr",
+             \"step\":2,\"train_loss\":5.5705,\"train_tokens_per_s\":7536.2,\
+             \"pipeline_rank0_busy_s\":0.0123,\"pipeline_rank1_busy_s\":0.0201}\n{\"step\":3,\"tr",
         )
         .unwrap();
         let line = last_line(&path).unwrap();
         assert_eq!(
             progress_of(&line).unwrap(),
-            "step 2, loss 5.5705, 7536 tokens/s, bubble 0.40 (the schedule alone: 0.33)"
+            "step 2, loss 5.5705, 7536 tokens/s, bubble 0.40 (the schedule alone: 0.33), compute per \
+             rank 0.012 / 0.020 s"
         );
         assert_eq!(progress_of("{\"val_loss\":1.0}"), None);
     }

@@ -276,8 +276,8 @@ pub(super) struct StepOutcome {
     pub interrupted: bool,
     /// A checkpoint was asked for (SIGUSR1, from `pp ctl save`); the run saves and goes on.
     pub save_requested: bool,
-    /// Further metrics of the step (a pipeline's bubble).
-    pub metrics: Vec<(&'static str, f64)>,
+    /// Further metrics of the step (a pipeline's bubble and each rank's compute time).
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// The clipping factor for a global gradient norm.
@@ -405,7 +405,7 @@ impl Run<'_> {
                 if let Some(bytes) = memory_peak {
                     values.push(("train/device_memory_peak", bytes as f64));
                 }
-                values.extend(outcome.metrics);
+                values.extend(outcome.metrics.iter().map(|(key, v)| (key.as_str(), *v)));
                 metrics.record(state.step, &values)?;
             }
             observer.step(&report);

@@ -152,10 +152,19 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
             grad_norm: result.grad_norm,
             interrupted: result.interrupted,
             save_requested: result.save_requested,
-            metrics: vec![
-                ("pipeline/bubble", measured),
-                ("pipeline/bubble_simulated", simulated),
-            ],
+            metrics: [
+                ("pipeline/bubble".to_string(), measured),
+                ("pipeline/bubble_simulated".to_string(), simulated),
+            ]
+            .into_iter()
+            .chain(
+                result
+                    .timings
+                    .iter()
+                    .enumerate()
+                    .map(|(rank, timing)| (format!("pipeline/rank{rank}_busy_s"), timing.busy())),
+            )
+            .collect(),
         })
     }
 
