@@ -8,30 +8,12 @@ mod common;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::cli::{pp, stdout};
 use common::fixture;
-use common::nodes::{
-    finish, free_port, long_run_args, node_args, start_node, stderr, wait_for_steps,
-};
-use common::processes::{assert_same_weights, children, running, text_data, Launcher};
+use common::nodes::{finish, free_port, kill_machine, node_args, start_node, stderr, LongRun};
+use common::processes::{assert_same_weights, children, running, text_data, train};
 
 fn loopback(port: u16) -> String {
     format!("127.0.0.1:{port}")
-}
-
-/// Two nodes on loopback training for long, node 0 hosting.
-fn start_long_run(tmp: &std::path::Path) -> (Launcher, Launcher) {
-    let data = text_data(tmp);
-    let rendezvous = loopback(free_port());
-    let out = tmp.join("run");
-    let node = |rank| {
-        start_node(
-            &long_run_args(&data, &out, &rendezvous, rank),
-            "secret",
-            None,
-        )
-    };
-    (node(0), node(1))
 }
 
 #[test]
@@ -40,27 +22,7 @@ fn nodes_on_one_machine_train_what_one_device_trains() {
     let data = text_data(tmp.path());
     let single = tmp.path().join("single");
     let model = fixture("llama3-tiny").join("hf").display().to_string();
-    stdout(&pp(&[
-        "train",
-        &model,
-        "--data",
-        &data,
-        "--out",
-        &single.display().to_string(),
-        "--batch-size",
-        "6",
-        "--steps",
-        "3",
-        "--lr",
-        "1e-3",
-        "--max-grad-norm",
-        "0.05",
-        "--dtype",
-        "f32",
-        "--no-shuffle",
-        "--micro-batch-size",
-        "2",
-    ]));
+    train(&model, &data, &single, &["--micro-batch-size", "2"]);
     // Two nodes of one worker each; then three nodes, the first with two workers: ranks
     // follow node ranks, whatever order the nodes start in.
     for (schedule, workers) in [("1f1b", vec!["1", "1"]), ("zbh1", vec!["2", "1", "1"])] {
@@ -186,14 +148,8 @@ fn a_wrong_token_or_other_settings_are_refused_on_every_node() {
 #[test]
 fn a_killed_node_stops_the_others_within_30_s_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut node0, mut node1) = start_long_run(tmp.path());
-    wait_for_steps(&tmp.path().join("run"), &mut [&mut node0, &mut node1]);
-    // The machine of node 1 dies: its launcher and its worker at once.
-    let workers = children(node1.id());
-    for pid in workers.iter().chain([node1.id()].iter()) {
-        // SAFETY: killing processes this test started.
-        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-    }
+    let LongRun { node0, node1, .. } = LongRun::start(tmp.path(), &loopback(free_port()), None);
+    kill_machine(&node1);
     let killed_at = Instant::now();
     let output = node0.wait_with_output();
     assert!(
@@ -214,9 +170,7 @@ fn a_killed_node_stops_the_others_within_30_s_naming_it() {
 #[test]
 fn ctrl_c_on_one_node_stops_every_node_after_the_same_step() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut node0, mut node1) = start_long_run(tmp.path());
-    let out = tmp.path().join("run");
-    wait_for_steps(&out, &mut [&mut node0, &mut node1]);
+    let LongRun { node0, node1, out } = LongRun::start(tmp.path(), &loopback(free_port()), None);
     let workers = [children(node0.id()), children(node1.id())].concat();
     // SAFETY: interrupting a launcher this test started.
     unsafe { libc::kill(node1.id() as i32, libc::SIGINT) };
@@ -273,18 +227,12 @@ fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
 #[test]
 fn pp_ctl_reports_saves_and_stops_a_run_from_outside() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = text_data(tmp.path());
-    let out = tmp.path().join("run");
     let rendezvous = loopback(free_port());
-    let node = |rank| {
-        start_node(
-            &long_run_args(&data, &out, &rendezvous, rank),
-            "secret",
-            None,
-        )
-    };
-    let (mut node0, mut node1) = (node(0), node(1));
-    wait_for_steps(&out, &mut [&mut node0, &mut node1]);
+    let LongRun {
+        mut node0,
+        mut node1,
+        out,
+    } = LongRun::start(tmp.path(), &rendezvous, None);
 
     let status = ctl(&rendezvous, "status", "secret");
     let text = String::from_utf8_lossy(&status.stdout).into_owned();
@@ -329,18 +277,8 @@ fn pp_ctl_reports_saves_and_stops_a_run_from_outside() {
 #[test]
 fn pp_ctl_abort_ends_every_node_without_saving() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = text_data(tmp.path());
-    let out = tmp.path().join("run");
     let rendezvous = loopback(free_port());
-    let node = |rank| {
-        start_node(
-            &long_run_args(&data, &out, &rendezvous, rank),
-            "secret",
-            None,
-        )
-    };
-    let (mut node0, mut node1) = (node(0), node(1));
-    wait_for_steps(&out, &mut [&mut node0, &mut node1]);
+    let LongRun { node0, node1, out } = LongRun::start(tmp.path(), &rendezvous, None);
     assert!(ctl(&rendezvous, "abort", "secret").status.success());
     for output in finish(vec![node0, node1], Duration::from_secs(20)) {
         assert!(!output.status.success());
@@ -388,10 +326,7 @@ fn a_lost_node_that_comes_back_rejoins_and_the_run_resumes() {
         "no checkpoint"
     );
     // Node 1's machine dies, and comes back with the same command.
-    for pid in children(node1.id()).iter().chain([node1.id()].iter()) {
-        // SAFETY: killing processes this test started.
-        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-    }
+    kill_machine(&node1);
     drop(node1);
     let node1 = start_node(&args("1"), "secret", None);
     let outputs = finish(vec![node0, node1], Duration::from_secs(180));
@@ -414,27 +349,19 @@ fn a_lost_node_that_comes_back_rejoins_and_the_run_resumes() {
     // Resuming is exact: the weights are those of one device training straight through.
     let single = tmp.path().join("single");
     let model = fixture("llama3-tiny").join("hf").display().to_string();
-    stdout(&pp(&[
-        "train",
+    train(
         &model,
-        "--data",
         &data,
-        "--out",
-        &single.display().to_string(),
-        "--batch-size",
-        "4",
-        "--steps",
-        "24",
-        "--lr",
-        "1e-3",
-        "--max-grad-norm",
-        "0.05",
-        "--dtype",
-        "f32",
-        "--no-shuffle",
-        "--micro-batch-size",
-        "2",
-    ]));
+        &single,
+        &[
+            "--batch-size",
+            "4",
+            "--steps",
+            "24",
+            "--micro-batch-size",
+            "2",
+        ],
+    );
     assert_same_weights(
         &out.join("final"),
         &single.join("final"),

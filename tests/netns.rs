@@ -6,12 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cli::{pp, stdout};
 use common::fixture;
-use common::nodes::{
-    finish, long_run_args, node_args, start_node, stderr, wait_for_steps, Namespaces,
-};
-use common::processes::{assert_same_weights, text_data};
+use common::nodes::{finish, node_args, start_node, stderr, LongRun, Namespaces};
+use common::processes::{assert_same_weights, text_data, train};
 
 #[test]
 fn nodes_behind_a_1_gbit_link_train_what_one_device_trains() {
@@ -22,27 +19,7 @@ fn nodes_behind_a_1_gbit_link_train_what_one_device_trains() {
     let data = text_data(tmp.path());
     let single = tmp.path().join("single");
     let model = fixture("llama3-tiny").join("hf").display().to_string();
-    stdout(&pp(&[
-        "train",
-        &model,
-        "--data",
-        &data,
-        "--out",
-        &single.display().to_string(),
-        "--batch-size",
-        "6",
-        "--steps",
-        "3",
-        "--lr",
-        "1e-3",
-        "--max-grad-norm",
-        "0.05",
-        "--dtype",
-        "f32",
-        "--no-shuffle",
-        "--micro-batch-size",
-        "2",
-    ]));
+    train(&model, &data, &single, &["--micro-batch-size", "2"]);
     let rendezvous = format!("{}:29400", Namespaces::address(0));
     for nodes in [2usize, 3] {
         let out = tmp.path().join(format!("nodes-{nodes}"));
@@ -82,22 +59,11 @@ fn a_cut_link_stops_both_nodes_within_30_s_naming_the_other() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let data = text_data(tmp.path());
-    let out = tmp.path().join("run");
     let rendezvous = format!("{}:29400", Namespaces::address(0));
-    let mut nodes: Vec<_> = (0..2)
-        .map(|i| {
-            let args = long_run_args(&data, &out, &rendezvous, i);
-            start_node(&args, "secret", Some(&namespaces.name(i)))
-        })
-        .collect();
-    let [node0, node1] = &mut nodes[..] else {
-        unreachable!()
-    };
-    wait_for_steps(&out, &mut [node0, node1]);
+    let run = LongRun::start(tmp.path(), &rendezvous, Some(&namespaces));
     namespaces.cut(1);
     let cut_at = Instant::now();
-    let outputs = finish(nodes, Duration::from_secs(60));
+    let outputs = finish(vec![run.node0, run.node1], Duration::from_secs(60));
     assert!(
         cut_at.elapsed() < Duration::from_secs(30),
         "took {:?}",

@@ -11,32 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::cli::{metric, pp, stdout};
 use common::fixture;
-use common::processes::{assert_same_weights, children, running, text_data, Launcher};
-
-fn train(model: &str, data: &str, out: &Path, extra: &[&str]) {
-    let out = out.display().to_string();
-    let mut args = vec![
-        "train",
-        model,
-        "--data",
-        data,
-        "--out",
-        &out,
-        "--batch-size",
-        "6",
-        "--steps",
-        "3",
-        "--lr",
-        "1e-3",
-        "--max-grad-norm",
-        "0.05",
-        "--dtype",
-        "f32",
-        "--no-shuffle",
-    ];
-    args.extend(extra);
-    stdout(&pp(&args));
-}
+use common::processes::{assert_same_weights, children, running, text_data, train, Launcher};
 
 #[test]
 fn every_schedule_over_quic_equals_single_device_training() {

@@ -2,12 +2,12 @@
 //! network namespace made by `scripts/netns.sh` (which stands in for a machine behind a
 //! shaped link).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::fixture;
-use super::processes::Launcher;
+use super::processes::{with_defaults, Launcher, TRAINING_FLAGS};
 
 /// A UDP port free on loopback now.
 pub fn free_port() -> u16 {
@@ -19,7 +19,8 @@ pub fn free_port() -> u16 {
 }
 
 /// `pp train` of llama3-tiny on `data` into `out`, as one node of `nodes` meeting at
-/// `rendezvous` (6 rows a step and a 60-second join timeout unless `extra` says otherwise).
+/// `rendezvous`, with the shared training flags (6 rows a step and a 60-second join timeout
+/// unless `extra` says otherwise).
 pub fn node_args(
     data: &str,
     out: &Path,
@@ -27,34 +28,17 @@ pub fn node_args(
     rendezvous: &str,
     extra: &[&str],
 ) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "train",
-        &fixture("llama3-tiny").join("hf").display().to_string(),
-        "--data",
-        data,
-        "--out",
-        &out.display().to_string(),
-        "--lr",
-        "1e-3",
-        "--max-grad-norm",
-        "0.05",
-        "--dtype",
-        "f32",
-        "--no-shuffle",
-        "--nnodes",
-        &nodes.to_string(),
-        "--rdzv",
-        rendezvous,
-    ]
-    .map(str::to_string)
-    .to_vec();
-    for (flag, default) in [("--batch-size", "6"), ("--join-timeout", "60")] {
-        if !extra.contains(&flag) {
-            args.extend([flag.to_string(), default.to_string()]);
-        }
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    let model = fixture("llama3-tiny").join("hf").display().to_string();
+    let out = out.display().to_string();
+    let nodes = nodes.to_string();
+    let args = ["train", &model, "--data", data, "--out", &out]
+        .into_iter()
+        .chain(TRAINING_FLAGS)
+        .chain(["--nnodes", &nodes, "--rdzv", rendezvous])
+        .chain(extra.iter().copied())
+        .map(str::to_string)
+        .collect();
+    with_defaults(args, &[("--batch-size", "6"), ("--join-timeout", "60")])
 }
 
 /// Starts a node with the cluster token, in network namespace `namespace` when given.
@@ -91,44 +75,77 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// Arguments of a node that trains for long (until stopped).
-pub fn long_run_args(data: &str, out: &Path, rendezvous: &str, node_rank: usize) -> Vec<String> {
-    let rank = node_rank.to_string();
-    node_args(
-        data,
-        out,
-        2,
-        rendezvous,
-        &[
-            "--steps",
-            "100000",
-            "--batch-size",
-            "4",
-            "--microbatches",
-            "2",
-            "--node-rank",
-            &rank,
-        ],
-    )
+/// Kills a node as its machine dying would: its launcher and its workers at once.
+pub fn kill_machine(node: &Launcher) {
+    let launcher = node.id();
+    for pid in super::processes::children(launcher)
+        .into_iter()
+        .chain([launcher])
+    {
+        // SAFETY: killing processes the test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
 }
 
-/// Waits until the nodes have trained a few steps into `out`; fails with their stderr if one
-/// ends first.
-pub fn wait_for_steps(out: &Path, nodes: &mut [&mut Launcher]) {
-    let started = Instant::now();
-    let metrics = out.join("metrics.jsonl");
-    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
-        for node in nodes.iter_mut() {
-            if node.has_exited() {
-                let output = node.take().wait_with_output().unwrap();
-                panic!("a node ended early: {}", stderr(&output));
+/// Two nodes training for long (until stopped), node 0 hosting, each in `namespaces` when
+/// given; started and seen to train a few steps.
+pub struct LongRun {
+    pub node0: Launcher,
+    pub node1: Launcher,
+    pub out: PathBuf,
+}
+
+impl LongRun {
+    pub fn start(tmp: &Path, rendezvous: &str, namespaces: Option<&Namespaces>) -> Self {
+        let data = super::processes::text_data(tmp);
+        let out = tmp.join("run");
+        let node = |rank: usize| {
+            let args = node_args(
+                &data,
+                &out,
+                2,
+                rendezvous,
+                &[
+                    "--steps",
+                    "100000",
+                    "--batch-size",
+                    "4",
+                    "--microbatches",
+                    "2",
+                    "--node-rank",
+                    &rank.to_string(),
+                ],
+            );
+            let namespace = namespaces.map(|n| n.name(rank));
+            start_node(&args, "secret", namespace.as_deref())
+        };
+        let mut run = Self {
+            node0: node(0),
+            node1: node(1),
+            out,
+        };
+        run.wait_for_steps();
+        run
+    }
+
+    /// Waits until the nodes have trained a few steps; fails with their stderr if one ends
+    /// first.
+    fn wait_for_steps(&mut self) {
+        let started = Instant::now();
+        let metrics = self.out.join("metrics.jsonl");
+        while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+            for node in [&mut self.node0, &mut self.node1] {
+                if node.has_exited() {
+                    let output = node.take().wait_with_output().unwrap();
+                    panic!("a node ended early: {}", stderr(&output));
+                }
             }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the nodes never trained"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the nodes never trained"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -5,6 +5,45 @@ use std::path::Path;
 
 use pp::checkpoint::read_f32;
 
+use super::cli::{pp, stdout};
+
+/// The settings every multi-process training test shares: steps small enough to compare
+/// exactly with one device (clipping on, float32, the file's order).
+pub const TRAINING_FLAGS: [&str; 7] = [
+    "--lr",
+    "1e-3",
+    "--max-grad-norm",
+    "0.05",
+    "--dtype",
+    "f32",
+    "--no-shuffle",
+];
+
+/// `args`, then each `(flag, value)` of `defaults` that `args` does not set itself.
+pub fn with_defaults(mut args: Vec<String>, defaults: &[(&str, &str)]) -> Vec<String> {
+    for (flag, value) in defaults {
+        if !args.iter().any(|arg| arg == flag) {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    args
+}
+
+/// `pp train MODEL` on `data` into `out` with [`TRAINING_FLAGS`], 6 rows a step and 3 steps
+/// unless `extra` says otherwise; fails the test if training fails.
+pub fn train(model: &str, data: &str, out: &Path, extra: &[&str]) {
+    let out = out.display().to_string();
+    let mut args: Vec<String> = ["train", model, "--data", data, "--out", &out]
+        .into_iter()
+        .chain(TRAINING_FLAGS)
+        .chain(extra.iter().copied())
+        .map(str::to_string)
+        .collect();
+    args = with_defaults(args, &[("--batch-size", "6"), ("--steps", "3")]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    stdout(&pp(&args));
+}
+
 /// 24 short text rows: every tokenizer in the fixtures can read them.
 pub fn text_data(dir: &Path) -> String {
     let rows: String = (0..24)

@@ -12,14 +12,14 @@ use tokio::sync::mpsc as async_mpsc;
 
 use super::{
     read_frame, runtime, write_frame, ControlReply, ControlRequest, Group, GroupEvent, GroupStatus,
-    Node, NodeEvent, NodeJoin, RendezvousError, ToHost, ToNode, WAITING_NOTICE,
+    Node, NodeEvent, NodeJoin, Phase, RendezvousError, ToHost, ToNode, WAITING_NOTICE,
 };
 use crate::auth::{self, AuthError};
 
 /// What the host knows, shared by its tasks.
 #[derive(Default)]
 struct HostState {
-    phase: &'static str,
+    phase: Phase,
     nodes: Vec<Node>,
     waiting: Option<String>,
     progress: Option<String>,
@@ -61,7 +61,6 @@ impl RendezvousHost {
                 .map_err(|message| RendezvousError::Listen { address, message })?
         };
         let state = SharedState::default();
-        state.lock().expect("state lock").phase = "forming";
         runtime.spawn(host(
             endpoint.clone(),
             token.to_string(),
@@ -134,7 +133,7 @@ async fn host(
     if let Some(members) = form(arrivals, nodes, deadline, &state).await {
         relay_node_events(members, &state).await;
     }
-    state.lock().expect("state lock").phase = "ended";
+    state.lock().expect("state lock").phase = Phase::Ended;
     accepting.abort();
 }
 
@@ -220,7 +219,7 @@ async fn form(
         let _ = write_frame(&mut member.send, &ToNode::Formed(group)).await;
     }
     let mut state = state.lock().expect("state lock");
-    state.phase = "running";
+    state.phase = Phase::Running;
     state.waiting = None;
     state.nodes = group_nodes;
     Some(members)
@@ -265,7 +264,7 @@ async fn admit(
         }
         let (mut send, mut recv) = connection.accept_bi().await.ok()?;
         let join = match read_frame::<ToHost>(&mut recv).await.ok()? {
-            ToHost::Join(_) if state.lock().expect("state lock").phase != "forming" => {
+            ToHost::Join(_) if state.lock().expect("state lock").phase != Phase::Forming => {
                 let busy = ToNode::Busy(
                     "the group is running without this node; waiting for it to form again".into(),
                 );
@@ -302,7 +301,7 @@ fn answer(request: ControlRequest, from: SocketAddr, state: &SharedState) -> Con
     let event = match request {
         ControlRequest::Status => {
             return ControlReply::Status(GroupStatus {
-                phase: state.phase.to_string(),
+                phase: state.phase,
                 nodes: state.nodes.clone(),
                 waiting: state.waiting.clone(),
                 progress: state.progress.clone(),

@@ -195,11 +195,34 @@ pub enum ControlRequest {
     Abort,
 }
 
+/// Where the group is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Nodes are joining.
+    #[default]
+    Forming,
+    /// The group is formed and training.
+    Running,
+    /// The run is over, or the group could not be formed.
+    Ended,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Forming => "forming",
+            Self::Running => "running",
+            Self::Ended => "ended",
+        })
+    }
+}
+
 /// The group as `pp ctl status` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupStatus {
-    /// `forming`, `running` or `ended`.
-    pub phase: String,
+    /// Where the group is.
+    pub phase: Phase,
     /// Who has joined (while forming) or the whole group.
     pub nodes: Vec<Node>,
     /// While forming: who is missing.

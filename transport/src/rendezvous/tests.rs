@@ -55,6 +55,14 @@ fn join_all(
     })
 }
 
+/// One node's outcome, joining at once.
+fn join_one(address: SocketAddr, token: &str, join: NodeJoin) -> Joined {
+    join_all(address, token, vec![(Duration::ZERO, join)])
+        .pop()
+        .unwrap()
+        .0
+}
+
 #[test]
 fn nodes_join_in_any_order_and_learn_the_whole_group() {
     let address = free_address();
@@ -125,7 +133,7 @@ fn control_requests_reach_every_node() {
         )
     };
     match status("secret").unwrap() {
-        ControlReply::Status(status) => assert_eq!(status.phase, "forming"),
+        ControlReply::Status(status) => assert_eq!(status.phase, Phase::Forming),
         other => panic!("{other:?}"),
     }
     let joined = join_all(
@@ -140,7 +148,7 @@ fn control_requests_reach_every_node() {
     host.set_progress("step 7".into());
     match status("secret").unwrap() {
         ControlReply::Status(status) => {
-            assert_eq!(status.phase, "running");
+            assert_eq!(status.phase, Phase::Running);
             assert_eq!(status.nodes.len(), 2);
             assert_eq!(status.nodes[1].workers.len(), 2);
             assert_eq!(status.progress.as_deref(), Some("step 7"));
@@ -233,12 +241,9 @@ fn nodes_started_differently_or_with_another_token_are_refused() {
     // Another token: refused at once, and named to the nodes that wait.
     let address = free_address();
     let _host = RendezvousHost::start(address, "secret", 2, Duration::from_secs(3)).unwrap();
-    let wrong = join_all(
-        address,
-        "guess",
-        vec![(Duration::ZERO, report(None, 1, "1e-4"))],
-    );
-    let error = wrong.into_iter().next().unwrap().0.err().expect("refused");
+    let error = join_one(address, "guess", report(None, 1, "1e-4"))
+        .err()
+        .expect("refused");
     assert!(
         matches!(
             error,
@@ -249,16 +254,7 @@ fn nodes_started_differently_or_with_another_token_are_refused() {
         ),
         "{error}"
     );
-    let waiting = join_all(
-        address,
-        "secret",
-        vec![(Duration::ZERO, report(Some(0), 1, "1e-4"))],
-    );
-    let error = waiting
-        .into_iter()
-        .next()
-        .unwrap()
-        .0
+    let error = join_one(address, "secret", report(Some(0), 1, "1e-4"))
         .err()
         .expect("no group");
     assert!(
@@ -272,16 +268,7 @@ fn nodes_started_differently_or_with_another_token_are_refused() {
 fn the_host_gives_up_after_the_join_timeout_naming_who_is_missing() {
     let address = free_address();
     let _host = RendezvousHost::start(address, "secret", 3, Duration::from_secs(2)).unwrap();
-    let joined = join_all(
-        address,
-        "secret",
-        vec![(Duration::ZERO, report(Some(0), 1, "1e-4"))],
-    );
-    let error = joined
-        .into_iter()
-        .next()
-        .unwrap()
-        .0
+    let error = join_one(address, "secret", report(Some(0), 1, "1e-4"))
         .err()
         .expect("no group");
     assert!(
