@@ -21,7 +21,7 @@ const STEPS: usize = 5;
 
 fn time_backend<B: TrainBackend>(name: &str, cfg: &ModelConfig) {
     let device = Default::default();
-    let weights = OwnedWeights::synthetic(cfg, 0);
+    let weights = OwnedWeights::synthetic(cfg, &StageSlice::whole(cfg.num_layers), 0);
     let model =
         StageModel::<B>::load(cfg, StageSlice::whole(cfg.num_layers), &weights, &device).unwrap();
     let ids: Vec<u32> = (0..BATCH * SEQ)

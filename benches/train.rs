@@ -50,7 +50,7 @@ fn main() {
             "vocab_size": {vocab}, "max_position_embeddings": {seq}, "torch_dtype": "float32"}}"#
     ))
     .expect("a valid config");
-    let weights = OwnedWeights::synthetic(&config, 0);
+    let weights = OwnedWeights::synthetic(&config, &StageSlice::whole(layers), 0);
     let device = Default::default();
     let whole = StageSlice::whole(layers);
     let model: StageModel<CpuAutodiff> =

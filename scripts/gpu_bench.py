@@ -6,7 +6,10 @@ Phases, in this order (each run bounded in time, the whole within --budget secon
 is recorded and the run goes on):
 
   sanity      One step of `pp train --device cuda` on the tiny shape: a missing driver, NVRTC
-              or CUDA header shows here in seconds.
+              or CUDA header shows here. On a machine whose CubeCL caches are cold the step
+              compiles ~200 kernels and autotunes every matmul shape first (over 100 s on an
+              H200, 2026-12-04), so it has its own limit, --sanity-timeout; it warms the
+              autotune cache (./target/autotune in a checkout) for the phases after it.
   throughput  For each --shapes entry (1b = Llama-3.2-1B, 8b = Llama-3-8B; tiny for a quick
               check on any machine): a random bf16 checkpoint and random token rows, then
               `pp train --dtype bf16` (float32 master weights, bf16 compute) and PyTorch with
@@ -87,6 +90,8 @@ def parse_args():
     p.add_argument("--attn", default="eager,sdpa", help="PyTorch attention implementations")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak")
     p.add_argument("--timeout", type=int, default=300, help="seconds per pp or PyTorch run")
+    p.add_argument("--sanity-timeout", type=int, default=300,
+                   help="seconds for the sanity step, which compiles and autotunes from cold")
     p.add_argument("--torch-run", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -194,7 +199,7 @@ class Bench:
 
     # --- the two trainers --------------------------------------------------------------------
 
-    def pp_train(self, name, model, data, seq, steps, optimizer, extra=(), lr=1e-5):
+    def pp_train(self, name, model, data, seq, steps, optimizer, extra=(), lr=1e-5, timeout=None):
         out = self.out / f"run-{name}"
         subprocess.run(["rm", "-rf", str(out)])
         command = [self.args.pp, "train", model, "--data", data, "--out", out,
@@ -203,7 +208,7 @@ class Bench:
                    "--no-shuffle", "--lr", lr, "--lr-schedule", "constant", "--weight-decay", "0",
                    *extra]
         started = time.time()
-        log = self.run(f"pp-{name}", command)
+        log = self.run(f"pp-{name}", command, timeout)
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         steps_seen = [m for m in metrics if "train_loss" in m]
         timed = steps_seen[self.args.warmup:] or steps_seen[-1:]
@@ -248,7 +253,8 @@ class Bench:
         model = self.model("tiny")
         data = self.data("sanity", 1, 32, SHAPES["tiny"]["vocab_size"])
         try:
-            r = self.pp_train("sanity", model, data, 32, 1, "adamw")
+            r = self.pp_train("sanity", model, data, 32, 1, "adamw",
+                              timeout=self.args.sanity_timeout)
             self.record({"phase": "sanity", "shape": "tiny", "seq": 32, "framework": "pp",
                          "note": r["device_note"], "wall_s": r["wall_s"]})
             return True

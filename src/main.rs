@@ -14,6 +14,10 @@ fn main() -> ExitCode {
         Err(error) => {
             // One line a user can act on: the error and its causes, no backtrace.
             eprintln!("error: {error:#}");
+            // A worker's launcher names the cause when it reports the failure.
+            if let Some(path) = std::env::var_os(pp::cluster::ERROR_FILE_VARIABLE) {
+                let _ = std::fs::write(path, format!("{error:#}"));
+            }
             let interrupted = matches!(
                 error.downcast_ref::<pp::Error>(),
                 Some(pp::Error::Interrupted)

@@ -334,6 +334,21 @@ pub fn plan_training(
     partition: &Partition,
     setup: &TrainingSetup,
 ) -> Vec<StagePlan> {
+    partition
+        .stages()
+        .iter()
+        .zip(&setup.in_flight)
+        .map(|(slice, &in_flight)| stage_plan(cfg, slice, in_flight, setup))
+        .collect()
+}
+
+/// Peak memory of one stage that owns `slice` and holds `in_flight` micro-batches' activations.
+pub fn stage_plan(
+    cfg: &ModelConfig,
+    slice: &StageSlice,
+    in_flight: usize,
+    setup: &TrainingSetup,
+) -> StagePlan {
     let bytes = setup.dtype.size() as u64;
     // The runtime keeps every parameter and its gradient in float32 on the device (the master
     // weights; bf16 compute casts them where they are used), whatever the training dtype.
@@ -346,86 +361,76 @@ pub fn plan_training(
     // The head keeps its normed input and each token's float32 log-sum-exp.
     let head_saved = (h * bytes + STATE_BYTES) * tokens;
     let checkpointing = setup.savers.checkpoint_activations || setup.savers.offload_activations;
-    let stages = partition.stages();
-    stages
-        .iter()
-        .enumerate()
-        .map(|(index, slice)| {
-            let layers = slice.layers.len() as u64;
-            let embedding = if slice.embedding {
-                cfg.embedding_params()
-            } else {
-                0
-            };
-            let own_output = !(cfg.tie_word_embeddings && slice.embedding);
-            let head = if slice.head {
-                h + if own_output {
-                    cfg.embedding_params()
-                } else {
-                    0
-                }
-            } else {
-                0
-            };
-            let params = embedding + layers * cfg.layer_params() + head;
-            let largest_part =
-                embedding
-                    .max(head)
-                    .max(if layers > 0 { cfg.layer_params() } else { 0 });
-            let gradients = param_bytes
-                * if setup.savers.optimizer_in_backward {
-                    largest_part
-                } else {
-                    params
-                };
-            let optimizer_state = STATE_BYTES
-                * match setup.optimizer {
-                    Optimizer::AdamW { .. } => 2 * params,
-                    Optimizer::Sgd { momentum, .. } if momentum != 0.0 => params,
-                    Optimizer::Sgd { .. } => 0,
-                    Optimizer::Adafactor { .. } => {
-                        let matrices =
-                            u64::from(slice.embedding) + u64::from(slice.head && own_output);
-                        matrices * adafactor_matrix_elements(cfg)
-                            + layers * adafactor_layer_elements(cfg)
-                            + if slice.head { h } else { 0 }
-                    }
-                };
-            let in_flight = setup.in_flight[index];
-            let saved_per_micro_batch = if checkpointing {
-                layer_input * (layers + u64::from(slice.head))
-            } else {
-                layer_full * layers + if slice.head { head_saved } else { 0 }
-            };
-            let saved = saved_per_micro_batch * in_flight as u64;
-            let (activations, host_activations) = if setup.savers.offload_activations {
-                (0, saved)
-            } else {
-                (saved, 0)
-            };
-            let layer_transient = layer_full + tiles.attention;
-            let transient = if slice.head {
-                tiles.head.max(layer_transient)
-            } else if layers > 0 {
-                layer_transient
-            } else {
-                layer_input
-            };
-            StagePlan {
-                slice: slice.clone(),
-                params,
-                memory: Memory::new(
-                    params * param_bytes,
-                    gradients,
-                    optimizer_state,
-                    activations,
-                    host_activations,
-                    transient,
-                ),
-                in_flight,
+    let layers = slice.layers.len() as u64;
+    let embedding = if slice.embedding {
+        cfg.embedding_params()
+    } else {
+        0
+    };
+    let own_output = !(cfg.tie_word_embeddings && slice.embedding);
+    let head = if slice.head {
+        h + if own_output {
+            cfg.embedding_params()
+        } else {
+            0
+        }
+    } else {
+        0
+    };
+    let params = embedding + layers * cfg.layer_params() + head;
+    let largest_part = embedding
+        .max(head)
+        .max(if layers > 0 { cfg.layer_params() } else { 0 });
+    let gradients = param_bytes
+        * if setup.savers.optimizer_in_backward {
+            largest_part
+        } else {
+            params
+        };
+    let optimizer_state = STATE_BYTES
+        * match setup.optimizer {
+            Optimizer::AdamW { .. } => 2 * params,
+            Optimizer::Sgd { momentum, .. } if momentum != 0.0 => params,
+            Optimizer::Sgd { .. } => 0,
+            Optimizer::Adafactor { .. } => {
+                let matrices = u64::from(slice.embedding) + u64::from(slice.head && own_output);
+                matrices * adafactor_matrix_elements(cfg)
+                    + layers * adafactor_layer_elements(cfg)
+                    + if slice.head { h } else { 0 }
             }
-        })
-        .collect()
+        };
+    let saved_per_micro_batch = if checkpointing {
+        layer_input * (layers + u64::from(slice.head))
+    } else {
+        layer_full * layers + if slice.head { head_saved } else { 0 }
+    };
+    let saved = saved_per_micro_batch * in_flight as u64;
+    let (activations, host_activations) = if setup.savers.offload_activations {
+        (0, saved)
+    } else {
+        (saved, 0)
+    };
+    let layer_transient = layer_full + tiles.attention;
+    let transient = if slice.head {
+        tiles.head.max(layer_transient)
+    } else if layers > 0 {
+        layer_transient
+    } else {
+        layer_input
+    };
+    StagePlan {
+        slice: slice.clone(),
+        params,
+        memory: Memory::new(
+            params * param_bytes,
+            gradients,
+            optimizer_state,
+            activations,
+            host_activations,
+            transient,
+        ),
+        in_flight,
+    }
 }
 
 /// `1234567` → `1.2 MiB`.

@@ -466,3 +466,104 @@ fn plan_only_prints_the_plan_on_every_node_and_trains_nothing() {
     }
     assert!(!out.join("final").exists());
 }
+
+#[test]
+fn split_places_the_layers_and_the_plan_gives_the_expected_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let out = tmp.path().join("run");
+    let port = free_port();
+    let start = |rank: &str, split: &str| {
+        let args = node_args(
+            &data,
+            &out,
+            2,
+            &loopback(port),
+            &[
+                "--steps",
+                "3",
+                "--plan-only",
+                "--split",
+                split,
+                "--node-rank",
+                rank,
+            ],
+        );
+        start_node(&args, "secret", None)
+    };
+    let nodes = vec![start("0", "3"), start("1", "3")];
+    for output in finish(nodes, Duration::from_secs(60)) {
+        let text = stderr(&output);
+        assert!(output.status.success(), "{text}");
+        assert!(text.contains("(as --split gives); expected "), "{text}");
+        assert!(
+            text.contains("stage 0 (embedding, layers 0-2); busy "),
+            "{text}"
+        );
+        assert!(text.contains("stage 1 (layers 3-3, head); busy "), "{text}");
+    }
+    // A split beyond the model's layers is refused on every node, before training.
+    let port = free_port();
+    let start = |rank: &str| {
+        let args = node_args(
+            &data,
+            &out,
+            2,
+            &loopback(port),
+            &["--steps", "3", "--split", "5", "--node-rank", rank],
+        );
+        start_node(&args, "secret", None)
+    };
+    for output in finish(vec![start("0"), start("1")], Duration::from_secs(60)) {
+        let text = stderr(&output);
+        assert!(!output.status.success());
+        assert!(text.contains("error: --split"), "{text}");
+    }
+    assert!(!out.join("final").exists());
+}
+
+#[test]
+fn unlike_devices_are_measured_and_placed_by_speed_the_same_on_every_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let out = tmp.path().join("run");
+    let port = free_port();
+    let start = |rank: &str, device: &str| {
+        let args = node_args(
+            &data,
+            &out,
+            2,
+            &loopback(port),
+            &[
+                "--steps",
+                "3",
+                "--max-len",
+                "32",
+                "--plan-only",
+                "--device",
+                device,
+                "--node-rank",
+                rank,
+            ],
+        );
+        start_node(&args, "secret", None)
+    };
+    let nodes = vec![start("0", "cpu"), start("1", "wgpu")];
+    let outputs = finish(nodes, Duration::from_secs(240));
+    let plan = |output: &Output| {
+        let text = stderr(output);
+        assert!(output.status.success(), "{text}");
+        assert!(
+            text.contains("(placed by measured speed); expected "),
+            "{text}"
+        );
+        text.lines()
+            .filter(|line| line.starts_with("plan: ") || line.starts_with("  rank "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let plans: Vec<_> = outputs.iter().map(plan).collect();
+    assert_eq!(plans[0].len(), 3, "{:?}", plans[0]);
+    assert_eq!(plans[0], plans[1]);
+    assert!(plans[0][1].contains("cpu (ndarray") && plans[0][2].contains("wgpu:0"));
+}

@@ -53,7 +53,7 @@ fn model(name: &str) -> (ModelConfig, Box<dyn WeightSource>) {
                 "tie_word_embeddings": true, "torch_dtype": "float32"}"#,
         )
         .unwrap();
-        let weights = OwnedWeights::synthetic(&config, 7);
+        let weights = OwnedWeights::synthetic(&config, &StageSlice::whole(config.num_layers), 7);
         return (config, Box::new(weights));
     }
     let (config, weights) = fixture_model(name);

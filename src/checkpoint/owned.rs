@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use pp_stages::StageSlice;
+
 use super::{TensorView, WeightSource};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -44,9 +46,9 @@ impl OwnedWeights {
         Ok(copy)
     }
 
-    /// A random model: small random matrices (uniform, std 0.02 like transformers' initializer)
-    /// and unit norms, float32.
-    pub fn synthetic(cfg: &ModelConfig, seed: u64) -> Self {
+    /// The tensors of `slice` of a random model: small random matrices (uniform, std 0.02 like
+    /// transformers' initializer) and unit norms, float32.
+    pub fn synthetic(cfg: &ModelConfig, slice: &StageSlice, seed: u64) -> Self {
         let mut state = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -64,9 +66,12 @@ impl OwnedWeights {
             cfg.num_heads * cfg.head_dim,
             cfg.num_kv_heads * cfg.head_dim,
         );
-        let mut shapes: Vec<(String, Vec<usize>)> =
-            vec![("model.embed_tokens.weight".into(), vec![v, h])];
-        for l in 0..cfg.num_layers {
+        let mut shapes: Vec<(String, Vec<usize>)> = Vec::new();
+        // A last stage without the embedding holds its own copy of a tied output matrix.
+        if slice.embedding || (slice.head && cfg.tie_word_embeddings) {
+            shapes.push(("model.embed_tokens.weight".into(), vec![v, h]));
+        }
+        for l in slice.layers.clone() {
             let p = format!("model.layers.{l}");
             shapes.extend([
                 (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
@@ -80,9 +85,11 @@ impl OwnedWeights {
                 (format!("{p}.post_attention_layernorm.weight"), vec![h]),
             ]);
         }
-        shapes.push(("model.norm.weight".into(), vec![h]));
-        if !cfg.tie_word_embeddings {
-            shapes.push(("lm_head.weight".into(), vec![v, h]));
+        if slice.head {
+            shapes.push(("model.norm.weight".into(), vec![h]));
+            if !cfg.tie_word_embeddings {
+                shapes.push(("lm_head.weight".into(), vec![v, h]));
+            }
         }
         let tensors = shapes
             .into_iter()

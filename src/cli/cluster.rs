@@ -31,6 +31,10 @@ pub struct PipelineFlags {
     /// Stage slices per worker for interleaved.
     #[arg(long = "virtual", default_value_t = 2)]
     virtual_stages: usize,
+    /// Stages starting at these layers: `--split 10,20` [default: a native checkpoint's stages,
+    /// else balanced by memory; across nodes of unequal speed, by measured speed].
+    #[arg(long, value_delimiter = ',')]
+    split: Option<Vec<usize>>,
     /// Each worker's device, by local rank (cuda:0,cuda:1), or one for all; kinds may differ
     /// (a wgpu stage beside a cpu stage) since activations cross as host tensors
     /// [default: --device; with auto, worker R takes CUDA device R mod the count].
@@ -79,6 +83,9 @@ pub struct PipelineFlags {
     /// Internal: every worker's address, by rank.
     #[arg(long, hide = true, value_delimiter = ',')]
     worker_addresses: Vec<SocketAddr>,
+    /// Internal: measure the device of this local worker, print the result as JSON and exit.
+    #[arg(long, hide = true, conflicts_with = "worker_rank")]
+    pub(super) probe_local_rank: Option<usize>,
 }
 
 /// `--nproc-per-node`.
@@ -105,9 +112,9 @@ impl std::str::FromStr for WorkerCount {
 }
 
 impl PipelineFlags {
-    /// Whether this process launches workers (rather than being one).
+    /// Whether this process launches workers (rather than being one, or a probe).
     pub fn is_launcher(&self) -> bool {
-        self.worker_rank.is_none()
+        self.worker_rank.is_none() && self.probe_local_rank.is_none()
     }
 
     /// How many workers run on this machine.
@@ -144,7 +151,11 @@ impl PipelineFlags {
 
     /// The device this process computes on (a launcher: its first worker's).
     pub fn device_spec(&self, device: DeviceSpec) -> anyhow::Result<DeviceSpec> {
-        let local = self.worker_local_rank.or(self.worker_rank).unwrap_or(0);
+        let local = self
+            .worker_local_rank
+            .or(self.worker_rank)
+            .or(self.probe_local_rank)
+            .unwrap_or(0);
         self.worker_device(device, local)
     }
 
@@ -169,6 +180,7 @@ impl PipelineFlags {
             ranks,
             microbatches: self.microbatches.unwrap_or(2 * ranks),
             virtual_stages: self.virtual_stages,
+            split: self.split.clone(),
         }))
     }
 
@@ -200,6 +212,7 @@ impl PipelineFlags {
             stages: self.stages,
             microbatches: self.microbatches,
             virtual_stages: self.virtual_stages,
+            split: self.split.clone(),
             wire_dtype: self.wire_dtype,
         };
         Ok(Some((node, layout)))

@@ -228,6 +228,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => args,
     };
     let options = options(&args)?;
+    if args.pipeline.probe_local_rank.is_some() {
+        let speed = pp::with_backend!(options.device, |B, device| {
+            pp::train::probe::measure::<Autodiff<B>>(&options, &device)
+        })?;
+        println!("{}", serde_json::to_string(&speed)?);
+        return Ok(());
+    }
     if args.pipeline.is_launcher() {
         if let Some((node, layout)) = args.pipeline.node()? {
             let devices = args.pipeline.local_devices(args.device.device)?;

@@ -6,12 +6,13 @@
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use pp_transport::rendezvous::{GroupEvent, NodeEvent, RendezvousNode};
 
-use super::{RUN_VARIABLE, TOKEN_VARIABLE};
+use super::{ERROR_FILE_VARIABLE, RUN_VARIABLE, TOKEN_VARIABLE};
 use crate::error::{Error, Result};
 
 /// How long the other workers get to stop by themselves after one fails: they notice a lost
@@ -40,6 +41,8 @@ pub struct WorkerLaunch {
 /// This machine's worker processes, by local rank.
 pub struct Workers {
     children: Vec<Child>,
+    /// Where each writes its error if it fails.
+    error_files: Vec<PathBuf>,
     first_rank: usize,
 }
 
@@ -52,8 +55,12 @@ impl Workers {
         let list: Vec<String> = launch.addresses.iter().map(ToString::to_string).collect();
         let own_args: Vec<OsString> = std::env::args_os().skip(1).collect();
         let mut children = Vec::with_capacity(launch.local_workers);
+        let mut error_files = Vec::with_capacity(launch.local_workers);
         for local in 0..launch.local_workers {
             let rank = launch.first_rank + local;
+            let error_file =
+                std::env::temp_dir().join(format!("pp-{}-rank{rank}.error", std::process::id()));
+            let _ = std::fs::remove_file(&error_file);
             let mut command = Command::new(&exe);
             stop_with_launcher(&mut command);
             let child = command
@@ -67,6 +74,7 @@ impl Workers {
                 .args(["--worker-addresses", &list.join(",")])
                 .env(TOKEN_VARIABLE, &launch.token)
                 .env(RUN_VARIABLE, &launch.run_id)
+                .env(ERROR_FILE_VARIABLE, &error_file)
                 .stdout(if local == 0 {
                     Stdio::inherit()
                 } else {
@@ -77,9 +85,11 @@ impl Workers {
                     Error::Cluster(format!("cannot start the worker of rank {rank}: {e}"))
                 })?;
             children.push(child);
+            error_files.push(error_file);
         }
         Ok(Self {
             children,
+            error_files,
             first_rank: launch.first_rank,
         })
     }
@@ -106,6 +116,7 @@ impl Workers {
                                 let _ = group.report(NodeEvent::Failed(failure(
                                     self.first_rank + local,
                                     exit,
+                                    &self.error_files[local],
                                 )));
                             }
                         }
@@ -170,7 +181,7 @@ impl Workers {
             let exit = status[local].expect("the failed worker has exited");
             return Err(Error::GroupBroken(format!(
                 "{}; the pipeline stopped",
-                failure(self.first_rank + local, exit)
+                failure(self.first_rank + local, exit, &self.error_files[local])
             )));
         }
         if let Some(group) = group {
@@ -198,13 +209,27 @@ impl Workers {
     }
 }
 
+/// How the worker of `rank` failed, with its own error when it wrote one to `error_file`.
+fn failure(rank: usize, exit: ExitStatus, error_file: &Path) -> String {
+    match std::fs::read_to_string(error_file) {
+        Ok(error) if !error.is_empty() => {
+            format!("the worker of rank {rank} failed ({exit}): {error}")
+        }
+        _ => format!("the worker of rank {rank} failed ({exit})"),
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for file in &self.error_files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
 /// Whether a worker failed: it neither finished nor stopped on Ctrl-C.
 fn failed(exit: ExitStatus) -> bool {
     !exit.success() && exit.code() != Some(crate::interrupt::EXIT_CODE)
-}
-
-fn failure(rank: usize, exit: ExitStatus) -> String {
-    format!("the worker of rank {rank} failed ({exit})")
 }
 
 /// This node's workers are done: waits until every node's are (node 0 keeps the rendezvous

@@ -2,11 +2,12 @@
 //!
 //! [`launcher`] starts this machine's worker processes and watches them; [`node`] makes this
 //! machine one node of a group formed through the rendezvous (`pp_transport::rendezvous`),
-//! then launches its share of the workers. The workers themselves train through
+//! then launches its share of the workers, with the layers [`placement`] gives each. The workers themselves train through
 //! [`crate::train::worker`].
 
 pub mod launcher;
 pub mod node;
+pub mod placement;
 mod progress;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -19,6 +20,8 @@ use launcher::{WorkerLaunch, Workers};
 pub const TOKEN_VARIABLE: &str = "PP_CLUSTER_TOKEN";
 /// Names the run's shared staging directory.
 pub const RUN_VARIABLE: &str = "PP_RUN_ID";
+/// Where a worker that fails writes its error, for its launcher to repeat.
+pub const ERROR_FILE_VARIABLE: &str = "PP_ERROR_FILE";
 
 /// Trains as `ranks` worker processes on this machine, over loopback, with a fresh token.
 pub fn launch_local(ranks: usize) -> Result<()> {

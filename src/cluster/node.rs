@@ -14,9 +14,11 @@ use pp_transport::rendezvous::{
 };
 
 use super::launcher::{WorkerLaunch, Workers};
+use super::placement::{self, Basis, Measured, Placement, Worker};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::train::worker::{check_pipeline_options, rank_slices, PipelineOptions};
+use crate::plan::human_bytes;
+use crate::train::worker::{check_pipeline_options, PipelineOptions};
 use crate::train::TrainOptions;
 
 /// The rendezvous port when `--rdzv` names none (torchrun's).
@@ -44,7 +46,7 @@ pub struct NodeOptions {
 }
 
 /// The pipeline as the flags give it; the worker count is the group's.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PipelineLayout {
     /// The schedule.
     pub schedule: ScheduleKind,
@@ -54,6 +56,8 @@ pub struct PipelineLayout {
     pub microbatches: Option<usize>,
     /// Stage slices per worker for interleaved.
     pub virtual_stages: usize,
+    /// `--split`, when given [default: placed by the workers' measured speed].
+    pub split: Option<Vec<usize>>,
     /// `--wire-dtype`, when given.
     pub wire_dtype: Option<pp_transport::WireDType>,
 }
@@ -87,11 +91,21 @@ pub fn run(
                     .into(),
             )),
         };
+    eprintln!(
+        "measuring {} at the run's shapes",
+        devices
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let measured = placement::measure_local(devices)?;
     let round = Round {
         train,
         layout,
         node,
         devices,
+        measured: &measured,
         address,
         host,
         token,
@@ -119,6 +133,8 @@ struct Round<'a> {
     layout: &'a PipelineLayout,
     node: &'a NodeOptions,
     devices: &'a [Device],
+    /// What each device's measurement gave: its memory and speed.
+    measured: &'a [(Option<u64>, Measured)],
     address: SocketAddr,
     /// Where this node hosts the rendezvous, when it does.
     host: Option<SocketAddr>,
@@ -145,9 +161,12 @@ impl Round<'_> {
             workers: ports
                 .iter()
                 .zip(devices)
-                .map(|(&port, device)| WorkerInfo {
+                .zip(self.measured)
+                .map(|((&port, device), (memory, measured))| WorkerInfo {
                     port,
                     device: device.to_string(),
+                    memory: *memory,
+                    measured: serde_json::to_string(measured).expect("a measurement serializes"),
                 })
                 .collect(),
             settings: shared_settings(train, self.layout),
@@ -170,10 +189,21 @@ impl Round<'_> {
         .map_err(rendezvous_error)?;
         let pipeline = pipeline_of(self.layout, &group)?;
         check_pipeline_options(train, &pipeline)?;
-        print_plan(train, &pipeline, &group)?;
+        let workers = placement::workers_of(&group)?;
+        let placement = placement::place(train, &pipeline, &workers)?;
+        print_plan(&pipeline, &group, &workers, &placement);
         let mut extra_args = Vec::new();
         if self.layout.stages.is_none() {
             extra_args.extend(["--stages".into(), pipeline.ranks.to_string()]);
+        }
+        if pipeline.split.is_none() && placement.partition.len() > 1 {
+            let split: Vec<String> = placement
+                .partition
+                .split_points()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            extra_args.extend(["--split".into(), split.join(",")]);
         }
         // A group formed again goes on from the newest checkpoint, when there is one.
         let saved = !crate::train::checkpoint::list(&train.out_dir.join("checkpoints")).is_empty();
@@ -279,50 +309,70 @@ fn pipeline_of(layout: &PipelineLayout, group: &Group) -> Result<PipelineOptions
         ranks,
         microbatches: layout.microbatches.unwrap_or(2 * ranks),
         virtual_stages: layout.virtual_stages,
+        split: layout.split.clone(),
     })
 }
 
-/// Which layers run where, printed on every node.
-fn print_plan(train: &TrainOptions, pipeline: &PipelineOptions, group: &Group) -> Result<()> {
-    let slices = rank_slices(train, pipeline)?;
+/// Which layers run where and what to expect, printed on every node.
+fn print_plan(pipeline: &PipelineOptions, group: &Group, workers: &[Worker], plan: &Placement) {
+    let basis = match plan.basis {
+        Basis::Given => "as --split gives",
+        Basis::Alike => "alike devices, balanced by memory",
+        Basis::Measured => "placed by measured speed",
+    };
     eprintln!(
-        "plan: {} nodes, {} workers, {} with {} micro-batches",
+        "plan: {} nodes, {} workers, {} with {} micro-batches ({basis}); expected {} per step \
+         (compute only), bubble {:.0}%",
         group.nodes.len(),
         pipeline.ranks,
         pipeline.schedule.name(),
-        pipeline.microbatches
+        pipeline.microbatches,
+        human_seconds(plan.step),
+        100.0 * plan.bubble
     );
-    for node in &group.nodes {
-        for (local, worker) in node.workers.iter().enumerate() {
-            let rank = node.first_rank + local;
-            let stages: Vec<String> = slices[rank]
-                .iter()
-                .map(|(stage, slice)| {
-                    let mut parts = vec![format!(
+    for (rank, (worker, load)) in workers.iter().zip(&plan.ranks).enumerate() {
+        let stages: Vec<String> = load
+            .stages
+            .iter()
+            .map(|&stage| {
+                let slice = &plan.partition.stages()[stage];
+                let mut parts = Vec::new();
+                if slice.embedding {
+                    parts.push("embedding".to_string());
+                }
+                if !slice.layers.is_empty() {
+                    parts.push(format!(
                         "layers {}-{}",
                         slice.layers.start,
                         slice.layers.end - 1
-                    )];
-                    if slice.embedding {
-                        parts.insert(0, "embedding".into());
-                    }
-                    if slice.head {
-                        parts.push("head".into());
-                    }
-                    format!("stage {stage} ({})", parts.join(", "))
-                })
-                .collect();
-            eprintln!(
-                "  rank {rank}: node {} ({} at {}), {}: {}",
-                node.rank,
-                node.name,
-                node.address,
-                worker.device,
-                stages.join("; ")
-            );
-        }
+                    ));
+                }
+                if slice.head {
+                    parts.push("head".into());
+                }
+                format!("stage {stage} ({})", parts.join(", "))
+            })
+            .collect();
+        let room = worker
+            .memory
+            .map_or(String::new(), |m| format!(" of {}", human_bytes(m)));
+        eprintln!(
+            "  rank {rank}: {}: {}; busy {} per step, ~{}{room}",
+            worker.label,
+            stages.join("; "),
+            human_seconds(load.busy),
+            human_bytes(load.memory),
+        );
     }
-    Ok(())
+}
+
+/// `0.0123` → `12.3 ms`.
+fn human_seconds(seconds: f64) -> String {
+    if seconds < 1.0 {
+        format!("{:.1} ms", seconds * 1e3)
+    } else {
+        format!("{seconds:.2} s")
+    }
 }
 
 /// What must be the same on every node: everything but where files are and which device.

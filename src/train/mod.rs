@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
 pub mod pipeline;
+pub mod probe;
 pub mod runtime;
 pub mod schedule;
 pub mod trainer;

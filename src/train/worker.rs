@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use pp_stages::{Partition, Schedule, ScheduleKind, StageSlice};
+use pp_stages::{Partition, Schedule, ScheduleKind};
 use pp_transport::{Transport, TransportError};
 
 use super::checkpoint::{self, weights_of, TrainerState};
@@ -26,7 +26,7 @@ use crate::kernels::TrainBackend;
 use crate::plan::{part_costs, Balance};
 
 /// How the pipeline is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PipelineOptions {
     /// The schedule.
     pub schedule: ScheduleKind,
@@ -36,6 +36,9 @@ pub struct PipelineOptions {
     pub microbatches: usize,
     /// Stage slices per rank for interleaved.
     pub virtual_stages: usize,
+    /// The layers at which stages after the first begin [default: a native checkpoint's
+    /// stages, else balanced by memory].
+    pub split: Option<Vec<usize>>,
 }
 
 /// How long a rank waits for a tensor before giving up on its peer. A dead peer is noticed
@@ -69,7 +72,7 @@ pub fn train_rank<B: TrainBackend>(
             pipeline.microbatches
         )));
     }
-    let partition = partition_for(info, options, &schedule)?;
+    let partition = partition_for(info, options, pipeline, &schedule)?;
     // A native checkpoint cut as the schedule needs: map only this rank's stage files.
     let weights: Box<dyn WeightSource> = match &info.format {
         Format::Native(native) if native.partition() == &partition => {
@@ -188,13 +191,28 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
     }
 }
 
-/// How the model is cut for `schedule`: as a native checkpoint already is when it has that
-/// many stages, else balanced by memory.
-fn partition_for(
+/// How the model is cut for `schedule`: at `--split` when given, as a native checkpoint
+/// already is when it has that many stages, else balanced by memory.
+pub fn partition_for(
     info: &ModelInfo,
     options: &TrainOptions,
+    pipeline: &PipelineOptions,
     schedule: &Schedule,
 ) -> Result<Partition> {
+    if let Some(split) = &pipeline.split {
+        let partition = Partition::from_split(split, info.config.num_layers)
+            .map_err(|e| Error::Usage(format!("--split: {e}")))?;
+        if partition.len() != schedule.stages() {
+            return Err(Error::Usage(format!(
+                "--split makes {} stages, but {} with {} workers needs {}",
+                partition.len(),
+                pipeline.schedule.name(),
+                pipeline.ranks,
+                schedule.stages()
+            )));
+        }
+        return Ok(partition);
+    }
     if let Format::Native(native) = &info.format {
         if native.partition().len() == schedule.stages() {
             return Ok(native.partition().clone());
@@ -214,25 +232,6 @@ fn partition_for(
     })
 }
 
-/// Each rank's stages and their model slices, as the workers will cut the model.
-pub fn rank_slices(
-    options: &TrainOptions,
-    pipeline: &PipelineOptions,
-) -> Result<Vec<Vec<(usize, StageSlice)>>> {
-    let info = crate::checkpoint::describe(&options.model_dir)?;
-    let schedule = pipeline_schedule(pipeline)?;
-    let partition = partition_for(&info, options, &schedule)?;
-    Ok((0..pipeline.ranks)
-        .map(|rank| {
-            schedule
-                .stages_of(rank)
-                .into_iter()
-                .map(|stage| (stage, partition.stages()[stage].clone()))
-                .collect()
-        })
-        .collect())
-}
-
 /// Checks the options of a pipeline run, before any worker starts: the single-device checks,
 /// and what pipelines refuse (optimizer-in-backward, because a stage accumulates several
 /// micro-batches per step).
@@ -245,9 +244,8 @@ pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions
         )));
     }
     let schedule = pipeline_schedule(pipeline)?;
-    let layers = crate::checkpoint::describe(&options.model_dir)?
-        .config
-        .num_layers;
+    let info = crate::checkpoint::describe(&options.model_dir)?;
+    let layers = info.config.num_layers;
     if schedule.stages() > layers {
         return Err(Error::Usage(format!(
             "{} with {} workers needs {} stages, but the model has only {layers} layers",
@@ -263,10 +261,11 @@ pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions
                 .into(),
         ));
     }
-    Ok(())
+    partition_for(&info, options, pipeline, &schedule).map(drop)
 }
 
-fn pipeline_schedule(pipeline: &PipelineOptions) -> Result<Schedule> {
+/// The schedule `pipeline` asks for.
+pub fn pipeline_schedule(pipeline: &PipelineOptions) -> Result<Schedule> {
     Schedule::new(
         pipeline.schedule,
         pipeline.ranks,

@@ -132,9 +132,38 @@ impl Partition {
 
     /// The contiguous split into `num_stages` stages, each owning at least one layer, that
     /// minimises the cost of the most expensive stage (ties go to the split whose stages start
-    /// earliest). Exact, by dynamic programming over layer boundaries.
+    /// earliest).
     pub fn balanced(costs: &PartCosts, num_stages: usize) -> Result<Self, PartitionError> {
-        let num_layers = costs.layers.len();
+        // prefix[i] = cost of layers 0..i.
+        let prefix: Vec<f64> = std::iter::once(0.0)
+            .chain(costs.layers.iter().scan(0.0, |sum, c| {
+                *sum += c;
+                Some(*sum)
+            }))
+            .collect();
+        Self::min_max(costs.layers.len(), num_stages, |_, slice| {
+            let mut cost = prefix[slice.layers.end] - prefix[slice.layers.start];
+            if slice.embedding {
+                cost += costs.embedding;
+            }
+            if slice.head {
+                cost += costs.head;
+            }
+            Some(cost)
+        })
+        .map(|found| found.expect("every split is allowed"))
+    }
+
+    /// The contiguous split into `num_stages` stages, each owning at least one layer, that
+    /// minimises the largest `cost(stage, slice)`, where a cost of `None` rules that slice out
+    /// for that stage (it does not fit there). Costs may differ by stage, as when stages run on
+    /// devices of different speeds. `Ok(None)` when no split is allowed. Exact, by dynamic
+    /// programming over layer boundaries; ties go to the split whose stages start earliest.
+    pub fn min_max(
+        num_layers: usize,
+        num_stages: usize,
+        cost: impl Fn(usize, &StageSlice) -> Option<f64>,
+    ) -> Result<Option<Self>, PartitionError> {
         if num_stages == 0 {
             return Err(PartitionError::NoStages);
         }
@@ -144,29 +173,21 @@ impl Partition {
                 num_layers,
             });
         }
-        // prefix[i] = cost of layers 0..i.
-        let prefix: Vec<f64> = std::iter::once(0.0)
-            .chain(costs.layers.iter().scan(0.0, |sum, c| {
-                *sum += c;
-                Some(*sum)
-            }))
-            .collect();
-        let stage_cost = |stage: usize, start: usize, end: usize| {
-            let mut cost = prefix[end] - prefix[start];
-            if stage == 0 {
-                cost += costs.embedding;
-            }
-            if stage == num_stages - 1 {
-                cost += costs.head;
-            }
-            cost
+        let last = num_stages - 1;
+        let stage_cost = |stage: usize, begin: usize, end: usize| {
+            let slice = StageSlice {
+                embedding: stage == 0,
+                layers: begin..end,
+                head: stage == last,
+            };
+            cost(stage, &slice).unwrap_or(f64::INFINITY)
         };
         // best[s][e]: the smallest possible maximum stage cost when stages 0..=s own layers 0..e;
         // start[s][e]: where stage s then begins.
         let mut best = vec![vec![f64::INFINITY; num_layers + 1]; num_stages];
         let mut start = vec![vec![0usize; num_layers + 1]; num_stages];
-        for (end, cost) in best[0].iter_mut().enumerate().skip(1) {
-            *cost = stage_cost(0, 0, end);
+        for (end, best) in best[0].iter_mut().enumerate().skip(1) {
+            *best = stage_cost(0, 0, end);
         }
         for s in 1..num_stages {
             for end in (s + 1)..=num_layers {
@@ -179,13 +200,16 @@ impl Partition {
                 }
             }
         }
-        let mut split = vec![0; num_stages - 1];
+        if best[last][num_layers].is_infinite() {
+            return Ok(None);
+        }
+        let mut split = vec![0; last];
         let mut end = num_layers;
         for s in (1..num_stages).rev() {
             end = start[s][end];
             split[s - 1] = end;
         }
-        Self::from_split(&split, num_layers)
+        Self::from_split(&split, num_layers).map(Some)
     }
 
     /// The stages, first to last.
@@ -282,6 +306,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn slower_stages_get_fewer_layers_and_misfits_are_avoided() {
+        // Stage 1 runs twice as fast: it should take two thirds of the layers.
+        let speed = [2.0, 1.0];
+        let p = Partition::min_max(12, 2, |stage, slice| {
+            Some(slice.layers.len() as f64 * speed[stage])
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(layer_ranges(&p), vec![0..4, 4..12]);
+        // Stage 1 cannot hold more than 6 layers: the split moves to the best that fits.
+        let p = Partition::min_max(12, 2, |stage, slice| {
+            (stage == 0 || slice.layers.len() <= 6)
+                .then(|| slice.layers.len() as f64 * speed[stage])
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(layer_ranges(&p), vec![0..6, 6..12]);
+        // Neither stage can hold more than 5 of 12 layers: nothing fits.
+        let p = Partition::min_max(12, 2, |_, slice| (slice.layers.len() <= 5).then_some(1.0));
+        assert_eq!(p, Ok(None));
     }
 
     #[test]

@@ -178,3 +178,26 @@ fn the_simulator_reports_a_deadlock() {
     assert!(matches!(err, ScheduleError::Deadlock(_)), "{err}");
     assert!(err.to_string().contains("rank 0 waits"), "{err}");
 }
+
+#[test]
+fn per_stage_costs_put_the_slow_stage_on_the_critical_path() {
+    let unit = Costs::unit();
+    let schedule = Schedule::new(ScheduleKind::OneFOneB, 2, 8, 1).unwrap();
+    // The same costs given per stage play the same schedule.
+    let uniform = simulate(&schedule, &unit).unwrap();
+    let per_stage = simulate(&schedule, [unit, unit].as_slice()).unwrap();
+    assert_eq!(uniform.makespan, per_stage.makespan);
+    // A stage three times slower sets the pace: its 8 forwards and backwards back to back.
+    let slow = Costs {
+        forward: 3.0,
+        backward: 6.0,
+        input_grad: 3.0,
+        weight_grad: 3.0,
+        transfer: 0.0,
+    };
+    let run = simulate(&schedule, [unit, slow].as_slice()).unwrap();
+    assert!(run.makespan >= 8.0 * 9.0, "{}", run.makespan);
+    assert!(run.makespan < 8.0 * 9.0 + 3.0 + 1.0, "{}", run.makespan);
+    // The fast rank idles most of the time.
+    assert!(run.rank_bubbles[0] > 0.6, "{:?}", run.rank_bubbles);
+}

@@ -17,7 +17,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use simulate::{simulate, Costs, Simulation};
+pub use simulate::{simulate, Costs, PassCosts, Simulation};
 pub use validate::validate;
 
 /// The pipeline schedules `pp` offers.

@@ -24,6 +24,35 @@ pub struct Costs {
     pub transfer: f64,
 }
 
+/// What each pass and transfer costs, by stage: [`Costs`] are the same for every stage; a
+/// slice of them gives each stage its own (stages on devices of different speeds).
+pub trait PassCosts {
+    /// Time of `pass` of `stage` on one micro-batch.
+    fn compute(&self, pass: Pass, stage: usize) -> f64;
+    /// Time for a message that `stage` sends to reach the neighbouring stage's rank.
+    fn transfer(&self, stage: usize) -> f64;
+}
+
+impl PassCosts for Costs {
+    fn compute(&self, pass: Pass, _stage: usize) -> f64 {
+        self.of(pass)
+    }
+
+    fn transfer(&self, _stage: usize) -> f64 {
+        self.transfer
+    }
+}
+
+impl PassCosts for [Costs] {
+    fn compute(&self, pass: Pass, stage: usize) -> f64 {
+        self[stage].of(pass)
+    }
+
+    fn transfer(&self, stage: usize) -> f64 {
+        self[stage].transfer
+    }
+}
+
 impl Costs {
     /// F = I = W = 1, B = I + W = 2, free transfers.
     pub fn unit() -> Self {
@@ -63,7 +92,10 @@ pub struct Simulation {
 }
 
 /// Plays `schedule` with `costs`.
-pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Simulation, ScheduleError> {
+pub fn simulate(
+    schedule: &Schedule,
+    costs: &(impl PassCosts + ?Sized),
+) -> Result<Simulation, ScheduleError> {
     let ranks = schedule.ranks;
     let mut next = vec![0usize; ranks];
     let mut clock = vec![0.0f64; ranks];
@@ -86,8 +118,10 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Simulation, Schedu
                         microbatch,
                         ..
                     } => {
-                        arrivals
-                            .insert((transfer, stage, microbatch), clock[rank] + costs.transfer);
+                        arrivals.insert(
+                            (transfer, stage, microbatch),
+                            clock[rank] + costs.transfer(stage),
+                        );
                     }
                     Action::Recv {
                         transfer,
@@ -113,10 +147,11 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Simulation, Schedu
                             None => 0.0,
                         };
                         let start = clock[rank].max(ready);
-                        let end = start + costs.of(pass);
+                        let cost = costs.compute(pass, stage);
+                        let end = start + cost;
                         timeline[rank].push((start, end, action));
                         clock[rank] = end;
-                        busy[rank] += costs.of(pass);
+                        busy[rank] += cost;
                         finished.insert((pass, stage, microbatch), end);
                         match pass {
                             Pass::F => {

@@ -96,6 +96,12 @@ impl RendezvousNode {
                     0,
                     deadline,
                     &mut || {
+                        // A new socket for the next attempt: in a sandbox seen on a GPU
+                        // machine, a socket that dialled a port nobody listened on never heard
+                        // from that port later.
+                        if let Ok(socket) = std::net::UdpSocket::bind(("0.0.0.0", 0)) {
+                            let _ = endpoint.rebind(socket);
+                        }
                         notice(
                             &format!("waiting for the rendezvous host at {address}"),
                             true,

@@ -77,6 +77,11 @@ pub struct WorkerInfo {
     pub port: u16,
     /// Its device, in words.
     pub device: String,
+    /// Bytes of memory it may use, where known.
+    pub memory: Option<u64>,
+    /// What the trainer measured of the device (its speed at the run's shapes), passed to
+    /// every node as it is: the rendezvous does not read it.
+    pub measured: String,
 }
 
 /// What a node says when it joins.

@@ -17,6 +17,8 @@ fn report(node_rank: Option<usize>, workers: usize, lr: &str) -> NodeJoin {
             .map(|i| WorkerInfo {
                 port: 40000 + i as u16,
                 device: "cpu".into(),
+                memory: Some(1 << 30),
+                measured: format!("speed {i}"),
             })
             .collect(),
         settings: vec![("stages".into(), "3".into()), ("lr".into(), lr.into())],
