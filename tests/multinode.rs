@@ -244,9 +244,10 @@ fn pp_ctl_reports_saves_and_stops_a_run_from_outside() {
     assert!(
         eventually(Duration::from_secs(10), || {
             let status = ctl(&rendezvous, "status", "secret");
-            String::from_utf8_lossy(&status.stdout).contains("compute per rank")
+            let text = String::from_utf8_lossy(&status.stdout).into_owned();
+            text.contains("compute per rank") && text.contains("links 0→1 ")
         }),
-        "the status never showed progress"
+        "the status never showed progress and link rates"
     );
     let refused = ctl(&rendezvous, "status", "guess");
     assert!(!refused.status.success());

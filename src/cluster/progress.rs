@@ -62,6 +62,26 @@ fn progress_of(line: &str) -> Option<String> {
     if !busy.is_empty() {
         text += &format!(", compute per rank {} s", busy.join(" / "));
     }
+    // Links in the order the metrics name them: `pipeline_link{from}to{to}_mb_per_s`.
+    let mut links: Vec<(usize, usize, f64)> = record
+        .as_object()?
+        .iter()
+        .filter_map(|(key, value)| {
+            let pair = key
+                .strip_prefix("pipeline_link")?
+                .strip_suffix("_mb_per_s")?;
+            let (from, to) = pair.split_once("to")?;
+            Some((from.parse().ok()?, to.parse().ok()?, value.as_f64()?))
+        })
+        .collect();
+    links.sort_by_key(|&(from, to, _)| (from, to));
+    if !links.is_empty() {
+        let links: Vec<String> = links
+            .iter()
+            .map(|(from, to, rate)| format!("{from}→{to} {rate:.1}"))
+            .collect();
+        text += &format!(", links {} MB/s", links.join(" / "));
+    }
     Some(text)
 }
 
@@ -77,14 +97,16 @@ mod tests {
             &path,
             "{\"step\":1,\"train_loss\":6.0}\n{\"pipeline_bubble\":0.4,\"pipeline_bubble_simulated\":0.33,\
              \"step\":2,\"train_loss\":5.5705,\"train_tokens_per_s\":7536.2,\
-             \"pipeline_rank0_busy_s\":0.0123,\"pipeline_rank1_busy_s\":0.0201}\n{\"step\":3,\"tr",
+             \"pipeline_rank0_busy_s\":0.0123,\"pipeline_rank1_busy_s\":0.0201,\
+             \"pipeline_link1to0_mb\":2.1,\"pipeline_link1to0_mb_per_s\":96.04,\
+             \"pipeline_link0to1_mb\":2.1,\"pipeline_link0to1_mb_per_s\":112.5}\n{\"step\":3,\"tr",
         )
         .unwrap();
         let line = last_line(&path).unwrap();
         assert_eq!(
             progress_of(&line).unwrap(),
             "step 2, loss 5.5705, 7536 tokens/s, bubble 0.40 (the schedule alone: 0.33), compute per \
-             rank 0.012 / 0.020 s"
+             rank 0.012 / 0.020 s, links 0→1 112.5 / 1→0 96.0 MB/s"
         );
         assert_eq!(progress_of("{\"val_loss\":1.0}"), None);
     }

@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use pp_stages::schedule::{simulate, Action, Costs, Pass, Transfer};
 use pp_stages::Schedule;
-use pp_transport::{Kind, Tag, TensorMessage, Transport, TransportError};
+use pp_transport::{Kind, LinkTraffic, Tag, TensorMessage, Transport, TransportError};
 
 use super::runtime::{StageOutput, StageRunner};
 use super::trainer::clip_scale;
@@ -33,6 +33,9 @@ pub struct PipelineStep {
     pub save_requested: bool,
     /// Where each rank's time went, by rank.
     pub timings: Vec<RankTiming>,
+    /// What crossed each link since the last step, by sending rank, then receiving rank
+    /// (empty where the transport has no wire).
+    pub links: Vec<Vec<LinkTraffic>>,
 }
 
 /// One rank's stages and its connection to the others.
@@ -43,6 +46,8 @@ pub struct RankWorker<B: TrainBackend> {
     transport: Box<dyn Transport>,
     timeout: Duration,
     device: B::Device,
+    /// The transport's link counters at the end of the last step.
+    links_before: Vec<LinkTraffic>,
 }
 
 impl<B: TrainBackend> RankWorker<B> {
@@ -63,6 +68,7 @@ impl<B: TrainBackend> RankWorker<B> {
             transport,
             timeout,
             device,
+            links_before: Vec::new(),
         }
     }
 
@@ -203,12 +209,25 @@ impl<B: TrainBackend> RankWorker<B> {
         let ranks = self.transport.world_size();
         let mut values = vec![sum_squares, loss_sum, interrupted, save];
         values.extend(timing.to_slot(rank, ranks));
+        values.extend(self.link_slot(rank, ranks));
         let totals = self.all_reduce(step, 0, values)?;
         let (sum_squares, loss_sum, interrupted, save) =
             (totals[0], totals[1], totals[2], totals[3]);
-        let timings = totals[4..]
+        let (timings, links) = totals[4..].split_at(TIMING_FIELDS * ranks);
+        let timings = timings
             .chunks_exact(TIMING_FIELDS)
             .map(RankTiming::from_slot)
+            .collect();
+        let links = links
+            .chunks_exact(2 * ranks)
+            .map(|row| {
+                row.chunks_exact(2)
+                    .map(|pair| LinkTraffic {
+                        bytes: pair[0] as u64,
+                        seconds: pair[1],
+                    })
+                    .collect()
+            })
             .collect();
         let grad_norm = sum_squares.sqrt();
         let clip = clip_scale(grad_norm, max_grad_norm);
@@ -221,7 +240,23 @@ impl<B: TrainBackend> RankWorker<B> {
             interrupted: interrupted > 0.0,
             save_requested: save > 0.0,
             timings,
+            links,
         })
+    }
+
+    /// This rank's link traffic since the last step, as reduce values in its row of a
+    /// `ranks` × `ranks` gather of (bytes, seconds).
+    fn link_slot(&mut self, rank: usize, ranks: usize) -> Vec<f64> {
+        let now = self.transport.links();
+        let mut values = vec![0.0; 2 * ranks * ranks];
+        for (peer, link) in now.iter().enumerate() {
+            let before = self.links_before.get(peer).copied().unwrap_or_default();
+            let at = 2 * (rank * ranks + peer);
+            values[at] = (link.bytes - before.bytes) as f64;
+            values[at + 1] = link.seconds - before.seconds;
+        }
+        self.links_before = now;
+        values
     }
 
     /// Validation: the forward pass of every micro-batch through the pipeline, stage after

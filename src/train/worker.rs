@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use pp_stages::{Partition, Schedule, ScheduleKind};
-use pp_transport::{Transport, TransportError};
+use pp_transport::{LinkTraffic, Transport, TransportError};
 
 use super::checkpoint::{self, weights_of, TrainerState};
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
@@ -167,6 +167,7 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
                     .enumerate()
                     .map(|(rank, timing)| (format!("pipeline/rank{rank}_busy_s"), timing.busy())),
             )
+            .chain(link_metrics(&result.links))
             .collect(),
         })
     }
@@ -189,6 +190,19 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
     fn leads(&self) -> bool {
         self.worker.rank() == 0
     }
+}
+
+/// Each link that carried traffic in the step: megabytes sent and the rate while sending.
+fn link_metrics(links: &[Vec<LinkTraffic>]) -> Vec<(String, f64)> {
+    let mut metrics = Vec::new();
+    for (from, row) in links.iter().enumerate() {
+        for (to, link) in row.iter().enumerate().filter(|(_, l)| l.bytes > 0) {
+            let pair = format!("pipeline/link{from}to{to}");
+            metrics.push((format!("{pair}_mb"), link.bytes as f64 / 1e6));
+            metrics.push((format!("{pair}_mb_per_s"), link.megabytes_per_second()));
+        }
+    }
+    metrics
 }
 
 /// How the model is cut for `schedule`: at `--split` when given, as a native checkpoint

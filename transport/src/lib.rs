@@ -68,4 +68,30 @@ pub trait Transport: Send {
         tag: Tag,
         timeout: Duration,
     ) -> Result<TensorMessage, TransportError>;
+    /// What has crossed the link to each rank so far (by rank; this rank's own entry stays
+    /// empty). Transports without a wire report nothing.
+    fn links(&self) -> Vec<LinkTraffic> {
+        Vec::new()
+    }
+}
+
+/// Traffic on the link to one peer, counted since the transport started.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkTraffic {
+    /// Bytes of messages the peer has acknowledged.
+    pub bytes: u64,
+    /// Seconds those messages were on their way: from the start of each send until the peer
+    /// acknowledged its last byte (sends that overlap count once each).
+    pub seconds: f64,
+}
+
+impl LinkTraffic {
+    /// Megabytes (10^6 bytes) per second while sending; 0 before any traffic.
+    pub fn megabytes_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bytes as f64 / self.seconds / 1e6
+        } else {
+            0.0
+        }
+    }
 }

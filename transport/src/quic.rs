@@ -22,7 +22,7 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
 use crate::auth::{self, AuthError};
-use crate::{Kind, Tag, TensorMessage, Transport, TransportError, WireDType};
+use crate::{Kind, LinkTraffic, Tag, TensorMessage, Transport, TransportError, WireDType};
 
 /// Largest header accepted (a tag and a shape are a few dozen bytes).
 const MAX_HEADER: usize = 1 << 16;
@@ -92,6 +92,8 @@ pub struct QuicTransport {
     peers: Vec<Option<Connection>>,
     inbox: Arc<(Mutex<Inbox>, Condvar)>,
     sends: Mutex<JoinSet<()>>,
+    /// What each finished send put on the link, by peer.
+    links: Arc<Mutex<Vec<LinkTraffic>>>,
 }
 
 impl QuicTransport {
@@ -138,6 +140,7 @@ impl QuicTransport {
             peers,
             inbox,
             sends: Mutex::new(JoinSet::new()),
+            links: Arc::new(Mutex::new(vec![LinkTraffic::default(); world_size])),
         })
     }
 
@@ -173,11 +176,13 @@ impl Transport for QuicTransport {
         };
         let frame = encode(&message, wire);
         let inbox = self.inbox.clone();
+        let links = self.links.clone();
         let mut sends = self.sends.lock().expect("send set lock");
         // Reap finished sends so the set does not grow over a long run.
         while sends.try_join_next().is_some() {}
         sends.spawn_on(
             async move {
+                let started = Instant::now();
                 let sent = async {
                     let mut stream = connection.open_uni().await.ok()?;
                     stream.write_all(&frame).await.ok()?;
@@ -189,6 +194,10 @@ impl Transport for QuicTransport {
                 };
                 if sent.await.is_none() {
                     mark_lost(&inbox, to);
+                } else {
+                    let link = &mut links.lock().expect("link counters lock")[to];
+                    link.bytes += frame.len() as u64;
+                    link.seconds += started.elapsed().as_secs_f64();
                 }
             },
             self.runtime.handle(),
@@ -226,6 +235,10 @@ impl Transport for QuicTransport {
                 .expect("inbox lock")
                 .0;
         }
+    }
+
+    fn links(&self) -> Vec<LinkTraffic> {
+        self.links.lock().expect("link counters lock").clone()
     }
 }
 
@@ -469,6 +482,16 @@ mod tests {
         assert_eq!(got.values, vec![1.0, 2.0]);
         let got = ranks[2].recv(1, message(7, vec![]).tag, timeout).unwrap();
         assert_eq!(got.values, vec![-1.5]);
+        // Rank 0's link to rank 2 counts both messages once they are acknowledged; nothing
+        // went to rank 1.
+        let started = Instant::now();
+        while ranks[0].links()[2].bytes == 0 && started.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let links = ranks[0].links();
+        assert!(links[2].bytes > 3 * 4, "{links:?}");
+        assert!(links[2].seconds > 0.0 && links[2].megabytes_per_second() > 0.0);
+        assert_eq!(links[1], LinkTraffic::default());
         // A dropped peer is reported, not waited for.
         let mut ranks = ranks;
         drop(ranks.remove(0));
