@@ -427,36 +427,45 @@ status=0; for job in $(jobs -p); do wait "$job" || status=1; done; exit $status"
     );
 }
 
+/// Node 0 and node 1 on loopback, each with `flags` of its rank after the common ones and
+/// `--steps 3`, writing to `out`; their outputs once both have ended (within `limit`).
+fn two_nodes(
+    data: &str,
+    out: &std::path::Path,
+    limit: Duration,
+    flags: impl Fn(usize) -> Vec<&'static str>,
+) -> Vec<Output> {
+    let rendezvous = loopback(free_port());
+    let nodes = (0..2)
+        .map(|rank| {
+            let rank_flag = rank.to_string();
+            let mut extra = vec!["--steps", "3", "--node-rank", &rank_flag];
+            extra.extend(flags(rank));
+            start_node(
+                &node_args(data, out, 2, &rendezvous, &extra),
+                "secret",
+                None,
+            )
+        })
+        .collect();
+    finish(nodes, limit)
+}
+
 #[test]
 fn plan_only_prints_the_plan_on_every_node_and_trains_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let data = text_data(tmp.path());
     let out = tmp.path().join("run");
-    let port = free_port();
-    let args = |rank: &str| {
-        node_args(
-            &data,
-            &out,
-            2,
-            &loopback(port),
-            &[
-                "--steps",
-                "3",
-                "--plan-only",
-                "--microbatches",
-                "4",
-                "--nproc-per-node",
-                "2",
-                "--node-rank",
-                rank,
-            ],
-        )
+    let flags = |_| {
+        vec![
+            "--plan-only",
+            "--microbatches",
+            "4",
+            "--nproc-per-node",
+            "2",
+        ]
     };
-    let nodes = vec![
-        start_node(&args("0"), "secret", None),
-        start_node(&args("1"), "secret", None),
-    ];
-    for output in finish(nodes, Duration::from_secs(60)) {
+    for output in two_nodes(&data, &out, Duration::from_secs(60), flags) {
         let text = stderr(&output);
         assert!(output.status.success(), "{text}");
         assert!(text.contains("plan: 2 nodes, 4 workers"), "{text}");
@@ -473,27 +482,8 @@ fn split_places_the_layers_and_the_plan_gives_the_expected_step() {
     let tmp = tempfile::tempdir().unwrap();
     let data = text_data(tmp.path());
     let out = tmp.path().join("run");
-    let port = free_port();
-    let start = |rank: &str, split: &str| {
-        let args = node_args(
-            &data,
-            &out,
-            2,
-            &loopback(port),
-            &[
-                "--steps",
-                "3",
-                "--plan-only",
-                "--split",
-                split,
-                "--node-rank",
-                rank,
-            ],
-        );
-        start_node(&args, "secret", None)
-    };
-    let nodes = vec![start("0", "3"), start("1", "3")];
-    for output in finish(nodes, Duration::from_secs(60)) {
+    let limit = Duration::from_secs(60);
+    for output in two_nodes(&data, &out, limit, |_| vec!["--plan-only", "--split", "3"]) {
         let text = stderr(&output);
         assert!(output.status.success(), "{text}");
         assert!(text.contains("(as --split gives); expected "), "{text}");
@@ -504,18 +494,7 @@ fn split_places_the_layers_and_the_plan_gives_the_expected_step() {
         assert!(text.contains("stage 1 (layers 3-3, head); busy "), "{text}");
     }
     // A split beyond the model's layers is refused on every node, before training.
-    let port = free_port();
-    let start = |rank: &str| {
-        let args = node_args(
-            &data,
-            &out,
-            2,
-            &loopback(port),
-            &["--steps", "3", "--split", "5", "--node-rank", rank],
-        );
-        start_node(&args, "secret", None)
-    };
-    for output in finish(vec![start("0"), start("1")], Duration::from_secs(60)) {
+    for output in two_nodes(&data, &out, limit, |_| vec!["--split", "5"]) {
         let text = stderr(&output);
         assert!(!output.status.success());
         assert!(text.contains("error: --split"), "{text}");
@@ -528,29 +507,9 @@ fn unlike_devices_are_measured_and_placed_by_speed_the_same_on_every_node() {
     let tmp = tempfile::tempdir().unwrap();
     let data = text_data(tmp.path());
     let out = tmp.path().join("run");
-    let port = free_port();
-    let start = |rank: &str, device: &str| {
-        let args = node_args(
-            &data,
-            &out,
-            2,
-            &loopback(port),
-            &[
-                "--steps",
-                "3",
-                "--max-len",
-                "32",
-                "--plan-only",
-                "--device",
-                device,
-                "--node-rank",
-                rank,
-            ],
-        );
-        start_node(&args, "secret", None)
-    };
-    let nodes = vec![start("0", "cpu"), start("1", "wgpu")];
-    let outputs = finish(nodes, Duration::from_secs(240));
+    let device = ["cpu", "wgpu"];
+    let flags = |rank: usize| vec!["--max-len", "32", "--plan-only", "--device", device[rank]];
+    let outputs = two_nodes(&data, &out, Duration::from_secs(240), flags);
     let plan = |output: &Output| {
         let text = stderr(output);
         assert!(output.status.success(), "{text}");
