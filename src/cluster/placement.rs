@@ -6,6 +6,7 @@
 //! makes the slowest stage fastest within every device's memory. The plan comes with the step
 //! time and bubble the schedule gives at the measured speeds.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,24 +47,28 @@ pub struct Worker {
     pub measured: Measured,
 }
 
-/// Measures each of this machine's worker devices. CPU workers share the cores, so one CPU
-/// measurement serves them all, slowed by their number; their memory is the machine's
-/// available memory shared among them.
+/// Measures each of this machine's worker devices; devices of one kind (the same name) are
+/// measured once, since on a GPU each measurement compiles its kernels from cold. CPU workers
+/// share the cores, so their speed is slowed by their number, and their memory is the
+/// machine's available memory shared among them.
 pub fn measure_local(devices: &[Device]) -> Result<Vec<(Option<u64>, Measured)>> {
     let cpu_workers = devices.iter().filter(|d| !d.is_gpu()).count();
-    let mut cpu: Option<StageSpeed> = None;
+    let mut speeds: HashMap<&str, StageSpeed> = HashMap::new();
     devices
         .iter()
         .enumerate()
         .map(|(local, device)| {
-            let speed = match (device.is_gpu(), cpu) {
-                (false, Some(speed)) => speed,
-                _ => probe(local, device)?,
+            let speed = match speeds.get(device.name.as_str()) {
+                Some(&speed) => speed,
+                None => {
+                    let speed = probe(local, device)?;
+                    speeds.insert(&device.name, speed);
+                    speed
+                }
             };
             let (speed, memory) = if device.is_gpu() {
                 (speed, device.memory)
             } else {
-                cpu = Some(speed);
                 (
                     slowed(speed, cpu_workers as f64),
                     available_memory().map(|bytes| bytes / cpu_workers as u64),
