@@ -185,6 +185,9 @@ impl<B: TrainBackend> RankWorker<B> {
                         }
                         Pass::W => runner.backward_weight(microbatch),
                     }
+                    // A GPU backend returns once the pass is queued: wait for it, so that busy
+                    // time (and the measured bubble) is compute, not the time to issue it.
+                    let _ = B::sync(&self.device);
                     timing.record(pass, pass_started.elapsed().as_secs_f64());
                 }
             }
