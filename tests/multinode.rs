@@ -418,7 +418,12 @@ status=0; for job in $(jobs -p); do wait "$job" || status=1; done; exit $status"
     .env("OUT", &out)
     .output()
     .unwrap();
-    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        stderr(&output)
+    );
     assert!(out.join("final").join("manifest.json").is_file() || out.join("final").is_dir());
     assert!(
         stderr(&output).contains("rank 1: node 1 ("),

@@ -7,9 +7,9 @@
 //! time and bubble the schedule gives at the measured speeds.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use pp_stages::schedule::{simulate, Costs};
 use pp_stages::{Partition, PartitionError, Schedule, StageSlice};
@@ -87,7 +87,7 @@ pub fn measure_local(devices: &[Device]) -> Result<Vec<(Option<u64>, Measured)>>
 fn probe(local: usize, device: &Device) -> Result<StageSpeed> {
     let fail = |what: String| Error::Cluster(format!("measuring {device}: {what}"));
     let exe = std::env::current_exe().map_err(|e| fail(e.to_string()))?;
-    let mut child = Command::new(exe)
+    let child = Command::new(exe)
         .args(std::env::args_os().skip(1))
         .args(["--probe-local-rank", &local.to_string()])
         .stdin(Stdio::null())
@@ -95,38 +95,32 @@ fn probe(local: usize, device: &Device) -> Result<StageSpeed> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| fail(e.to_string()))?;
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| fail(e.to_string()))? {
-            break status;
-        }
-        if started.elapsed() > PROBE_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
+    let pid = child.id();
+    // Read both pipes to the end while waiting (a full pipe would stall the child), on a
+    // thread, so that a probe that hangs can be given up on.
+    let (done, output) = mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    let output = match output.recv_timeout(PROBE_TIMEOUT) {
+        Ok(output) => output.map_err(|e| fail(e.to_string()))?,
+        Err(_) => {
+            // SAFETY: killing the child process started above.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             return Err(fail(format!(
                 "no result after {} s",
                 PROBE_TIMEOUT.as_secs()
             )));
         }
-        std::thread::sleep(Duration::from_millis(50));
     };
-    let read = |pipe: Option<&mut dyn Read>| {
-        let mut text = String::new();
-        if let Some(pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    };
-    let stdout = read(child.stdout.as_mut().map(|p| p as &mut dyn Read));
-    if !status.success() {
-        let stderr = read(child.stderr.as_mut().map(|p| p as &mut dyn Read));
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr
             .lines()
             .last()
             .unwrap_or("it failed without a message");
         return Err(fail(last.trim_start_matches("error: ").to_string()));
     }
-    serde_json::from_str(stdout.trim()).map_err(|e| fail(format!("unreadable result: {e}")))
+    serde_json::from_slice(output.stdout.trim_ascii())
+        .map_err(|e| fail(format!("unreadable result: {e}")))
 }
 
 /// `speed` when `workers` share the device.
