@@ -475,7 +475,7 @@ fn plan_only_prints_the_plan_on_every_node_and_trains_nothing() {
         assert!(output.status.success(), "{text}");
         assert!(text.contains("plan: 2 nodes, 4 workers"), "{text}");
         assert!(
-            text.contains("rank 3: node 1 (") && text.contains("layers 3-3, head"),
+            text.contains("rank 3: node 1 (") && text.contains("(layer 3 + head)"),
             "{text}"
         );
     }
@@ -493,10 +493,10 @@ fn split_places_the_layers_and_the_plan_gives_the_expected_step() {
         assert!(output.status.success(), "{text}");
         assert!(text.contains("(as --split gives); expected "), "{text}");
         assert!(
-            text.contains("stage 0 (embedding, layers 0-2); busy "),
+            text.contains("stage 0 (embedding + layers 0-2); busy "),
             "{text}"
         );
-        assert!(text.contains("stage 1 (layers 3-3, head); busy "), "{text}");
+        assert!(text.contains("stage 1 (layer 3 + head); busy "), "{text}");
     }
     // A split beyond the model's layers is refused on every node, before training.
     for output in two_nodes(&data, &out, limit, |_| vec!["--split", "5"]) {

@@ -101,23 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     if let Some(partition) = &report.partition {
         for (i, stage) in partition.stages().iter().enumerate() {
-            let mut parts = Vec::new();
-            if stage.embedding {
-                parts.push("embedding".to_string());
-            }
-            match stage.layers.len() {
-                0 => {}
-                1 => parts.push(format!("layer {}", stage.layers.start)),
-                _ => parts.push(format!(
-                    "layers {}-{}",
-                    stage.layers.start,
-                    stage.layers.end - 1
-                )),
-            }
-            if stage.head {
-                parts.push("head".to_string());
-            }
-            println!("  stage {i}: {}", parts.join(" + "));
+            println!("  stage {i}: {stage}");
         }
     }
     match (report.verify, &options.verify) {

@@ -334,24 +334,7 @@ fn print_plan(pipeline: &PipelineOptions, group: &Group, workers: &[Worker], pla
         let stages: Vec<String> = load
             .stages
             .iter()
-            .map(|&stage| {
-                let slice = &plan.partition.stages()[stage];
-                let mut parts = Vec::new();
-                if slice.embedding {
-                    parts.push("embedding".to_string());
-                }
-                if !slice.layers.is_empty() {
-                    parts.push(format!(
-                        "layers {}-{}",
-                        slice.layers.start,
-                        slice.layers.end - 1
-                    ));
-                }
-                if slice.head {
-                    parts.push("head".into());
-                }
-                format!("stage {stage} ({})", parts.join(", "))
-            })
+            .map(|&stage| format!("stage {stage} ({})", plan.partition.stages()[stage]))
             .collect();
         let room = worker
             .memory

@@ -225,17 +225,14 @@ pub fn place(
     let alike = workers
         .iter()
         .all(|w| w.measured.device == workers[0].measured.device);
+    // Given or alike devices: the split one machine would use; else by measured speed.
     let fixed = match (&pipeline.split, alike) {
-        (Some(_), _) => Some((
-            partition_for(&info, train, pipeline, &schedule)?,
-            Basis::Given,
-        )),
-        (None, true) => Some((
-            partition_for(&info, train, pipeline, &schedule)?,
-            Basis::Alike,
-        )),
+        (Some(_), _) => Some(Basis::Given),
+        (None, true) => Some(Basis::Alike),
         (None, false) => None,
-    };
+    }
+    .map(|basis| Ok((partition_for(&info, train, pipeline, &schedule)?, basis)))
+    .transpose()?;
     plan_layers(&info.config, &schedule, &setup, workers, fixed)
 }
 

@@ -38,13 +38,12 @@ pub struct StageSpeed {
 pub fn measure<B: TrainBackend>(options: &TrainOptions, device: &B::Device) -> Result<StageSpeed> {
     let config = crate::checkpoint::describe(&options.model_dir)?.config;
     let seq = options.sequences.max_len;
+    let input_ids: Vec<u32> = (0..seq)
+        .map(|i| (i * 7919 % config.vocab_size) as u32)
+        .collect();
     let row = Sequence {
-        input_ids: (0..seq)
-            .map(|i| (i * 7919 % config.vocab_size) as u32)
-            .collect(),
-        labels: (0..seq)
-            .map(|i| (i * 7919 % config.vocab_size) as i64)
-            .collect(),
+        labels: input_ids.iter().map(|&id| i64::from(id)).collect(),
+        input_ids,
         documents: vec![seq],
     };
     let batch = MicroBatch::new(&[&row], pad_token(&config));

@@ -38,6 +38,29 @@ pub struct StageSlice {
     pub head: bool,
 }
 
+/// In words: `embedding + layers 0-9`, `layer 10`, `layers 20-31 + head`.
+impl std::fmt::Display for StageSlice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.embedding {
+            parts.push("embedding".to_string());
+        }
+        match self.layers.len() {
+            0 => {}
+            1 => parts.push(format!("layer {}", self.layers.start)),
+            _ => parts.push(format!(
+                "layers {}-{}",
+                self.layers.start,
+                self.layers.end - 1
+            )),
+        }
+        if self.head {
+            parts.push("head".to_string());
+        }
+        write!(f, "{}", parts.join(" + "))
+    }
+}
+
 impl StageSlice {
     /// The slice that owns the whole model: the single-device case.
     pub fn whole(num_layers: usize) -> Self {
@@ -100,6 +123,26 @@ mod tests {
     #[test]
     fn whole_model_is_valid() {
         assert_eq!(StageSlice::whole(4).validate(4), Ok(()));
+    }
+
+    #[test]
+    fn slices_read_as_their_parts() {
+        assert_eq!(
+            StageSlice::whole(4).to_string(),
+            "embedding + layers 0-3 + head"
+        );
+        let one = StageSlice {
+            embedding: false,
+            layers: 2..3,
+            head: false,
+        };
+        assert_eq!(one.to_string(), "layer 2");
+        let head_only = StageSlice {
+            embedding: false,
+            layers: 4..4,
+            head: true,
+        };
+        assert_eq!(head_only.to_string(), "head");
     }
 
     #[test]
