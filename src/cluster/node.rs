@@ -320,9 +320,9 @@ fn print_plan(pipeline: &PipelineOptions, group: &Group, workers: &[Worker], pla
         Basis::Alike => "alike devices, balanced by memory",
         Basis::Measured => "placed by measured speed",
     };
-    eprintln!(
+    let mut text = format!(
         "plan: {} nodes, {} workers, {} with {} micro-batches ({basis}); expected {} per step \
-         (compute only), bubble {:.0}%",
+         (compute only), bubble {:.0}%\n",
         group.nodes.len(),
         pipeline.ranks,
         pipeline.schedule.name(),
@@ -339,14 +339,16 @@ fn print_plan(pipeline: &PipelineOptions, group: &Group, workers: &[Worker], pla
         let room = worker
             .memory
             .map_or(String::new(), |m| format!(" of {}", human_bytes(m)));
-        eprintln!(
-            "  rank {rank}: {}: {}; busy {} per step, ~{}{room}",
+        text += &format!(
+            "  rank {rank}: {}: {}; busy {} per step, ~{}{room}\n",
             worker.label,
             stages.join("; "),
             human_seconds(load.busy),
             human_bytes(load.memory),
         );
     }
+    // One write: nodes that share a terminal or a job log do not interleave their plans.
+    eprint!("{text}");
 }
 
 /// `0.0123` → `12.3 ms`.
