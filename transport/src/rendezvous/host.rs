@@ -10,6 +10,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc as async_mpsc;
 
+use super::files::{self, SharedFiles};
 use super::{
     read_frame, runtime, write_frame, ControlReply, ControlRequest, Group, GroupEvent, GroupStatus,
     Node, NodeEvent, NodeJoin, Phase, RendezvousError, ToHost, ToNode, WAITING_NOTICE,
@@ -23,6 +24,8 @@ struct HostState {
     nodes: Vec<Node>,
     waiting: Option<String>,
     progress: Option<String>,
+    /// What nodes may fetch, and where uploads go.
+    files: SharedFiles,
     /// Into the running group's relay, once formed.
     commands: Option<async_mpsc::UnboundedSender<GroupEvent>>,
 }
@@ -73,6 +76,11 @@ impl RendezvousHost {
             endpoint,
             state,
         })
+    }
+
+    /// Offers `files` to the nodes (replacing what was offered).
+    pub fn share(&self, files: SharedFiles) {
+        self.state.lock().expect("state lock").files = files;
     }
 
     /// The run's latest progress, for `pp ctl status`.
@@ -158,6 +166,7 @@ async fn form(
                         turned_away.push(format!("{address} (wrong cluster token)"));
                         continue;
                     }
+                    Arrival::Files(..) => continue,
                 };
                 members.retain(|_, m| m.connection.close_reason().is_none());
                 match assign_rank(&members, &member, nodes) {
@@ -244,9 +253,12 @@ enum Arrival {
     Member(Member),
     /// It did not prove the token.
     TurnedAway(SocketAddr),
+    /// It asks for files; the session's first request.
+    Files(Connection, (SendStream, RecvStream, files::FileRequest)),
 }
 
-/// Proves the token both ways, then reads the node's report, or answers `pp ctl`.
+/// Proves the token both ways, then reads the node's report, or answers `pp ctl`, or serves
+/// files.
 async fn admit(
     incoming: quinn::Incoming,
     token: String,
@@ -281,6 +293,9 @@ async fn admit(
                 let _ = send.stopped().await;
                 return None;
             }
+            ToHost::File(request) => {
+                return Some(Arrival::Files(connection, (send, recv, request)));
+            }
         };
         Some(Arrival::Member(Member {
             join,
@@ -290,8 +305,16 @@ async fn admit(
             recv,
         }))
     };
-    if let Ok(Some(arrival)) = tokio::time::timeout(Duration::from_secs(10), arrival).await {
-        let _ = admitted.send(arrival);
+    // The limit is on proving the token and the first request, not on what follows.
+    match tokio::time::timeout(Duration::from_secs(10), arrival).await {
+        Ok(Some(Arrival::Files(connection, first))) => {
+            let shared = move || state.lock().expect("state lock").files.clone();
+            files::serve(connection, first, shared).await;
+        }
+        Ok(Some(arrival)) => {
+            let _ = admitted.send(arrival);
+        }
+        _ => {}
     }
 }
 

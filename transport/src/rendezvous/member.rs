@@ -50,6 +50,27 @@ pub fn control(
     })
 }
 
+/// Connects to the rendezvous host and proves the token, retrying until `deadline` while
+/// nobody answers (nodes start in any order); `waiting` hears each retry.
+pub(crate) async fn dial_host(
+    endpoint: &Endpoint,
+    address: SocketAddr,
+    token: &str,
+    deadline: Instant,
+    waiting: &mut dyn FnMut(&str),
+) -> Result<Connection, RendezvousError> {
+    auth::dial(endpoint, address, token, 0, deadline, &mut || {
+        // A new socket for the next attempt: in a sandbox seen on a GPU machine, a socket that
+        // dialled a port nobody listened on never heard from that port later.
+        if let Ok(socket) = std::net::UdpSocket::bind(("0.0.0.0", 0)) {
+            let _ = endpoint.rebind(socket);
+        }
+        waiting(&format!("waiting for the rendezvous host at {address}"));
+    })
+    .await
+    .map_err(|error| RendezvousError::Auth { address, error })
+}
+
 /// A node's membership of the group.
 pub struct RendezvousNode {
     runtime: Runtime,
@@ -88,27 +109,13 @@ impl RendezvousNode {
         // Until the host admits us to a group that is forming (a running one says so, and we
         // wait for it to form again, as after a lost node).
         let (connection, send, recv, formed) = loop {
-            let connection = runtime
-                .block_on(auth::dial(
-                    &endpoint,
-                    address,
-                    token,
-                    0,
-                    deadline,
-                    &mut || {
-                        // A new socket for the next attempt: in a sandbox seen on a GPU
-                        // machine, a socket that dialled a port nobody listened on never heard
-                        // from that port later.
-                        if let Ok(socket) = std::net::UdpSocket::bind(("0.0.0.0", 0)) {
-                            let _ = endpoint.rebind(socket);
-                        }
-                        notice(
-                            &format!("waiting for the rendezvous host at {address}"),
-                            true,
-                        )
-                    },
-                ))
-                .map_err(|error| RendezvousError::Auth { address, error })?;
+            let connection = runtime.block_on(dial_host(
+                &endpoint,
+                address,
+                token,
+                deadline,
+                &mut |text| notice(text, true),
+            ))?;
             let (mut send, mut recv) = runtime
                 .block_on(connection.open_bi())
                 .map_err(|e| link(e.to_string()))?;

@@ -3,12 +3,15 @@
 //! what it brings, and once all have joined each learns the whole group: node ranks, every
 //! worker's address and device. The connections then stay open for the run: they carry
 //! heartbeats (QUIC keep-alives), so a lost node is noticed within [`crate::IDLE_TIMEOUT`], and
-//! the events every node must act on (a failure, Ctrl-C, the end).
+//! the events every node must act on (a failure, Ctrl-C, the end). Node 0 also serves files
+//! (`files`): nodes without a shared filesystem fetch the model and data from it, and upload
+//! their checkpoint files to it.
 //!
 //! Everything travels over QUIC with TLS, and every node proves the cluster token over its TLS
 //! session before it is heard (`auth`). `host` is node 0's side, `member` every node's (and
 //! [`control`], `pp ctl`'s); this module holds what they say to each other.
 
+mod files;
 mod host;
 mod member;
 
@@ -23,6 +26,7 @@ use tokio::runtime::Runtime;
 
 use crate::auth::AuthError;
 
+pub use files::{checksum_of, FileClient, FileInfo, SharedFiles};
 pub use host::RendezvousHost;
 pub use member::{control, RendezvousNode};
 
@@ -247,11 +251,12 @@ pub enum ControlReply {
     Refused(String),
 }
 
-/// Node or `pp ctl` to host: the first message of a connection.
+/// Node or `pp ctl` to host: the first message of a connection (of every stream, for files).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum ToHost {
     Join(NodeJoin),
     Control(ControlRequest),
+    File(files::FileRequest),
 }
 
 /// Host to node.

@@ -279,3 +279,98 @@ fn the_host_gives_up_after_the_join_timeout_naming_who_is_missing() {
         "{error}"
     );
 }
+
+/// A directory under the system's temporary one, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "pp-files-{label}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn shared(path: std::path::PathBuf, name: &str) -> (FileInfo, std::path::PathBuf) {
+    let info = FileInfo {
+        name: name.into(),
+        size: std::fs::metadata(&path).unwrap().len(),
+        checksum: checksum_of(&path).unwrap(),
+    };
+    (info, path)
+}
+
+#[test]
+fn nodes_fetch_shared_files_checked_and_upload_only_below_the_upload_root() {
+    let (here, there) = (TempDir::new("host"), TempDir::new("node"));
+    // Larger than one chunk, so the streaming is exercised.
+    let contents: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(here.0.join("weights.bin"), &contents).unwrap();
+    std::fs::write(here.0.join("config.json"), b"{}").unwrap();
+    let address = free_address();
+    let host = RendezvousHost::start(address, "secret", 2, Duration::from_secs(20)).unwrap();
+    let mut files = SharedFiles {
+        upload_root: Some(here.0.join("out")),
+        ..SharedFiles::default()
+    };
+    for name in ["weights.bin", "config.json"] {
+        let (info, path) = shared(here.0.join(name), &format!("model/{name}"));
+        files.add(info, path);
+    }
+    host.share(files);
+
+    let client =
+        FileClient::connect(address, "secret", Duration::from_secs(10), &mut |_| {}).unwrap();
+    let listed = client.list().unwrap();
+    assert_eq!(
+        listed.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        ["model/config.json", "model/weights.bin"]
+    );
+    let weights = &listed[1];
+    client.fetch(weights, &there.0.join("w.bin")).unwrap();
+    assert_eq!(std::fs::read(there.0.join("w.bin")).unwrap(), contents);
+
+    // A file that changed since it was listed is refused, and nothing is left behind.
+    let stale = FileInfo {
+        checksum: weights.checksum ^ 1,
+        ..weights.clone()
+    };
+    let error = client
+        .fetch(&stale, &there.0.join("stale.bin"))
+        .unwrap_err();
+    assert!(error.to_string().contains("changed on node 0"), "{error}");
+    assert!(!there.0.join("stale.bin").exists());
+    let unknown = FileInfo {
+        name: "model/other".into(),
+        ..weights.clone()
+    };
+    let error = client.fetch(&unknown, &there.0.join("x")).unwrap_err();
+    assert!(error.to_string().contains("does not share"), "{error}");
+    assert_eq!(std::fs::read_dir(&there.0).unwrap().count(), 1);
+
+    // Uploads land under the upload root, complete; a path out of it is refused.
+    client
+        .upload(&there.0.join("w.bin"), "checkpoints/step-1/w.bin")
+        .unwrap();
+    let stored = here.0.join("out/checkpoints/step-1/w.bin");
+    assert_eq!(std::fs::read(stored).unwrap(), contents);
+    let error = client
+        .upload(&there.0.join("w.bin"), "../escaped.bin")
+        .unwrap_err();
+    assert!(error.to_string().contains("not a relative path"), "{error}");
+    assert!(!here.0.join("escaped.bin").exists());
+
+    // A wrong token gets no files.
+    let refused = FileClient::connect(address, "wrong", Duration::from_secs(5), &mut |_| {});
+    assert!(matches!(refused, Err(RendezvousError::Auth { .. })));
+}
