@@ -532,3 +532,113 @@ fn unlike_devices_are_measured_and_placed_by_speed_the_same_on_every_node() {
     assert_eq!(plans[0], plans[1]);
     assert!(plans[0][1].contains("cpu (ndarray") && plans[0][2].contains("wgpu:0"));
 }
+
+/// Node 1 has neither the model nor the data, and no directory in common with node 0: it
+/// receives node 0's description of the model, only the weights its worker loads (node 0's
+/// native checkpoint is cut as the plan cuts it), and the data, checked; node 0 gathers every
+/// checkpoint and the final model. Run again with --resume, node 1 takes the model from its
+/// cache and receives only its share of the checkpoint, and the run continues exactly.
+#[test]
+fn a_node_without_the_files_receives_them_and_node_0_gathers_the_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (here, there) = (tmp.path().join("node0"), tmp.path().join("node1"));
+    std::fs::create_dir_all(&here).unwrap();
+    let data = text_data(&here);
+    let model = here.join("model");
+    let source = fixture("llama3-tiny").join("hf");
+    let convert = std::process::Command::new(env!("CARGO_BIN_EXE_pp"))
+        .args(["convert", &source.display().to_string()])
+        .arg(&model)
+        .args(["--stages", "2"])
+        .output()
+        .unwrap();
+    assert!(convert.status.success(), "{}", stderr(&convert));
+    let single = tmp.path().join("single");
+    let model_arg = model.display().to_string();
+    let flags = [
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--micro-batch-size",
+        "3",
+    ];
+    train(&model_arg, &data, &single, &flags);
+
+    let run = |extra: &[&str]| {
+        let rendezvous = loopback(free_port());
+        let nodes = [&here, &there]
+            .iter()
+            .enumerate()
+            .map(|(rank, dir)| {
+                let out = dir.join("out");
+                let cache = dir.join("cache").display().to_string();
+                let rank_flag = rank.to_string();
+                let mut flags = vec!["--node-rank", &rank_flag, "--cache-dir", &cache];
+                flags.extend_from_slice(&["--steps", "4", "--save-every", "2"]);
+                flags.extend_from_slice(&["--microbatches", "2"]);
+                flags.extend_from_slice(extra);
+                let own_data = dir.join("text.jsonl").display().to_string();
+                let mut args = node_args(&own_data, &out, 2, &rendezvous, &flags);
+                // Node 1 names a model directory it does not have.
+                args[1] = dir.join("model").display().to_string();
+                start_node(&args, "secret", None)
+            })
+            .collect();
+        let outputs = finish(nodes, Duration::from_secs(240));
+        for output in &outputs {
+            assert!(
+                output.status.success(),
+                "node 0: {}\nnode 1: {}",
+                stderr(&outputs[0]),
+                stderr(&outputs[1])
+            );
+        }
+        (stderr(&outputs[0]), stderr(&outputs[1]))
+    };
+
+    let (_, received) = run(&[]);
+    assert!(
+        received.contains("received model/stage-001.bin from node 0")
+            && received.contains("received model/manifest.json")
+            && received.contains("received data/text.jsonl")
+            && received.contains("checksum verified"),
+        "{received}"
+    );
+    assert!(!received.contains("model/stage-000.bin"), "{received}");
+    let out = here.join("out");
+    assert_same_weights(&out.join("final"), &single.join("final"), 1e-5, "gathered");
+    assert_eq!(checkpoints(&out), ["step-2", "step-4"]);
+    for file in ["stage-001.bin", "optimizer-001.safetensors", "trainer.json"] {
+        assert!(
+            out.join("checkpoints/step-2").join(file).is_file(),
+            "{file}"
+        );
+    }
+    // Node 1 keeps no share of what node 0 now holds.
+    let theirs = there.join("out");
+    assert!(!theirs.join("final").exists() && checkpoints(&theirs).is_empty());
+
+    // Resume from step 2 on node 0's side: node 1 fetches only its share of it.
+    std::fs::remove_dir_all(out.join("checkpoints/step-4")).unwrap();
+    let first_final = tmp.path().join("first-final");
+    std::fs::rename(out.join("final"), &first_final).unwrap();
+    let (host, received) = run(&["--resume"]);
+    assert!(host.contains("resumed from "), "{host}");
+    assert!(!received.contains("received model/"), "{received}");
+    assert!(
+        received.contains("received checkpoint/step-2/stage-001.bin")
+            && received.contains("received checkpoint/step-2/optimizer-001.safetensors"),
+        "{received}"
+    );
+    assert!(
+        !received.contains("checkpoint/step-2/stage-000.bin"),
+        "{received}"
+    );
+    assert_same_weights(
+        &out.join("final"),
+        &first_final,
+        1e-6,
+        "resumed on two nodes",
+    );
+}

@@ -2,15 +2,17 @@
 //! a pipeline: join the group, train this rank. Launching lives in `pp::cluster`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use burn::backend::Autodiff;
+use pp::cluster::files::NodeCopies;
 use pp::cluster::node::{NodeOptions, PipelineLayout};
 use pp::cluster::{RUN_VARIABLE, TOKEN_VARIABLE};
 use pp::device::{Device, DeviceSpec};
 use pp::dtype::DType;
-use pp::train::worker::{train_rank, PipelineOptions};
+use pp::train::worker::{train_rank, Gather, PipelineOptions};
 use pp::train::{Observer, StepReport, TrainOptions, TrainReport};
 use pp_stages::ScheduleKind;
 use pp_transport::{QuicConfig, QuicTransport, WireDType};
@@ -74,6 +76,25 @@ pub struct PipelineFlags {
     /// Form the group, print the plan on every node and exit.
     #[arg(long, requires = "nnodes")]
     plan_only: bool,
+    /// Where a node keeps the files it receives from node 0 (the model, data) for later runs
+    /// [default: $PP_CACHE_DIR, else $XDG_CACHE_HOME/pp, else ~/.cache/pp].
+    #[arg(long, requires = "nnodes")]
+    cache_dir: Option<PathBuf>,
+    /// Internal: this worker's node (of a group of nodes).
+    #[arg(long, hide = true, requires = "worker_rank")]
+    worker_node: Option<usize>,
+    /// Internal: node 0's model, received by this node.
+    #[arg(long, hide = true)]
+    node_model: Option<PathBuf>,
+    /// Internal: node 0's training data, received by this node.
+    #[arg(long, hide = true)]
+    node_data: Option<PathBuf>,
+    /// Internal: node 0's validation data, received by this node.
+    #[arg(long, hide = true)]
+    node_val_data: Option<PathBuf>,
+    /// Internal: the checkpoint the group resumes from, on this node.
+    #[arg(long, hide = true)]
+    node_resume: Option<PathBuf>,
     /// Internal: this process is the worker of this global rank.
     #[arg(long, hide = true, requires = "worker_addresses")]
     pub(super) worker_rank: Option<usize>,
@@ -206,6 +227,10 @@ impl PipelineFlags {
             token,
             plan_only: self.plan_only,
             max_restarts: self.max_restarts,
+            cache_dir: self
+                .cache_dir
+                .clone()
+                .unwrap_or_else(pp::cluster::files::default_cache_dir),
         };
         let layout = PipelineLayout {
             schedule: self.schedule,
@@ -216,6 +241,16 @@ impl PipelineFlags {
             wire_dtype: self.wire_dtype,
         };
         Ok(Some((node, layout)))
+    }
+
+    /// The copies of node 0's files this worker or probe was pointed at.
+    pub fn copies(&self) -> NodeCopies {
+        NodeCopies {
+            model: self.node_model.clone(),
+            data: self.node_data.clone(),
+            validation: self.node_val_data.clone(),
+            resume: self.node_resume.clone(),
+        }
     }
 
     /// Whether this worker reports progress: the first of its machine.
@@ -244,6 +279,15 @@ pub fn run_worker(
     let token = std::env::var(TOKEN_VARIABLE)
         .with_context(|| format!("{TOKEN_VARIABLE} is not set (start workers with --stages)"))?;
     let run_id = std::env::var(RUN_VARIABLE).unwrap_or_else(|_| token.chars().take(8).collect());
+    // A worker away from node 0 sends its checkpoint files there.
+    let gather = match (flags.worker_node, &flags.rdzv) {
+        (Some(node), Some(rendezvous)) if node > 0 => Some(Gather {
+            node,
+            rendezvous: pp::cluster::node::resolve(rendezvous)?,
+            token: token.clone(),
+        }),
+        _ => None,
+    };
     let transport = QuicTransport::join(QuicConfig {
         rank,
         addresses: flags.worker_addresses.clone(),
@@ -267,6 +311,7 @@ pub fn run_worker(
             pipeline,
             Box::new(transport),
             &run_id,
+            gather,
             device,
             observer,
         )

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use burn::backend::Autodiff;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use indicatif::{ProgressBar, ProgressStyle};
+use pp::cluster::files::NodeCopies;
 use pp::data::{LossOn, RowTemplate, SequenceOptions};
 use pp::device::Device;
 use pp::dtype::DType;
@@ -227,7 +228,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => with_config_file(path, args.model.is_some())?,
         None => args,
     };
-    let options = options(&args)?;
+    if args.pipeline.is_launcher() {
+        if let Some((node, layout)) = args.pipeline.node()? {
+            let devices = args.pipeline.local_devices(args.device.device)?;
+            let model_dir = args.model.clone().unwrap_or_default();
+            let options = |copies: &NodeCopies| {
+                options(&args, copies).map_err(|e| pp::error::Error::Usage(format!("{e:#}")))
+            };
+            return Ok(pp::cluster::node::run(
+                &model_dir, &options, &layout, &node, &devices,
+            )?);
+        }
+    }
+    let options = options(&args, &args.pipeline.copies())?;
     if args.pipeline.probe_local_rank.is_some() {
         let speed = pp::with_backend!(options.device, |B, device| {
             pp::train::probe::measure::<Autodiff<B>>(&options, &device)
@@ -236,10 +249,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.pipeline.is_launcher() {
-        if let Some((node, layout)) = args.pipeline.node()? {
-            let devices = args.pipeline.local_devices(args.device.device)?;
-            return Ok(pp::cluster::node::run(&options, &layout, &node, &devices)?);
-        }
         if let Some(pipeline) = args.pipeline.options()? {
             args.pipeline.local_devices(args.device.device)?;
             pp::train::worker::check_pipeline_options(&options, &pipeline)?;
@@ -343,13 +352,18 @@ fn with_config_file(path: &Path, model_on_command_line: bool) -> anyhow::Result<
     Ok(Standalone::from_arg_matches(&matches)?.args)
 }
 
-fn options(args: &Args) -> anyhow::Result<TrainOptions> {
+/// The training options the flags give, with `copies` (node 0's files, received by this node)
+/// in place of the paths they name.
+fn options(args: &Args, copies: &NodeCopies) -> anyhow::Result<TrainOptions> {
     let require = |value: &Option<PathBuf>, what: &str| {
         value
             .clone()
             .with_context(|| format!("{what} is required (on the command line or in --config)"))
     };
-    let model_dir = require(&args.model, "MODEL_DIR")?;
+    let model_dir = match &copies.model {
+        Some(copy) => copy.clone(),
+        None => require(&args.model, "MODEL_DIR")?,
+    };
     let info = pp::checkpoint::describe(&model_dir)?;
     let cfg = &info.config;
     let dtype = args.dtype.unwrap_or(cfg.dtype);
@@ -378,7 +392,7 @@ fn options(args: &Args) -> anyhow::Result<TrainOptions> {
         .map(|t| RowTemplate::parse(t, args.completion_template.as_deref()))
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    Ok(TrainOptions {
+    Ok(copies.apply(TrainOptions {
         data: require(&args.data, "--data")?,
         out_dir: require(&args.out, "--out")?,
         validation,
@@ -420,7 +434,7 @@ fn options(args: &Args) -> anyhow::Result<TrainOptions> {
         eval_every: args.eval_every,
         early_stopping_patience: args.early_stopping_patience,
         model_dir,
-    })
+    }))
 }
 
 /// A progress bar on stderr: step, loss, learning rate, tokens/s and ETA.

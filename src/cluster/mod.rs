@@ -2,9 +2,11 @@
 //!
 //! [`launcher`] starts this machine's worker processes and watches them; [`node`] makes this
 //! machine one node of a group formed through the rendezvous (`pp_transport::rendezvous`),
-//! then launches its share of the workers, with the layers [`placement`] gives each. The workers themselves train through
-//! [`crate::train::worker`].
+//! then launches its share of the workers, with the layers [`placement`] gives each, and with
+//! node 0's model and data where it has no copy of its own ([`files`]). The workers themselves
+//! train through [`crate::train::worker`].
 
+pub mod files;
 pub mod launcher;
 pub mod node;
 pub mod placement;

@@ -5,6 +5,7 @@
 //! follow the node ranks.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -13,13 +14,16 @@ use pp_transport::rendezvous::{
     Group, NodeJoin, RendezvousError, RendezvousHost, RendezvousNode, WorkerInfo,
 };
 
+use super::files::{NodeCopies, Receiver};
 use super::launcher::{WorkerLaunch, Workers};
 use super::placement::{self, Basis, Measured, Placement, Worker};
+use crate::checkpoint::native::stage_file_name;
+use crate::checkpoint::Format;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::plan::human_bytes;
-use crate::train::worker::{check_pipeline_options, PipelineOptions};
-use crate::train::TrainOptions;
+use crate::train::worker::{check_pipeline_options, pipeline_schedule, PipelineOptions};
+use crate::train::{Resume, TrainOptions};
 
 /// The rendezvous port when `--rdzv` names none (torchrun's).
 pub const DEFAULT_PORT: u16 = 29400;
@@ -43,6 +47,8 @@ pub struct NodeOptions {
     pub plan_only: bool,
     /// How many times to form the group again after a lost node or a failed worker.
     pub max_restarts: u32,
+    /// Where files received from node 0 are kept.
+    pub cache_dir: PathBuf,
 }
 
 /// The pipeline as the flags give it; the worker count is the group's.
@@ -65,8 +71,12 @@ pub struct PipelineLayout {
 /// Joins the group, prints the plan and runs this node's workers (one per entry of
 /// `devices`) until the group finishes. When a node is lost or a worker fails, forms the group
 /// again, up to `--max-restarts` times, and resumes from the newest checkpoint.
+///
+/// `model_dir` is the model as this node's command line names it; `options` makes the training
+/// options with node 0's copies of the model and data in place, where this node lacks them.
 pub fn run(
-    train: &TrainOptions,
+    model_dir: &Path,
+    options: &dyn Fn(&NodeCopies) -> Result<TrainOptions>,
     layout: &PipelineLayout,
     node: &NodeOptions,
     devices: &[Device],
@@ -91,6 +101,13 @@ pub fn run(
                     .into(),
             )),
         };
+    // Node 0's model is the group's: another node measures and plans with node 0's copy.
+    let mut copies = NodeCopies::default();
+    if host.is_none() {
+        let mut receiver = Receiver::connect(address, &token, node.join_timeout, &node.cache_dir)?;
+        copies.model = receiver.model(model_dir)?;
+    }
+    let train = options(&copies)?;
     eprintln!(
         "measuring {} at the run's shapes",
         devices
@@ -99,9 +116,11 @@ pub fn run(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let measured = placement::measure_local(devices)?;
+    let measured = placement::measure_local(devices, &copies.args())?;
     let round = Round {
-        train,
+        train: &train,
+        model_dir,
+        copies,
         layout,
         node,
         devices,
@@ -130,6 +149,10 @@ pub fn run(
 /// One forming of the group and the training that follows.
 struct Round<'a> {
     train: &'a TrainOptions,
+    /// The model as this node's command line names it.
+    model_dir: &'a Path,
+    /// Node 0's model, where this node lacks it.
+    copies: NodeCopies,
     layout: &'a PipelineLayout,
     node: &'a NodeOptions,
     devices: &'a [Device],
@@ -145,11 +168,26 @@ impl Round<'_> {
     /// Forms the group (the `restarts`-th time here) and trains until it ends.
     fn run(&self, restarts: u32) -> Result<()> {
         let (train, node, devices) = (self.train, self.node, self.devices);
-        let host = self
-            .host
-            .map(|bind| RendezvousHost::start(bind, &self.token, node.nodes, node.join_timeout))
-            .transpose()
-            .map_err(rendezvous_error)?;
+        // Node 0 shares its files, the newest checkpoint among them (resumed from when the
+        // group forms again, or with --resume).
+        let checkpoint = match (&self.host, &train.resume) {
+            (None, _) => None,
+            (Some(_), Some(Resume::Path(path))) => Some(path.clone()),
+            (Some(_), _) => crate::train::checkpoint::list(&train.out_dir.join("checkpoints"))
+                .pop()
+                .map(|(_, path)| path),
+        };
+        let host = match self.host {
+            Some(bind) => {
+                let files =
+                    super::files::shared_by_node0(train, checkpoint.as_deref(), &node.cache_dir)?;
+                Some(
+                    RendezvousHost::start(bind, &self.token, node.nodes, node.join_timeout, files)
+                        .map_err(rendezvous_error)?,
+                )
+            }
+            None => None,
+        };
         let ports = super::free_ports(devices.len(), IpAddr::from([0, 0, 0, 0]))?;
         let join = NodeJoin {
             node_rank: if host.is_some() {
@@ -192,7 +230,19 @@ impl Round<'_> {
         let workers = placement::workers_of(&group)?;
         let placement = placement::place(train, &pipeline, &workers)?;
         print_plan(&pipeline, &group, &workers, &placement);
-        let mut extra_args = Vec::new();
+        let resume = group.round > 0 || train.resume.is_some();
+        let copies = if node.plan_only {
+            self.copies.clone()
+        } else if host.is_some() {
+            NodeCopies {
+                resume: checkpoint.filter(|_| resume),
+                ..self.copies.clone()
+            }
+        } else {
+            self.receive(&pipeline, &placement.partition, &group, resume)?
+        };
+        let mut extra_args = copies.args();
+        extra_args.push(format!("--worker-node={}", group.node_rank));
         if self.layout.stages.is_none() {
             extra_args.extend(["--stages".into(), pipeline.ranks.to_string()]);
         }
@@ -204,11 +254,6 @@ impl Round<'_> {
                 .map(ToString::to_string)
                 .collect();
             extra_args.extend(["--split".into(), split.join(",")]);
-        }
-        // A group formed again goes on from the newest checkpoint, when there is one.
-        let saved = !crate::train::checkpoint::list(&train.out_dir.join("checkpoints")).is_empty();
-        if group.round > 0 && train.resume.is_none() && saved {
-            extra_args.push("--resume=latest".into());
         }
         let launch = WorkerLaunch {
             addresses: group.worker_addresses(),
@@ -232,6 +277,50 @@ impl Round<'_> {
         drop(member);
         drop(host);
         outcome
+    }
+
+    /// What this node (not node 0) needs of node 0's files once the plan is known: the weights
+    /// its workers load, the data, and with `resume` the checkpoint node 0 resumes from.
+    fn receive(
+        &self,
+        pipeline: &PipelineOptions,
+        partition: &pp_stages::Partition,
+        group: &Group,
+        resume: bool,
+    ) -> Result<NodeCopies> {
+        let node = self.node;
+        let mut receiver = Receiver::connect(
+            self.address,
+            &self.token,
+            node.join_timeout,
+            &node.cache_dir,
+        )?;
+        let schedule = pipeline_schedule(pipeline)?;
+        let this = group.this_node();
+        let mut stages: Vec<usize> = (this.first_rank..this.first_rank + this.workers.len())
+            .flat_map(|rank| schedule.stages_of(rank))
+            .collect();
+        stages.sort_unstable();
+        // Of a native checkpoint cut as this plan cuts the model, only these stages' files.
+        let cut_as_planned = |dir: &Path| {
+            crate::checkpoint::describe(dir).is_ok_and(|info| {
+                matches!(&info.format, Format::Native(native) if native.partition() == partition)
+            })
+        };
+        let mut copies = self.copies.clone();
+        if let Some(dir) = &copies.model {
+            let only_ours = cut_as_planned(dir);
+            receiver.model_weights(self.model_dir, dir, |name| {
+                !only_ours || stages.iter().any(|&s| name == stage_file_name(s))
+            })?;
+        }
+        (copies.data, copies.validation) = receiver.data(self.train)?;
+        if resume {
+            copies.resume = receiver.checkpoint(&self.train.out_dir, |dir| {
+                cut_as_planned(dir).then_some(stages.as_slice())
+            })?;
+        }
+        Ok(copies)
     }
 }
 
@@ -362,16 +451,13 @@ fn human_seconds(seconds: f64) -> String {
 
 /// What must be the same on every node: everything but where files are and which device.
 fn shared_settings(train: &TrainOptions, layout: &PipelineLayout) -> Vec<(String, String)> {
-    let data_size = |path: &std::path::Path| {
-        std::fs::metadata(path).map_or("missing".to_string(), |m| format!("{} bytes", m.len()))
+    // The model and data are node 0's on every node (`files`), so only how they are used.
+    let validation = match &train.validation {
+        crate::train::Validation::File(_) => "a file".to_string(),
+        other => format!("{other:?}"),
     };
-    let described = crate::checkpoint::describe(&train.model_dir)
-        .map(|info| format!("{:?}", info.config))
-        .unwrap_or_else(|e| e.to_string());
     [
-        ("the model's config", described),
-        ("--data", data_size(&train.data)),
-        ("the validation data", format!("{:?}", train.validation)),
+        ("the validation data", validation),
         ("the pipeline flags", format!("{layout:?}")),
         ("--loss-on", format!("{:?}", train.loss_on)),
         ("--template", format!("{:?}", train.template)),

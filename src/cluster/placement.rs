@@ -51,7 +51,11 @@ pub struct Worker {
 /// measured once, since on a GPU each measurement compiles its kernels from cold. CPU workers
 /// share the cores, so their speed is slowed by their number, and their memory is the
 /// machine's available memory shared among them.
-pub fn measure_local(devices: &[Device]) -> Result<Vec<(Option<u64>, Measured)>> {
+/// `extra_args` are added to this process's command line for each probe.
+pub fn measure_local(
+    devices: &[Device],
+    extra_args: &[String],
+) -> Result<Vec<(Option<u64>, Measured)>> {
     let cpu_workers = devices.iter().filter(|d| !d.is_gpu()).count();
     let mut speeds: HashMap<&str, StageSpeed> = HashMap::new();
     devices
@@ -61,7 +65,7 @@ pub fn measure_local(devices: &[Device]) -> Result<Vec<(Option<u64>, Measured)>>
             let speed = match speeds.get(device.name.as_str()) {
                 Some(&speed) => speed,
                 None => {
-                    let speed = probe(local, device)?;
+                    let speed = probe(local, device, extra_args)?;
                     speeds.insert(&device.name, speed);
                     speed
                 }
@@ -84,11 +88,12 @@ pub fn measure_local(devices: &[Device]) -> Result<Vec<(Option<u64>, Measured)>>
 }
 
 /// Runs this command again as a probe of local worker `local` and reads its JSON.
-fn probe(local: usize, device: &Device) -> Result<StageSpeed> {
+fn probe(local: usize, device: &Device, extra_args: &[String]) -> Result<StageSpeed> {
     let fail = |what: String| Error::Cluster(format!("measuring {device}: {what}"));
     let exe = std::env::current_exe().map_err(|e| fail(e.to_string()))?;
     let child = Command::new(exe)
         .args(std::env::args_os().skip(1))
+        .args(extra_args)
         .args(["--probe-local-rank", &local.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -166,6 +166,11 @@ pub fn read_optimizer_state<B: Backend>(
     for stage in 0..stages {
         // A tied embedding's state is in two stage files, identical: the first read is kept.
         let path = dir.join(optimizer_file(stage));
+        // A node without a shared filesystem receives only its own stages' files; a
+        // parameter whose state is in none of those it has is named below.
+        if !path.exists() {
+            continue;
+        }
         for (name, param) in read_stage_state(&path, step, shapes, device)? {
             state.entry(name).or_insert(param);
         }
@@ -240,7 +245,8 @@ fn read_stage_state<B: Backend>(
         .collect())
 }
 
-fn optimizer_file(stage: usize) -> String {
+/// The name of stage `stage`'s optimizer file.
+pub(crate) fn optimizer_file(stage: usize) -> String {
     format!("optimizer-{stage:03}.safetensors")
 }
 

@@ -4,10 +4,12 @@
 //! step (they are summed over the ranks), so all stop together.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use pp_stages::{Partition, Schedule, ScheduleKind};
+use pp_transport::rendezvous::FileClient;
 use pp_transport::{LinkTraffic, Transport, TransportError};
 
 use super::checkpoint::{self, weights_of, TrainerState};
@@ -45,13 +47,27 @@ pub struct PipelineOptions {
 /// sooner, by the transport's keep-alives.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Where a rank on another node than node 0 sends its share of each checkpoint: node 0's
+/// rendezvous, which stores it in node 0's output directory.
+#[derive(Debug, Clone)]
+pub struct Gather {
+    /// This rank's node.
+    pub node: usize,
+    /// The rendezvous address.
+    pub rendezvous: SocketAddr,
+    /// The cluster token.
+    pub token: String,
+}
+
 /// Trains this rank's share of the pipeline; `run_id` names the shared staging directory of
-/// the final checkpoint (the same on every rank).
+/// the final checkpoint (the same on every rank). With `gather`, this rank's node is not node
+/// 0, and the rank uploads its checkpoint files there.
 pub fn train_rank<B: TrainBackend>(
     options: &TrainOptions,
     pipeline: &PipelineOptions,
     transport: Box<dyn Transport>,
     run_id: &str,
+    gather: Option<Gather>,
     device: B::Device,
     observer: &mut dyn Observer,
 ) -> Result<TrainReport> {
@@ -116,6 +132,8 @@ pub fn train_rank<B: TrainBackend>(
             final_dtype: options.dtype,
             checkpoint_dtype: options.master_weights,
             run_id,
+            out_dir: &options.out_dir,
+            gather,
         },
         microbatches: pipeline.microbatches,
         pad_id,
@@ -340,12 +358,17 @@ struct SharedOutput<'a> {
     /// A checkpoint's in the master weights' dtype, so that resuming is exact.
     checkpoint_dtype: DType,
     run_id: &'a str,
+    /// The run's output directory (node 0's, for uploads).
+    out_dir: &'a Path,
+    /// Where this rank's files go when its node is not node 0.
+    gather: Option<Gather>,
 }
 
 impl SharedOutput<'_> {
     /// Every rank writes its stage files (and with `state`, a training checkpoint's optimizer
-    /// files) into one staging directory beside `target`; after a barrier, rank 0 writes the
-    /// manifest from their entries (and `trainer.json`) and renames the directory into place.
+    /// files) into one staging directory beside `target` (on another node than node 0: its
+    /// own, uploaded to node 0's); after a barrier, rank 0 writes the manifest from their
+    /// entries (and `trainer.json`) and renames the directory into place.
     fn write<B: TrainBackend>(
         &self,
         worker: &RankWorker<B>,
@@ -355,7 +378,11 @@ impl SharedOutput<'_> {
     ) -> Result<()> {
         let parent = target.parent().unwrap_or(Path::new("."));
         let name = target.file_name().unwrap_or_default().to_string_lossy();
-        let staging = parent.join(format!(".{name}.pp-pipeline-{}", self.run_id));
+        let shared = parent.join(format!(".{name}.pp-pipeline-{}", self.run_id));
+        let staging = match &self.gather {
+            None => shared.clone(),
+            Some(gather) => parent.join(format!(".{name}.pp-node{}-{}", gather.node, self.run_id)),
+        };
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
         let dtype = match state {
             Some(_) => self.checkpoint_dtype,
@@ -380,6 +407,10 @@ impl SharedOutput<'_> {
                     self.info.config.tie_word_embeddings,
                 )?;
             }
+        }
+        if let Some(gather) = &self.gather {
+            let name = shared.strip_prefix(self.out_dir).unwrap_or(&shared);
+            gather.upload(&staging, name)?;
         }
         // Round 1 of the step: every rank's files are in place.
         worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
@@ -412,5 +443,33 @@ impl SharedOutput<'_> {
         }
         // Round 2: the checkpoint is in place before any rank goes on.
         worker.barrier(step, 2).map_err(|e| peer_error(e, worker))
+    }
+}
+
+impl Gather {
+    /// Uploads every file of `dir` into `name` (relative to node 0's output directory), then
+    /// removes `dir`: node 0 holds the checkpoint from here on.
+    fn upload(&self, dir: &Path, name: &Path) -> Result<()> {
+        let failed = |e: pp_transport::rendezvous::RendezvousError| {
+            Error::Training(format!(
+                "sending checkpoint files to node 0 (at {}): {e}",
+                self.rendezvous
+            ))
+        };
+        let client = FileClient::connect(
+            self.rendezvous,
+            &self.token,
+            Duration::from_secs(60),
+            &mut |_| {},
+        )
+        .map_err(failed)?;
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            let remote = format!("{}/{file}", name.display());
+            client.upload(&path, &remote).map_err(failed)?;
+        }
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))
     }
 }

@@ -42,12 +42,13 @@ pub struct RendezvousHost {
 
 impl RendezvousHost {
     /// Listens on `address` and forms a group of `nodes` nodes, giving up (and telling those
-    /// that joined) after `join_timeout`.
+    /// that joined) after `join_timeout`; offers `files` from the start.
     pub fn start(
         address: SocketAddr,
         token: &str,
         nodes: usize,
         join_timeout: Duration,
+        files: SharedFiles,
     ) -> Result<Self, RendezvousError> {
         let runtime = runtime().map_err(|message| RendezvousError::Listen { address, message })?;
         // Bind first through the standard library, to tell "taken" from other failures.
@@ -63,7 +64,10 @@ impl RendezvousHost {
             crate::tls::endpoint_on(socket)
                 .map_err(|message| RendezvousError::Listen { address, message })?
         };
-        let state = SharedState::default();
+        let state = SharedState::new(Mutex::new(HostState {
+            files,
+            ..HostState::default()
+        }));
         runtime.spawn(host(
             endpoint.clone(),
             token.to_string(),
@@ -76,11 +80,6 @@ impl RendezvousHost {
             endpoint,
             state,
         })
-    }
-
-    /// Offers `files` to the nodes (replacing what was offered).
-    pub fn share(&self, files: SharedFiles) {
-        self.state.lock().expect("state lock").files = files;
     }
 
     /// The run's latest progress, for `pp ctl status`.

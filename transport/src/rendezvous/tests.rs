@@ -71,7 +71,14 @@ fn nodes_join_in_any_order_and_learn_the_whole_group() {
     // Node 2 dials before the host listens, node 1 comes late: it is named as missing.
     let late = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(500));
-        RendezvousHost::start(address, "secret", 3, Duration::from_secs(20)).unwrap()
+        RendezvousHost::start(
+            address,
+            "secret",
+            3,
+            Duration::from_secs(20),
+            SharedFiles::default(),
+        )
+        .unwrap()
     });
     let joined = join_all(
         address,
@@ -125,7 +132,14 @@ fn nodes_join_in_any_order_and_learn_the_whole_group() {
 #[test]
 fn control_requests_reach_every_node() {
     let address = free_address();
-    let host = RendezvousHost::start(address, "secret", 2, Duration::from_secs(20)).unwrap();
+    let host = RendezvousHost::start(
+        address,
+        "secret",
+        2,
+        Duration::from_secs(20),
+        SharedFiles::default(),
+    )
+    .unwrap();
     let status = |token| {
         control(
             address,
@@ -195,7 +209,14 @@ fn control_requests_reach_every_node() {
 #[test]
 fn a_lost_node_stops_the_others_naming_it() {
     let address = free_address();
-    let _host = RendezvousHost::start(address, "secret", 3, Duration::from_secs(20)).unwrap();
+    let _host = RendezvousHost::start(
+        address,
+        "secret",
+        3,
+        Duration::from_secs(20),
+        SharedFiles::default(),
+    )
+    .unwrap();
     let joined = join_all(
         address,
         "secret",
@@ -223,7 +244,14 @@ fn a_lost_node_stops_the_others_naming_it() {
 #[test]
 fn nodes_started_differently_or_with_another_token_are_refused() {
     let address = free_address();
-    let _host = RendezvousHost::start(address, "secret", 2, Duration::from_secs(20)).unwrap();
+    let _host = RendezvousHost::start(
+        address,
+        "secret",
+        2,
+        Duration::from_secs(20),
+        SharedFiles::default(),
+    )
+    .unwrap();
     let joined = join_all(
         address,
         "secret",
@@ -242,7 +270,14 @@ fn nodes_started_differently_or_with_another_token_are_refused() {
     }
     // Another token: refused at once, and named to the nodes that wait.
     let address = free_address();
-    let _host = RendezvousHost::start(address, "secret", 2, Duration::from_secs(3)).unwrap();
+    let _host = RendezvousHost::start(
+        address,
+        "secret",
+        2,
+        Duration::from_secs(3),
+        SharedFiles::default(),
+    )
+    .unwrap();
     let error = join_one(address, "guess", report(None, 1, "1e-4"))
         .err()
         .expect("refused");
@@ -269,7 +304,14 @@ fn nodes_started_differently_or_with_another_token_are_refused() {
 #[test]
 fn the_host_gives_up_after_the_join_timeout_naming_who_is_missing() {
     let address = free_address();
-    let _host = RendezvousHost::start(address, "secret", 3, Duration::from_secs(2)).unwrap();
+    let _host = RendezvousHost::start(
+        address,
+        "secret",
+        3,
+        Duration::from_secs(2),
+        SharedFiles::default(),
+    )
+    .unwrap();
     let error = join_one(address, "secret", report(Some(0), 1, "1e-4"))
         .err()
         .expect("no group");
@@ -318,7 +360,6 @@ fn nodes_fetch_shared_files_checked_and_upload_only_below_the_upload_root() {
     std::fs::write(here.0.join("weights.bin"), &contents).unwrap();
     std::fs::write(here.0.join("config.json"), b"{}").unwrap();
     let address = free_address();
-    let host = RendezvousHost::start(address, "secret", 2, Duration::from_secs(20)).unwrap();
     let mut files = SharedFiles {
         upload_root: Some(here.0.join("out")),
         ..SharedFiles::default()
@@ -327,7 +368,8 @@ fn nodes_fetch_shared_files_checked_and_upload_only_below_the_upload_root() {
         let (info, path) = shared(here.0.join(name), &format!("model/{name}"));
         files.add(info, path);
     }
-    host.share(files);
+    let _host =
+        RendezvousHost::start(address, "secret", 2, Duration::from_secs(20), files).unwrap();
 
     let client =
         FileClient::connect(address, "secret", Duration::from_secs(10), &mut |_| {}).unwrap();
