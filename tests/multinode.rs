@@ -540,64 +540,8 @@ fn unlike_devices_are_measured_and_placed_by_speed_the_same_on_every_node() {
 /// cache and receives only its share of the checkpoint, and the run continues exactly.
 #[test]
 fn a_node_without_the_files_receives_them_and_node_0_gathers_the_checkpoints() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (here, there) = (tmp.path().join("node0"), tmp.path().join("node1"));
-    std::fs::create_dir_all(&here).unwrap();
-    let data = text_data(&here);
-    let model = here.join("model");
-    let source = fixture("llama3-tiny").join("hf");
-    let convert = std::process::Command::new(env!("CARGO_BIN_EXE_pp"))
-        .args(["convert", &source.display().to_string()])
-        .arg(&model)
-        .args(["--stages", "2"])
-        .output()
-        .unwrap();
-    assert!(convert.status.success(), "{}", stderr(&convert));
-    let single = tmp.path().join("single");
-    let model_arg = model.display().to_string();
-    let flags = [
-        "--steps",
-        "4",
-        "--save-every",
-        "2",
-        "--micro-batch-size",
-        "3",
-    ];
-    train(&model_arg, &data, &single, &flags);
-
-    let run = |extra: &[&str]| {
-        let rendezvous = loopback(free_port());
-        let nodes = [&here, &there]
-            .iter()
-            .enumerate()
-            .map(|(rank, dir)| {
-                let out = dir.join("out");
-                let cache = dir.join("cache").display().to_string();
-                let rank_flag = rank.to_string();
-                let mut flags = vec!["--node-rank", &rank_flag, "--cache-dir", &cache];
-                flags.extend_from_slice(&["--steps", "4", "--save-every", "2"]);
-                flags.extend_from_slice(&["--microbatches", "2"]);
-                flags.extend_from_slice(extra);
-                let own_data = dir.join("text.jsonl").display().to_string();
-                let mut args = node_args(&own_data, &out, 2, &rendezvous, &flags);
-                // Node 1 names a model directory it does not have.
-                args[1] = dir.join("model").display().to_string();
-                start_node(&args, "secret", None)
-            })
-            .collect();
-        let outputs = finish(nodes, Duration::from_secs(240));
-        for output in &outputs {
-            assert!(
-                output.status.success(),
-                "node 0: {}\nnode 1: {}",
-                stderr(&outputs[0]),
-                stderr(&outputs[1])
-            );
-        }
-        (stderr(&outputs[0]), stderr(&outputs[1]))
-    };
-
-    let (_, received) = run(&[]);
+    let apart = Apart::new();
+    let (_, received) = apart.run(&[]);
     assert!(
         received.contains("received model/stage-001.bin from node 0")
             && received.contains("received model/manifest.json")
@@ -606,8 +550,8 @@ fn a_node_without_the_files_receives_them_and_node_0_gathers_the_checkpoints() {
         "{received}"
     );
     assert!(!received.contains("model/stage-000.bin"), "{received}");
-    let out = here.join("out");
-    assert_same_weights(&out.join("final"), &single.join("final"), 1e-5, "gathered");
+    let out = apart.out(0);
+    assert_same_weights(&out.join("final"), &apart.single(), 1e-5, "gathered");
     assert_eq!(checkpoints(&out), ["step-2", "step-4"]);
     for file in ["stage-001.bin", "optimizer-001.safetensors", "trainer.json"] {
         assert!(
@@ -616,14 +560,14 @@ fn a_node_without_the_files_receives_them_and_node_0_gathers_the_checkpoints() {
         );
     }
     // Node 1 keeps no share of what node 0 now holds.
-    let theirs = there.join("out");
+    let theirs = apart.out(1);
     assert!(!theirs.join("final").exists() && checkpoints(&theirs).is_empty());
 
     // Resume from step 2 on node 0's side: node 1 fetches only its share of it.
     std::fs::remove_dir_all(out.join("checkpoints/step-4")).unwrap();
-    let first_final = tmp.path().join("first-final");
+    let first_final = apart.tmp.path().join("first-final");
     std::fs::rename(out.join("final"), &first_final).unwrap();
-    let (host, received) = run(&["--resume"]);
+    let (host, received) = apart.run(&["--resume"]);
     assert!(host.contains("resumed from "), "{host}");
     assert!(!received.contains("received model/"), "{received}");
     assert!(
@@ -641,4 +585,122 @@ fn a_node_without_the_files_receives_them_and_node_0_gathers_the_checkpoints() {
         1e-6,
         "resumed on two nodes",
     );
+}
+
+/// With --save-on-each-node each node keeps its own share of every checkpoint (a whole
+/// checkpoint's description, its own stages' weights and optimizer state); the final model is
+/// still gathered on node 0. Resuming takes the newest checkpoint every node holds: here node
+/// 1 lost its newest.
+#[test]
+fn with_save_on_each_node_each_keeps_its_share_and_resumes_from_one_all_hold() {
+    let apart = Apart::new();
+    apart.run(&["--save-on-each-node"]);
+    for (node, (own, other)) in [(0, (0, 1)), (1, (1, 0))] {
+        let out = apart.out(node);
+        assert_eq!(checkpoints(&out), ["step-2", "step-4"], "node {node}");
+        let step = out.join("checkpoints/step-2");
+        for file in [
+            format!("stage-{own:03}.bin"),
+            format!("optimizer-{own:03}.safetensors"),
+            "manifest.json".into(),
+            "trainer.json".into(),
+        ] {
+            assert!(step.join(&file).is_file(), "node {node}: {file}");
+        }
+        assert!(!step.join(format!("stage-{other:03}.bin")).exists());
+        assert_eq!(
+            std::fs::read(step.join("manifest.json")).unwrap(),
+            std::fs::read(apart.out(0).join("checkpoints/step-2/manifest.json")).unwrap()
+        );
+    }
+    let out = apart.out(0);
+    assert_same_weights(&out.join("final"), &apart.single(), 1e-5, "final gathered");
+
+    std::fs::remove_dir_all(apart.out(1).join("checkpoints/step-4")).unwrap();
+    let first_final = apart.tmp.path().join("first-final");
+    std::fs::rename(out.join("final"), &first_final).unwrap();
+    let (host, _) = apart.run(&["--save-on-each-node", "--resume"]);
+    assert!(
+        host.contains("resumed from ") && host.contains("step-2"),
+        "{host}"
+    );
+    assert_same_weights(
+        &out.join("final"),
+        &first_final,
+        1e-6,
+        "resumed from shares",
+    );
+}
+
+/// Two nodes on loopback with no directory in common: node 0 holds a native copy of the
+/// model cut in two stages and the data, node 1 names paths it does not have.
+struct Apart {
+    tmp: tempfile::TempDir,
+}
+
+impl Apart {
+    const FLAGS: [&str; 6] = ["--steps", "4", "--save-every", "2", "--microbatches", "2"];
+
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let apart = Self { tmp };
+        let here = apart.dir(0);
+        std::fs::create_dir_all(&here).unwrap();
+        text_data(&here);
+        let source = fixture("llama3-tiny").join("hf");
+        let convert = std::process::Command::new(env!("CARGO_BIN_EXE_pp"))
+            .args(["convert", &source.display().to_string()])
+            .arg(here.join("model"))
+            .args(["--stages", "2"])
+            .output()
+            .unwrap();
+        assert!(convert.status.success(), "{}", stderr(&convert));
+        apart
+    }
+
+    fn dir(&self, node: usize) -> std::path::PathBuf {
+        self.tmp.path().join(format!("node{node}"))
+    }
+
+    fn out(&self, node: usize) -> std::path::PathBuf {
+        self.dir(node).join("out")
+    }
+
+    /// The same training on one device: its final model.
+    fn single(&self) -> std::path::PathBuf {
+        let single = self.tmp.path().join("single");
+        if !single.join("final").exists() {
+            let model = self.dir(0).join("model").display().to_string();
+            let data = self.dir(0).join("text.jsonl").display().to_string();
+            let mut flags = Self::FLAGS.to_vec();
+            flags.extend(["--micro-batch-size", "3"]);
+            train(&model, &data, &single, &flags);
+        }
+        single.join("final")
+    }
+
+    /// Both nodes with `extra`; each one's stderr once both succeeded.
+    fn run(&self, extra: &[&str]) -> (String, String) {
+        let rendezvous = loopback(free_port());
+        let nodes = (0..2)
+            .map(|rank| {
+                let dir = self.dir(rank);
+                let cache = dir.join("cache").display().to_string();
+                let rank_flag = rank.to_string();
+                let mut flags = vec!["--node-rank", &rank_flag, "--cache-dir", &cache];
+                flags.extend(Self::FLAGS);
+                flags.extend_from_slice(extra);
+                let data = dir.join("text.jsonl").display().to_string();
+                let mut args = node_args(&data, &dir.join("out"), 2, &rendezvous, &flags);
+                args[1] = dir.join("model").display().to_string();
+                start_node(&args, "secret", None)
+            })
+            .collect();
+        let outputs = finish(nodes, Duration::from_secs(240));
+        let (host, other) = (stderr(&outputs[0]), stderr(&outputs[1]));
+        for output in &outputs {
+            assert!(output.status.success(), "node 0: {host}\nnode 1: {other}");
+        }
+        (host, other)
+    }
 }

@@ -80,6 +80,11 @@ pub struct PipelineFlags {
     /// [default: $PP_CACHE_DIR, else $XDG_CACHE_HOME/pp, else ~/.cache/pp].
     #[arg(long, requires = "nnodes")]
     cache_dir: Option<PathBuf>,
+    /// Each node keeps its own share of every training checkpoint (its workers' stages)
+    /// instead of sending it to node 0; resuming takes the newest checkpoint every node holds.
+    /// The final model is still gathered on node 0.
+    #[arg(long, requires = "nnodes")]
+    save_on_each_node: bool,
     /// Internal: this worker's node (of a group of nodes).
     #[arg(long, hide = true, requires = "worker_rank")]
     worker_node: Option<usize>,
@@ -231,6 +236,7 @@ impl PipelineFlags {
                 .cache_dir
                 .clone()
                 .unwrap_or_else(pp::cluster::files::default_cache_dir),
+            save_on_each_node: self.save_on_each_node,
         };
         let layout = PipelineLayout {
             schedule: self.schedule,
@@ -285,6 +291,8 @@ pub fn run_worker(
             node,
             rendezvous: pp::cluster::node::resolve(rendezvous)?,
             token: token.clone(),
+            checkpoints_stay: flags.save_on_each_node,
+            leads_node: flags.worker_local_rank == Some(0),
         }),
         _ => None,
     };
@@ -292,7 +300,13 @@ pub fn run_worker(
         rank,
         addresses: flags.worker_addresses.clone(),
         token,
-        join_timeout: Duration::from_secs(60),
+        // In a group of nodes, another node may still be receiving its weights from node 0;
+        // a node lost meanwhile is noticed by the rendezvous, which stops these workers.
+        join_timeout: Duration::from_secs(if flags.worker_node.is_some() {
+            3600
+        } else {
+            60
+        }),
         wire: flags.wire_dtype.unwrap_or(match options.dtype {
             DType::F32 => WireDType::F32,
             DType::BF16 => WireDType::Bf16,

@@ -363,6 +363,13 @@ impl Receiver {
                 link(&own, &target)?;
                 continue;
             }
+            if info.size >= 1 << 26 {
+                eprintln!(
+                    "receiving {} ({}) from node 0",
+                    info.name,
+                    crate::plan::human_bytes(info.size)
+                );
+            }
             let started = Instant::now();
             self.client
                 .fetch(info, &target)

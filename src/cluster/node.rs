@@ -49,6 +49,8 @@ pub struct NodeOptions {
     pub max_restarts: u32,
     /// Where files received from node 0 are kept.
     pub cache_dir: PathBuf,
+    /// Each node keeps its own share of the training checkpoints; none are gathered on node 0.
+    pub save_on_each_node: bool,
 }
 
 /// The pipeline as the flags give it; the worker count is the group's.
@@ -168,14 +170,19 @@ impl Round<'_> {
     /// Forms the group (the `restarts`-th time here) and trains until it ends.
     fn run(&self, restarts: u32) -> Result<()> {
         let (train, node, devices) = (self.train, self.node, self.devices);
+        let saved: Vec<u64> = crate::train::checkpoint::list(&train.out_dir.join("checkpoints"))
+            .into_iter()
+            .map(|(step, _)| step)
+            .collect();
         // Node 0 shares its files, the newest checkpoint among them (resumed from when the
-        // group forms again, or with --resume).
+        // group forms again, or with --resume), unless every node keeps its own.
         let checkpoint = match (&self.host, &train.resume) {
             (None, _) => None,
+            _ if node.save_on_each_node => None,
             (Some(_), Some(Resume::Path(path))) => Some(path.clone()),
-            (Some(_), _) => crate::train::checkpoint::list(&train.out_dir.join("checkpoints"))
-                .pop()
-                .map(|(_, path)| path),
+            (Some(_), _) => saved
+                .last()
+                .map(|&step| crate::train::checkpoint::step_dir(&self.checkpoints(), step)),
         };
         let host = match self.host {
             Some(bind) => {
@@ -207,8 +214,9 @@ impl Round<'_> {
                     measured: serde_json::to_string(measured).expect("a measurement serializes"),
                 })
                 .collect(),
-            settings: shared_settings(train, self.layout),
+            settings: shared_settings(train, self.layout, node),
             restarts,
+            checkpoints: saved,
         };
         eprintln!(
             "joining the rendezvous at {} as {} of {} nodes",
@@ -231,7 +239,7 @@ impl Round<'_> {
         let placement = placement::place(train, &pipeline, &workers)?;
         print_plan(&pipeline, &group, &workers, &placement);
         let resume = group.round > 0 || train.resume.is_some();
-        let copies = if node.plan_only {
+        let mut copies = if node.plan_only {
             self.copies.clone()
         } else if host.is_some() {
             NodeCopies {
@@ -241,6 +249,9 @@ impl Round<'_> {
         } else {
             self.receive(&pipeline, &placement.partition, &group, resume)?
         };
+        if node.save_on_each_node && resume && !node.plan_only {
+            copies.resume = self.held_by_every_node(&group, &pipeline)?;
+        }
         let mut extra_args = copies.args();
         extra_args.push(format!("--worker-node={}", group.node_rank));
         if self.layout.stages.is_none() {
@@ -315,12 +326,65 @@ impl Round<'_> {
             })?;
         }
         (copies.data, copies.validation) = receiver.data(self.train)?;
-        if resume {
+        if resume && !node.save_on_each_node {
             copies.resume = receiver.checkpoint(&self.train.out_dir, |dir| {
                 cut_as_planned(dir).then_some(stages.as_slice())
             })?;
         }
         Ok(copies)
+    }
+
+    /// This node's `OUT/checkpoints`.
+    fn checkpoints(&self) -> PathBuf {
+        self.train.out_dir.join("checkpoints")
+    }
+
+    /// With `--save-on-each-node`: the newest checkpoint every node holds its share of, here,
+    /// checked to hold this node's stages (`None`: there is none, and a restarted group
+    /// starts over; an explicit `--resume PATH` is every node's own).
+    fn held_by_every_node(
+        &self,
+        group: &Group,
+        pipeline: &PipelineOptions,
+    ) -> Result<Option<PathBuf>> {
+        if let Some(Resume::Path(_)) = self.train.resume {
+            return Ok(None);
+        }
+        let common = group.nodes[0]
+            .checkpoints
+            .iter()
+            .rev()
+            .find(|step| group.nodes.iter().all(|n| n.checkpoints.contains(step)));
+        let Some(&step) = common else {
+            if self.train.resume.is_none() {
+                return Ok(None);
+            }
+            let held: Vec<String> = group
+                .nodes
+                .iter()
+                .map(|n| format!("{n}: steps {:?}", n.checkpoints))
+                .collect();
+            return Err(Error::Usage(format!(
+                "--resume: no checkpoint is held by every node ({})",
+                held.join("; ")
+            )));
+        };
+        let dir = crate::train::checkpoint::step_dir(&self.checkpoints(), step);
+        let schedule = pipeline_schedule(pipeline)?;
+        let this = group.this_node();
+        for rank in this.first_rank..this.first_rank + this.workers.len() {
+            for stage in schedule.stages_of(rank) {
+                let file = dir.join(stage_file_name(stage));
+                if !file.is_file() {
+                    return Err(Error::Usage(format!(
+                        "{} lacks stage {stage}, which this node's rank {rank} now runs: the \
+                         stages moved since it was saved; pass the --split it was trained with",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        Ok(Some(dir))
     }
 }
 
@@ -450,7 +514,11 @@ fn human_seconds(seconds: f64) -> String {
 }
 
 /// What must be the same on every node: everything but where files are and which device.
-fn shared_settings(train: &TrainOptions, layout: &PipelineLayout) -> Vec<(String, String)> {
+fn shared_settings(
+    train: &TrainOptions,
+    layout: &PipelineLayout,
+    node: &NodeOptions,
+) -> Vec<(String, String)> {
     // The model and data are node 0's on every node (`files`), so only how they are used.
     let validation = match &train.validation {
         crate::train::Validation::File(_) => "a file".to_string(),
@@ -476,6 +544,7 @@ fn shared_settings(train: &TrainOptions, layout: &PipelineLayout) -> Vec<(String
         ("--max-grad-norm", format!("{:?}", train.max_grad_norm)),
         ("the memory savers", format!("{:?}", train.savers)),
         ("--save-every", format!("{:?}", train.save_every)),
+        ("--save-on-each-node", node.save_on_each_node.to_string()),
         ("--eval-every", format!("{:?}", train.eval_every)),
         ("--resume", format!("{:?}", train.resume.is_some())),
     ]

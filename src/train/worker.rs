@@ -18,7 +18,7 @@ use super::trainer::{
     check_options, device_note, pad_token, set_up, Engine, StepOutcome, TrainOptions, TrainReport,
 };
 use super::Observer;
-use crate::checkpoint::native::{stage_file_name, StageEntry};
+use crate::checkpoint::native::{stage_file_name, StageEntry, MANIFEST_FILE};
 use crate::checkpoint::{Format, ModelInfo, OwnedWeights, WeightSource};
 use crate::convert::{write_native_manifest, write_native_stages};
 use crate::data::{MicroBatch, Sequence};
@@ -57,6 +57,10 @@ pub struct Gather {
     pub rendezvous: SocketAddr,
     /// The cluster token.
     pub token: String,
+    /// `--save-on-each-node`: training checkpoints stay on this node.
+    pub checkpoints_stay: bool,
+    /// This rank is its node's first: it completes the node's share of each checkpoint.
+    pub leads_node: bool,
 }
 
 /// Trains this rank's share of the pipeline; `run_id` names the shared staging directory of
@@ -134,6 +138,7 @@ pub fn train_rank<B: TrainBackend>(
             run_id,
             out_dir: &options.out_dir,
             gather,
+            keep: options.keep,
         },
         microbatches: pipeline.microbatches,
         pad_id,
@@ -362,13 +367,18 @@ struct SharedOutput<'a> {
     out_dir: &'a Path,
     /// Where this rank's files go when its node is not node 0.
     gather: Option<Gather>,
+    /// `--keep`, for the checkpoints a node keeps of its own.
+    keep: Option<usize>,
 }
 
 impl SharedOutput<'_> {
     /// Every rank writes its stage files (and with `state`, a training checkpoint's optimizer
-    /// files) into one staging directory beside `target` (on another node than node 0: its
-    /// own, uploaded to node 0's); after a barrier, rank 0 writes the manifest from their
-    /// entries (and `trainer.json`) and renames the directory into place.
+    /// files) into one staging directory beside `target`; after a barrier, rank 0 writes the
+    /// manifest from their entries (and `trainer.json`) and renames the directory into place.
+    /// A rank on another node than node 0 writes into its node's own staging directory and
+    /// sends its files to node 0's; with `--save-on-each-node` a checkpoint's stay on its node
+    /// (only their entries go to node 0), and the node's first rank completes the node's share
+    /// with node 0's manifest once it is written.
     fn write<B: TrainBackend>(
         &self,
         worker: &RankWorker<B>,
@@ -394,7 +404,7 @@ impl SharedOutput<'_> {
         }
         let stages: Vec<usize> = worker.runners().keys().copied().collect();
         for entry in write_native_stages(&weights, self.info, self.partition, &stages, &staging)? {
-            let path = staging.join(format!("{}.entry.json", entry.file));
+            let path = staging.join(entry_file(&entry.file));
             crate::checkpoint::write_json(&path, &entry)?;
         }
         if state.is_some() {
@@ -408,16 +418,22 @@ impl SharedOutput<'_> {
                 )?;
             }
         }
+        let relative = |path: &Path| {
+            path.strip_prefix(self.out_dir)
+                .unwrap_or(path)
+                .to_path_buf()
+        };
+        // Whether this node keeps its share of this checkpoint.
+        let stays = state.is_some() && self.gather.as_ref().is_some_and(|g| g.checkpoints_stay);
         if let Some(gather) = &self.gather {
-            let name = shared.strip_prefix(self.out_dir).unwrap_or(&shared);
-            gather.upload(&staging, name)?;
+            gather.upload(&staging, &relative(&shared), stays)?;
         }
         // Round 1 of the step: every rank's files are in place.
         worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
         if worker.rank() == 0 {
             let mut entries = Vec::with_capacity(self.partition.len());
             for index in 0..self.partition.len() {
-                let path = staging.join(format!("{}.entry.json", stage_file_name(index)));
+                let path = staging.join(entry_file(&stage_file_name(index)));
                 let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
                 let entry: StageEntry =
                     serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
@@ -431,45 +447,119 @@ impl SharedOutput<'_> {
             if let Some(state) = state {
                 crate::checkpoint::write_json(&staging.join(checkpoint::TRAINER_FILE), state)?;
             }
-            // Move an older copy aside first, so the target is never missing.
-            let old = parent.join(format!(".{name}.pp-old-{}", self.run_id));
-            if target.exists() {
-                std::fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
-            }
-            std::fs::rename(&staging, target).map_err(|e| Error::io(target, e))?;
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-            }
+            self.put_in_place(&staging, target)?;
         }
         // Round 2: the checkpoint is in place before any rank goes on.
-        worker.barrier(step, 2).map_err(|e| peer_error(e, worker))
+        worker.barrier(step, 2).map_err(|e| peer_error(e, worker))?;
+        match (&self.gather, state) {
+            (Some(gather), Some(state)) if stays && gather.leads_node => {
+                gather.complete_share(&staging, &relative(target).join(MANIFEST_FILE), state)?;
+                if same_checkpoint(&staging, target) {
+                    // Node 0 wrote this very checkpoint here: the nodes share a filesystem.
+                    move_files(&staging, target)?;
+                } else {
+                    self.put_in_place(&staging, target)?;
+                }
+                if let Some(keep) = self.keep {
+                    checkpoint::prune(parent, keep, target)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Renames `staging` to `target`, moving an older copy aside first so that the target is
+    /// never missing.
+    fn put_in_place(&self, staging: &Path, target: &Path) -> Result<()> {
+        let parent = target.parent().unwrap_or(Path::new("."));
+        let name = target.file_name().unwrap_or_default().to_string_lossy();
+        let old = parent.join(format!(".{name}.pp-old-{}", self.run_id));
+        if target.exists() {
+            std::fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
+        }
+        std::fs::rename(staging, target).map_err(|e| Error::io(target, e))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        Ok(())
     }
 }
 
+/// Whether `a` and `b` hold the same manifest: they are shares of one checkpoint write (the
+/// manifest records every stage file's checksum).
+fn same_checkpoint(a: &Path, b: &Path) -> bool {
+    let manifest = |dir: &Path| std::fs::read(dir.join(MANIFEST_FILE)).ok();
+    manifest(a).is_some_and(|m| Some(m) == manifest(b))
+}
+
+/// Moves every file of `from` into `to`, then removes `from`.
+fn move_files(from: &Path, to: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let path = entry.map_err(|e| Error::io(from, e))?.path();
+        let target = to.join(path.file_name().unwrap_or_default());
+        std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
+    }
+    std::fs::remove_dir(from).map_err(|e| Error::io(from, e))
+}
+
+/// Where a rank leaves the description of a stage file it wrote, for rank 0's manifest.
+fn entry_file(stage_file: &str) -> String {
+    format!("{stage_file}.entry.json")
+}
+
 impl Gather {
-    /// Uploads every file of `dir` into `name` (relative to node 0's output directory), then
-    /// removes `dir`: node 0 holds the checkpoint from here on.
-    fn upload(&self, dir: &Path, name: &Path) -> Result<()> {
-        let failed = |e: pp_transport::rendezvous::RendezvousError| {
-            Error::Training(format!(
-                "sending checkpoint files to node 0 (at {}): {e}",
-                self.rendezvous
-            ))
-        };
-        let client = FileClient::connect(
+    /// Uploads the files of `dir` into `name` (relative to node 0's output directory): all of
+    /// them, then removes `dir` (node 0 holds them from here on); or, when they `stay`, only
+    /// the stage entries node 0's manifest is made from.
+    fn upload(&self, dir: &Path, name: &Path, stay: bool) -> Result<()> {
+        let client = self.connect()?;
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            if stay && !file.ends_with(".entry.json") {
+                continue;
+            }
+            let remote = format!("{}/{file}", name.display());
+            client.upload(&path, &remote).map_err(|e| self.failed(e))?;
+        }
+        if !stay {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// Makes this node's share in `dir` a checkpoint of its own: node 0's `manifest` (the
+    /// whole model's), the trainer state, and no stage entries.
+    fn complete_share(&self, dir: &Path, manifest: &Path, state: &TrainerState) -> Result<()> {
+        self.connect()?
+            .fetch_uploaded(&manifest.to_string_lossy(), &dir.join(MANIFEST_FILE))
+            .map_err(|e| self.failed(e))?;
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            if path.to_string_lossy().ends_with(".entry.json") {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        crate::checkpoint::write_json(&dir.join(checkpoint::TRAINER_FILE), state)
+    }
+
+    fn connect(&self) -> Result<FileClient> {
+        FileClient::connect(
             self.rendezvous,
             &self.token,
             Duration::from_secs(60),
             &mut |_| {},
         )
-        .map_err(failed)?;
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-        for entry in entries {
-            let path = entry.map_err(|e| Error::io(dir, e))?.path();
-            let file = path.file_name().unwrap_or_default().to_string_lossy();
-            let remote = format!("{}/{file}", name.display());
-            client.upload(&path, &remote).map_err(failed)?;
-        }
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))
+        .map_err(|e| self.failed(e))
+    }
+
+    fn failed(&self, error: pp_transport::rendezvous::RendezvousError) -> Error {
+        Error::Training(format!(
+            "checkpoint files with node 0 (at {}): {error}",
+            self.rendezvous
+        ))
     }
 }

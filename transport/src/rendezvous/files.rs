@@ -56,6 +56,8 @@ pub(crate) enum FileRequest {
     Fetch(String),
     /// The contents follow; store them under the name.
     Upload(FileInfo),
+    /// A file under the upload directory (what ranks of node 0 wrote there).
+    FetchUploaded(String),
 }
 
 /// The host's answer.
@@ -182,6 +184,22 @@ impl FileClient {
             .map_err(|message| self.link(message))
     }
 
+    /// Fetches `name` from under node 0's upload directory into `destination`, checked
+    /// against the checksum node 0 computes as it sends it.
+    pub fn fetch_uploaded(&self, name: &str, destination: &Path) -> Result<(), RendezvousError> {
+        self.runtime
+            .block_on(async {
+                let (_send, mut recv) = self.ask(FileRequest::FetchUploaded(name.into())).await?;
+                let info = match read_frame::<FileReply>(&mut recv).await? {
+                    FileReply::Sending(info) => info,
+                    FileReply::Refused(reason) => return Err(reason),
+                    other => return Err(format!("unexpected answer {other:?}")),
+                };
+                receive_into(&mut recv, &info, destination).await
+            })
+            .map_err(|message| self.link(message))
+    }
+
     /// Uploads `source` to node 0, where it is stored as `name` under its upload directory.
     pub fn upload(&self, source: &Path, name: &str) -> Result<(), RendezvousError> {
         let failed = |e: std::io::Error| self.link(format!("{}: {e}", source.display()));
@@ -266,16 +284,45 @@ async fn answer(
             send_contents(send, path, info.size).await
         }
         FileRequest::Upload(info) => {
-            let root = shared
-                .upload_root
-                .as_ref()
-                .ok_or_else(|| "node 0 takes no uploads now".to_string())?;
-            if !is_relative_name(&info.name) {
-                return Err(format!("`{}` is not a relative path", info.name));
-            }
-            receive_into(recv, &info, &root.join(&info.name)).await?;
+            let path = shared.uploaded(&info.name)?;
+            receive_into(recv, &info, &path).await?;
             write_frame(send, &FileReply::Stored).await
         }
+        FileRequest::FetchUploaded(name) => {
+            let path = shared.uploaded(&name)?;
+            let info = tokio::task::spawn_blocking(move || {
+                let size = std::fs::metadata(&path)?.len();
+                let checksum = checksum_of(&path)?;
+                Ok::<_, std::io::Error>((
+                    FileInfo {
+                        name,
+                        size,
+                        checksum,
+                    },
+                    path,
+                ))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("node 0 cannot read it: {e}"))?;
+            let (info, path) = info;
+            write_frame(send, &FileReply::Sending(info.clone())).await?;
+            send_contents(send, &path, info.size).await
+        }
+    }
+}
+
+impl SharedFiles {
+    /// Where `name` lies under the upload directory.
+    fn uploaded(&self, name: &str) -> Result<PathBuf, String> {
+        let root = self
+            .upload_root
+            .as_ref()
+            .ok_or_else(|| "node 0 takes no uploads now".to_string())?;
+        if !is_relative_name(name) {
+            return Err(format!("`{name}` is not a relative path"));
+        }
+        Ok(root.join(name))
     }
 }
 

@@ -213,6 +213,7 @@ async fn form(
                 address: member.address,
                 first_rank,
                 workers: member.join.workers.clone(),
+                checkpoints: member.join.checkpoints.clone(),
             };
             first_rank += node.workers.len();
             node

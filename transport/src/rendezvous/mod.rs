@@ -102,6 +102,9 @@ pub struct NodeJoin {
     pub settings: Vec<(String, String)>,
     /// How many times this node has formed the group again after losing it.
     pub restarts: u32,
+    /// The steps of the checkpoints this node holds (its share of each, where nodes save
+    /// their own), so that the group resumes from one every node holds.
+    pub checkpoints: Vec<u64>,
 }
 
 /// A member of the formed group.
@@ -117,6 +120,8 @@ pub struct Node {
     pub first_rank: usize,
     /// Its workers.
     pub workers: Vec<WorkerInfo>,
+    /// The steps of the checkpoints it holds.
+    pub checkpoints: Vec<u64>,
 }
 
 impl fmt::Display for Node {

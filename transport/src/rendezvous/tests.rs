@@ -23,6 +23,7 @@ fn report(node_rank: Option<usize>, workers: usize, lr: &str) -> NodeJoin {
             .collect(),
         settings: vec![("stages".into(), "3".into()), ("lr".into(), lr.into())],
         restarts: 0,
+        checkpoints: Vec::new(),
     }
 }
 
@@ -406,6 +407,15 @@ fn nodes_fetch_shared_files_checked_and_upload_only_below_the_upload_root() {
         .unwrap();
     let stored = here.0.join("out/checkpoints/step-1/w.bin");
     assert_eq!(std::fs::read(stored).unwrap(), contents);
+    // What lies under the upload root can be read back; nothing above it.
+    client
+        .fetch_uploaded("checkpoints/step-1/w.bin", &there.0.join("back.bin"))
+        .unwrap();
+    assert_eq!(std::fs::read(there.0.join("back.bin")).unwrap(), contents);
+    let error = client
+        .fetch_uploaded("../weights.bin", &there.0.join("x"))
+        .unwrap_err();
+    assert!(error.to_string().contains("not a relative path"), "{error}");
     let error = client
         .upload(&there.0.join("w.bin"), "../escaped.bin")
         .unwrap_err();
