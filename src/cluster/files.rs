@@ -444,6 +444,13 @@ impl Digests {
         let checksum = match self.known.get(&key) {
             Some(d) if d.size == metadata.len() && d.modified_ns == modified_ns => d.checksum,
             _ => {
+                if metadata.len() >= 1 << 28 {
+                    eprintln!(
+                        "checksumming {} ({}), once: the result is cached",
+                        path.display(),
+                        crate::plan::human_bytes(metadata.len())
+                    );
+                }
                 let checksum = checksum_of(path).map_err(|e| Error::io(path, e))?;
                 self.known.insert(
                     key,
@@ -480,5 +487,68 @@ impl Digests {
         if written.is_ok() {
             self.changed = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pp_transport::rendezvous::RendezvousHost;
+
+    use super::*;
+
+    fn write(dir: &Path, name: &str, contents: &[u8]) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(name), contents).unwrap();
+    }
+
+    #[test]
+    fn a_node_links_what_matches_fetches_what_differs_and_repairs_its_cache() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (theirs, ours) = (tmp.path().join("node0"), tmp.path().join("node1"));
+        let weights: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+        write(&theirs, "config.json", b"{\"same\": 1}");
+        write(&theirs, "tokenizer.json", b"node 0's tokenizer");
+        write(&theirs, "model.safetensors", &weights);
+        // Node 1 has the same config, another tokenizer and no weights.
+        write(&ours, "config.json", b"{\"same\": 1}");
+        write(&ours, "tokenizer.json", b"an older tokenizer");
+
+        let mut digests = Digests::load(&tmp.path().join("cache0"));
+        let mut shared = SharedFiles::default();
+        for path in files_in(&theirs).unwrap() {
+            let name = format!("model/{}", path.file_name().unwrap().to_string_lossy());
+            shared.add(digests.describe(&path, &name).unwrap(), path);
+        }
+        let address = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let _host =
+            RendezvousHost::start(address, "secret", 2, Duration::from_secs(30), shared).unwrap();
+        let cache = tmp.path().join("cache1");
+        let mut receiver =
+            Receiver::connect(address, "secret", Duration::from_secs(10), &cache).unwrap();
+
+        let dir = receiver.model(&ours).unwrap().expect("not node 0's model");
+        assert!(dir.starts_with(cache.join("models")));
+        let config = dir.join("config.json");
+        assert!(config.symlink_metadata().unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&config).unwrap(), b"{\"same\": 1}");
+        let tokenizer = dir.join("tokenizer.json");
+        assert_eq!(std::fs::read(&tokenizer).unwrap(), b"node 0's tokenizer");
+        // The weights only when asked for.
+        assert!(!dir.join("model.safetensors").exists());
+        receiver.model_weights(&ours, &dir, |_| true).unwrap();
+        assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), weights);
+
+        // A damaged cached file is fetched again.
+        std::fs::write(&tokenizer, b"damaged tokenizer!").unwrap();
+        assert_eq!(receiver.model(&ours).unwrap(), Some(dir.clone()));
+        assert_eq!(std::fs::read(&tokenizer).unwrap(), b"node 0's tokenizer");
+
+        // A node whose copy is node 0's uses its own directory.
+        assert_eq!(receiver.model(&theirs).unwrap(), None);
     }
 }
