@@ -479,6 +479,8 @@ impl Digests {
         let Some(parent) = self.path.parent() else {
             return;
         };
+        // Files since deleted (an old run's checkpoints) are forgotten.
+        self.known.retain(|path, _| Path::new(path).exists());
         let text = serde_json::to_string(&self.known).expect("digests serialize");
         let partial = parent.join(format!(".checksums.json.{}", std::process::id()));
         let written = std::fs::create_dir_all(parent)

@@ -88,8 +88,12 @@ impl<B: TrainBackend> RankWorker<B> {
     }
 
     /// Waits until every rank reaches the same point (`round` numbers the points of a step).
+    /// Ranks meet here around saving, which may take long (a large stage written to disk, or
+    /// sent to node 0 over a slow link), so the wait is bounded by [`BARRIER_TIMEOUT`], not the
+    /// pipeline's receive timeout; a rank that dies meanwhile is noticed by the transport.
     pub fn barrier(&self, step: u64, round: u32) -> Result<(), TransportError> {
-        self.all_reduce(step, round, vec![0.0]).map(|_| ())
+        self.reduce(step, round, vec![0.0], BARRIER_TIMEOUT)
+            .map(|_| ())
     }
 
     /// Runs optimizer step `step` on `micro_batches` (every rank is given the same ones; only
@@ -378,6 +382,16 @@ impl<B: TrainBackend> RankWorker<B> {
         round: u32,
         values: Vec<f64>,
     ) -> Result<Vec<f64>, TransportError> {
+        self.reduce(step, round, values, self.timeout)
+    }
+
+    fn reduce(
+        &self,
+        step: u64,
+        round: u32,
+        values: Vec<f64>,
+        timeout: Duration,
+    ) -> Result<Vec<f64>, TransportError> {
         let rank = self.transport.rank();
         let ranks = self.transport.world_size();
         let tag = |from: usize| Tag {
@@ -407,7 +421,7 @@ impl<B: TrainBackend> RankWorker<B> {
         if rank == 0 {
             let mut total = values;
             for from in 1..ranks {
-                let theirs = read(self.transport.recv(from, tag(from), self.timeout)?);
+                let theirs = read(self.transport.recv(from, tag(from), timeout)?);
                 total.iter_mut().zip(theirs).for_each(|(t, v)| *t += v);
             }
             for to in 1..ranks {
@@ -416,10 +430,13 @@ impl<B: TrainBackend> RankWorker<B> {
             Ok(total)
         } else {
             self.transport.send(0, message(rank, &values))?;
-            Ok(read(self.transport.recv(0, tag(0), self.timeout)?))
+            Ok(read(self.transport.recv(0, tag(0), timeout)?))
         }
     }
 }
+
+/// How long a rank waits for the others at a barrier (see [`RankWorker::barrier`]).
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Per rank: wall time of the step's action list, and the time and count of each pass kind.
 const TIMING_FIELDS: usize = 10;
