@@ -492,6 +492,11 @@ fn split_places_the_layers_and_the_plan_gives_the_expected_step() {
         let text = stderr(&output);
         assert!(output.status.success(), "{text}");
         assert!(text.contains("(as --split gives); expected "), "{text}");
+        // Node 1 timed its link to node 0; the expected step counts the transfers over it.
+        assert!(
+            text.contains("links to node 0, counted in the step: node 1 "),
+            "{text}"
+        );
         assert!(
             text.contains("stage 0 (embedding + layers 0-2); busy "),
             "{text}"

@@ -11,7 +11,6 @@ use pp::cluster::files::NodeCopies;
 use pp::cluster::node::{NodeOptions, PipelineLayout};
 use pp::cluster::{RUN_VARIABLE, TOKEN_VARIABLE};
 use pp::device::{Device, DeviceSpec};
-use pp::dtype::DType;
 use pp::train::worker::{train_rank, Gather, PipelineOptions};
 use pp::train::{Observer, StepReport, TrainOptions, TrainReport};
 use pp_stages::ScheduleKind;
@@ -307,11 +306,7 @@ pub fn run_worker(
         } else {
             60
         }),
-        wire: flags.wire_dtype.unwrap_or(match options.dtype {
-            DType::F32 => WireDType::F32,
-            DType::BF16 => WireDType::Bf16,
-            DType::F16 => WireDType::F16,
-        }),
+        wire: pp::cluster::wire_dtype(flags.wire_dtype, options.dtype),
     })?;
     let mut quiet = Quiet;
     let observer: &mut dyn Observer = if flags.reports() {

@@ -187,7 +187,14 @@ impl Receiver {
         })
     }
 
-    /// node 0's files under `prefix`, by their names below it.
+    /// The link to node 0's rate, in bytes per second: the time to receive 16 MiB.
+    pub fn measure_link(&self) -> Result<f64> {
+        self.client
+            .measure_link(16 << 20)
+            .map_err(|e| Error::Cluster(format!("measuring the link to node 0: {e}")))
+    }
+
+    /// Node 0's files under `prefix`, by their names below it.
     fn under(&self, prefix: &str) -> Vec<(String, FileInfo)> {
         self.listed
             .iter()
@@ -543,7 +550,10 @@ mod tests {
         // The weights only when asked for.
         assert!(!dir.join("model.safetensors").exists());
         receiver.model_weights(&ours, &dir, |_| true).unwrap();
-        assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), weights);
+        assert_eq!(
+            std::fs::read(dir.join("model.safetensors")).unwrap(),
+            weights
+        );
 
         // A damaged cached file is fetched again.
         std::fs::write(&tokenizer, b"damaged tokenizer!").unwrap();

@@ -14,6 +14,9 @@ mod progress;
 
 use std::net::{SocketAddr, UdpSocket};
 
+use pp_transport::WireDType;
+
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use launcher::{WorkerLaunch, Workers};
 
@@ -24,6 +27,16 @@ pub const TOKEN_VARIABLE: &str = "PP_CLUSTER_TOKEN";
 pub const RUN_VARIABLE: &str = "PP_RUN_ID";
 /// Where a worker that fails writes its error, for its launcher to repeat.
 pub const ERROR_FILE_VARIABLE: &str = "PP_ERROR_FILE";
+
+/// The number type activations and gradients cross between workers in: `chosen`
+/// (`--wire-dtype`), else the training dtype's, so that bf16 training crosses exactly.
+pub fn wire_dtype(chosen: Option<WireDType>, dtype: DType) -> WireDType {
+    chosen.unwrap_or(match dtype {
+        DType::F32 => WireDType::F32,
+        DType::BF16 => WireDType::Bf16,
+        DType::F16 => WireDType::F16,
+    })
+}
 
 /// Trains as `ranks` worker processes on this machine, over loopback, with a fresh token.
 pub fn launch_local(ranks: usize) -> Result<()> {

@@ -105,8 +105,12 @@ pub fn run(
         };
     // Node 0's model is the group's: another node measures and plans with node 0's copy.
     let mut copies = NodeCopies::default();
+    let mut link = None;
     if host.is_none() {
         let mut receiver = Receiver::connect(address, &token, node.join_timeout, &node.cache_dir)?;
+        let rate = receiver.measure_link()?;
+        eprintln!("link to node 0: {:.0} MB/s", rate / 1e6);
+        link = Some(rate);
         copies.model = receiver.model(model_dir)?;
     }
     let train = options(&copies)?;
@@ -127,6 +131,7 @@ pub fn run(
         node,
         devices,
         measured: &measured,
+        link,
         address,
         host,
         token,
@@ -160,6 +165,8 @@ struct Round<'a> {
     devices: &'a [Device],
     /// What each device's measurement gave: its memory and speed.
     measured: &'a [(Option<u64>, Measured)],
+    /// This node's link to node 0, in bytes per second (none on node 0).
+    link: Option<f64>,
     address: SocketAddr,
     /// Where this node hosts the rendezvous, when it does.
     host: Option<SocketAddr>,
@@ -217,6 +224,7 @@ impl Round<'_> {
             settings: shared_settings(train, self.layout, node),
             restarts,
             checkpoints: saved,
+            link: self.link,
         };
         eprintln!(
             "joining the rendezvous at {} as {} of {} nodes",
@@ -236,7 +244,8 @@ impl Round<'_> {
         let pipeline = pipeline_of(self.layout, &group)?;
         check_pipeline_options(train, &pipeline)?;
         let workers = placement::workers_of(&group)?;
-        let placement = placement::place(train, &pipeline, &workers)?;
+        let wire = super::wire_dtype(self.layout.wire_dtype, train.dtype);
+        let placement = placement::place(train, &pipeline, &workers, wire)?;
         print_plan(&pipeline, &group, &workers, &placement);
         let resume = group.round > 0 || train.resume.is_some();
         let mut copies = if node.plan_only {
@@ -473,9 +482,17 @@ fn print_plan(pipeline: &PipelineOptions, group: &Group, workers: &[Worker], pla
         Basis::Alike => "alike devices, balanced by memory",
         Basis::Measured => "placed by measured speed",
     };
+    let links: Vec<String> = group
+        .nodes
+        .iter()
+        .filter_map(|node| {
+            let rate = node.link?;
+            Some(format!("node {} {:.0} MB/s", node.rank, rate / 1e6))
+        })
+        .collect();
     let mut text = format!(
-        "plan: {} nodes, {} workers, {} with {} micro-batches ({basis}); expected {} per step \
-         (compute only), bubble {:.0}%\n",
+        "plan: {} nodes, {} workers, {} with {} micro-batches ({basis}); expected {} per step, \
+         bubble {:.0}%\n",
         group.nodes.len(),
         pipeline.ranks,
         pipeline.schedule.name(),
@@ -483,6 +500,12 @@ fn print_plan(pipeline: &PipelineOptions, group: &Group, workers: &[Worker], pla
         human_seconds(plan.step),
         100.0 * plan.bubble
     );
+    if !links.is_empty() {
+        text += &format!(
+            "  links to node 0, counted in the step: {}\n",
+            links.join(", ")
+        );
+    }
     for (rank, (worker, load)) in workers.iter().zip(&plan.ranks).enumerate() {
         let stages: Vec<String> = load
             .stages

@@ -14,6 +14,7 @@ use std::time::Duration;
 use pp_stages::schedule::{simulate, Costs};
 use pp_stages::{Partition, PartitionError, Schedule, StageSlice};
 use pp_transport::rendezvous::Group;
+use pp_transport::WireDType;
 use serde::{Deserialize, Serialize};
 
 use crate::device::Device;
@@ -45,6 +46,11 @@ pub struct Worker {
     pub memory: Option<u64>,
     /// What its node measured.
     pub measured: Measured,
+    /// Its node.
+    pub node: usize,
+    /// Its node's link to node 0, in bytes per second, as that node measured it (none on
+    /// node 0).
+    pub link: Option<f64>,
 }
 
 /// Measures each of this machine's worker devices; devices of one kind (the same name) are
@@ -167,10 +173,24 @@ pub fn workers_of(group: &Group) -> Result<Vec<Worker>> {
                     ),
                     memory: worker.memory,
                     measured,
+                    node: node.rank,
+                    link: node.link,
                 })
             })
         })
         .collect()
+}
+
+/// The rate between two workers' nodes, in bytes per second: none on one node (loopback, not
+/// counted); across nodes the slower of their links to node 0, as each measured it.
+fn link_between(a: &Worker, b: &Worker) -> Option<f64> {
+    if a.node == b.node {
+        return None;
+    }
+    [a.link, b.link]
+        .into_iter()
+        .flatten()
+        .min_by(f64::total_cmp)
 }
 
 /// Why the layers sit where they do.
@@ -205,17 +225,19 @@ pub struct Placement {
     pub basis: Basis,
     /// Each worker's share, by global rank.
     pub ranks: Vec<RankLoad>,
-    /// Expected seconds per step (compute only: transfers are not counted).
+    /// Expected seconds per step, transfers between nodes at their measured rates included.
     pub step: f64,
     /// Expected share of idle time.
     pub bubble: f64,
 }
 
-/// Places the model's layers on `workers` (by global rank) for `pipeline`.
+/// Places the model's layers on `workers` (by global rank) for `pipeline`, whose activations
+/// cross between workers as `wire`.
 pub fn place(
     train: &TrainOptions,
     pipeline: &PipelineOptions,
     workers: &[Worker],
+    wire: WireDType,
 ) -> Result<Placement> {
     let info = crate::checkpoint::describe(&train.model_dir)?;
     let schedule = pipeline_schedule(pipeline)?;
@@ -238,17 +260,20 @@ pub fn place(
     }
     .map(|basis| Ok((partition_for(&info, train, pipeline, &schedule)?, basis)))
     .transpose()?;
-    plan_layers(&info.config, &schedule, &setup, workers, fixed)
+    plan_layers(&info.config, &schedule, &setup, workers, fixed, wire)
 }
 
 /// The plan for `workers` (by global rank): `fixed` when given, else the split that makes the
-/// slowest stage fastest within every worker's memory.
+/// slowest stage fastest within every worker's memory. Where the split falls does not change
+/// what crosses between stages (every boundary carries one hidden state per token), so links
+/// count only in the expected step time.
 pub fn plan_layers(
     cfg: &ModelConfig,
     schedule: &Schedule,
     setup: &TrainingSetup,
     workers: &[Worker],
     fixed: Option<(Partition, Basis)>,
+    wire: WireDType,
 ) -> Result<Placement> {
     let rows = setup.micro_batch_size as f64;
     let rank_of = |stage: usize| schedule.stage_ranks[stage];
@@ -314,18 +339,37 @@ pub fn plan_layers(
             )));
         }
     }
+    // One micro-batch's activations (or their gradient) between two stages.
+    let message = wire.encoded_len(
+        setup.micro_batch_size * setup.seq_len * cfg.hidden_size,
+        cfg.hidden_size,
+    ) as f64;
+    let stages = partition.len();
     let costs: Vec<Costs> = partition
         .stages()
         .iter()
         .enumerate()
         .map(|(stage, slice)| {
             let (forward, backward) = passes(rank_of(stage), slice);
+            // A stage sends forward to the next stage and backward to the one before: the
+            // slower of those links.
+            let transfer = [
+                stage.checked_sub(1),
+                Some(stage + 1).filter(|&s| s < stages),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|other| {
+                let (a, b) = (&workers[rank_of(stage)], &workers[rank_of(other)]);
+                link_between(a, b).map_or(0.0, |rate| message / rate)
+            })
+            .fold(0.0, f64::max);
             Costs {
                 forward,
                 backward,
                 input_grad: backward / 2.0,
                 weight_grad: backward / 2.0,
-                transfer: 0.0,
+                transfer,
             }
         })
         .collect();

@@ -108,7 +108,7 @@ impl WireDType {
     }
 
     /// Bytes that `count` values in rows of `row` take.
-    fn encoded_len(self, count: usize, row: usize) -> usize {
+    pub fn encoded_len(self, count: usize, row: usize) -> usize {
         match self {
             Self::F32 => 4 * count,
             Self::Bf16 | Self::F16 => 2 * count,

@@ -48,6 +48,8 @@ fn worker(device: &str, layer: f64, memory: Option<u64>) -> Worker {
                 head_backward: 2.0 * layer,
             },
         },
+        node: 0,
+        link: None,
     }
 }
 
@@ -66,7 +68,8 @@ fn a_faster_device_gets_more_layers_and_the_step_time_follows() {
     // The first worker is three times as fast; the second also carries the head (one layer's
     // worth): 3 × (12 - n) + 3 = n at n = 9.75, so 10 and 2 (the slowest stage: 10 units).
     let workers = [worker("fast", 1.0, None), worker("slow", 3.0, None)];
-    let placement = plan_layers(&config(), &schedule, &setup, &workers, None).unwrap();
+    let placement =
+        plan_layers(&config(), &schedule, &setup, &workers, None, WireDType::F32).unwrap();
     assert_eq!(placement.basis, Basis::Measured);
     assert_eq!(layer_counts(&placement), vec![10, 2]);
     // Per micro-batch, the first stage takes 30 s (10 layers × 3), the second 27 s; over four
@@ -96,14 +99,14 @@ fn a_device_short_of_memory_takes_fewer_layers_or_is_named() {
             .total)
         / 2;
     let workers = [worker("fast", 1.0, Some(room)), worker("slow", 3.0, None)];
-    let placement = plan_layers(&cfg, &schedule, &setup, &workers, None).unwrap();
+    let placement = plan_layers(&cfg, &schedule, &setup, &workers, None, WireDType::F32).unwrap();
     assert_eq!(layer_counts(&placement), vec![6, 6]);
     // Neither can hold half the model: the error names the one that is short, and by how much.
     let workers = [
         worker("fast", 1.0, Some(room / 2)),
         worker("slow", 3.0, Some(room / 2)),
     ];
-    let error = plan_layers(&cfg, &schedule, &setup, &workers, None)
+    let error = plan_layers(&cfg, &schedule, &setup, &workers, None, WireDType::F32)
         .unwrap_err()
         .to_string();
     assert!(error.contains("does not fit: rank"), "{error}");
@@ -126,6 +129,7 @@ fn a_fixed_split_is_kept_and_checked_against_memory() {
         &setup,
         &workers,
         Some((fixed.clone(), Basis::Alike)),
+        WireDType::F32,
     )
     .unwrap_err()
     .to_string();
@@ -140,7 +144,71 @@ fn a_fixed_split_is_kept_and_checked_against_memory() {
         &setup,
         &workers,
         Some((fixed.clone(), Basis::Alike)),
+        WireDType::F32,
     )
     .unwrap();
     assert_eq!(placement.partition, fixed);
+}
+
+#[test]
+fn transfers_between_nodes_lengthen_the_expected_step_at_the_slower_link() {
+    let (schedule, setup) = one_f_one_b(2);
+    let cfg = config();
+    let here = worker("cpu", 1.0, None);
+    let alone = plan_layers(
+        &cfg,
+        &schedule,
+        &setup,
+        &[here.clone(), here.clone()],
+        None,
+        WireDType::F32,
+    )
+    .unwrap();
+    // The same device on another node behind a link that moves one micro-batch's activations
+    // (64 tokens of 64 float32 values: 16 KiB) in 2 s; node 0's own link is not measured.
+    let there = Worker {
+        node: 1,
+        link: Some(16384.0 / 2.0),
+        ..here.clone()
+    };
+    let apart = plan_layers(
+        &cfg,
+        &schedule,
+        &setup,
+        &[here, there],
+        None,
+        WireDType::F32,
+    )
+    .unwrap();
+    assert_eq!(layer_counts(&apart), layer_counts(&alone));
+    // At least one activation and one gradient cross on the critical path: 4 s more.
+    assert!(
+        apart.step >= alone.step + 4.0 - 1e-9,
+        "{} vs {}",
+        apart.step,
+        alone.step
+    );
+    // In bf16 they take half as long.
+    let narrow = plan_layers(
+        &cfg,
+        &schedule,
+        &setup,
+        &[
+            worker("cpu", 1.0, None),
+            Worker {
+                node: 1,
+                link: Some(8192.0),
+                ..worker("cpu", 1.0, None)
+            },
+        ],
+        None,
+        WireDType::Bf16,
+    )
+    .unwrap();
+    assert!(
+        narrow.step < apart.step,
+        "{} vs {}",
+        narrow.step,
+        apart.step
+    );
 }

@@ -19,6 +19,8 @@ use super::{read_frame, runtime, write_frame, RendezvousError, ToHost};
 
 /// Bytes read or written at a time.
 const CHUNK: usize = 1 << 20;
+/// The most a link probe sends.
+const MAX_PROBE: u64 = 1 << 28;
 
 /// A file as it is shared: its name (a relative path), size and checksum.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +60,8 @@ pub(crate) enum FileRequest {
     Upload(FileInfo),
     /// A file under the upload directory (what ranks of node 0 wrote there).
     FetchUploaded(String),
+    /// This many bytes of nothing, to time the link.
+    Probe(u64),
 }
 
 /// The host's answer.
@@ -184,6 +188,32 @@ impl FileClient {
             .map_err(|message| self.link(message))
     }
 
+    /// Times receiving `bytes` from node 0 (at most 256 MiB): the link's rate in bytes per
+    /// second.
+    pub fn measure_link(&self, bytes: u64) -> Result<f64, RendezvousError> {
+        self.runtime
+            .block_on(async {
+                let started = Instant::now();
+                let (_send, mut recv) = self.ask(FileRequest::Probe(bytes)).await?;
+                let size = match read_frame::<FileReply>(&mut recv).await? {
+                    FileReply::Sending(info) => info.size,
+                    FileReply::Refused(reason) => return Err(reason),
+                    other => return Err(format!("unexpected answer {other:?}")),
+                };
+                let mut buffer = vec![0u8; CHUNK];
+                let mut left = size;
+                while left > 0 {
+                    let want = CHUNK.min(left as usize);
+                    recv.read_exact(&mut buffer[..want])
+                        .await
+                        .map_err(|e| format!("the link probe was cut off: {e}"))?;
+                    left -= want as u64;
+                }
+                Ok(size as f64 / started.elapsed().as_secs_f64().max(1e-9))
+            })
+            .map_err(|message| self.link(message))
+    }
+
     /// Fetches `name` from under node 0's upload directory into `destination`, checked
     /// against the checksum node 0 computes as it sends it.
     pub fn fetch_uploaded(&self, name: &str, destination: &Path) -> Result<(), RendezvousError> {
@@ -287,6 +317,25 @@ async fn answer(
             let path = shared.uploaded(&info.name)?;
             receive_into(recv, &info, &path).await?;
             write_frame(send, &FileReply::Stored).await
+        }
+        FileRequest::Probe(size) => {
+            let size = size.min(MAX_PROBE);
+            let info = FileInfo {
+                name: "probe".into(),
+                size,
+                checksum: 0,
+            };
+            write_frame(send, &FileReply::Sending(info)).await?;
+            let zeros = vec![0u8; CHUNK];
+            let mut left = size;
+            while left > 0 {
+                let want = CHUNK.min(left as usize);
+                send.write_all(&zeros[..want])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                left -= want as u64;
+            }
+            Ok(())
         }
         FileRequest::FetchUploaded(name) => {
             let path = shared.uploaded(&name)?;

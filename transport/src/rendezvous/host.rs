@@ -214,6 +214,7 @@ async fn form(
                 first_rank,
                 workers: member.join.workers.clone(),
                 checkpoints: member.join.checkpoints.clone(),
+                link: member.join.link,
             };
             first_rank += node.workers.len();
             node

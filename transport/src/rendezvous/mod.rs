@@ -105,6 +105,8 @@ pub struct NodeJoin {
     /// The steps of the checkpoints this node holds (its share of each, where nodes save
     /// their own), so that the group resumes from one every node holds.
     pub checkpoints: Vec<u64>,
+    /// Its link to the host as it measured it, in bytes per second (none on the host).
+    pub link: Option<f64>,
 }
 
 /// A member of the formed group.
@@ -122,6 +124,8 @@ pub struct Node {
     pub workers: Vec<WorkerInfo>,
     /// The steps of the checkpoints it holds.
     pub checkpoints: Vec<u64>,
+    /// Its link to node 0 as it measured it, in bytes per second (none on node 0).
+    pub link: Option<f64>,
 }
 
 impl fmt::Display for Node {

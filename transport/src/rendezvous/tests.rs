@@ -24,6 +24,7 @@ fn report(node_rank: Option<usize>, workers: usize, lr: &str) -> NodeJoin {
         settings: vec![("stages".into(), "3".into()), ("lr".into(), lr.into())],
         restarts: 0,
         checkpoints: Vec::new(),
+        link: None,
     }
 }
 
@@ -421,6 +422,10 @@ fn nodes_fetch_shared_files_checked_and_upload_only_below_the_upload_root() {
         .unwrap_err();
     assert!(error.to_string().contains("not a relative path"), "{error}");
     assert!(!here.0.join("escaped.bin").exists());
+
+    // The link probe sends what it was asked for, timed.
+    let rate = client.measure_link(4 << 20).unwrap();
+    assert!(rate > 1e6, "{rate} bytes/s on loopback");
 
     // A wrong token gets no files.
     let refused = FileClient::connect(address, "wrong", Duration::from_secs(5), &mut |_| {});
