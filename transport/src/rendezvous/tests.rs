@@ -28,6 +28,18 @@ fn report(node_rank: Option<usize>, workers: usize, lr: &str) -> NodeJoin {
     }
 }
 
+/// A host for `nodes` nodes that shares no files, giving up after `seconds`.
+fn start_host(address: SocketAddr, nodes: usize, seconds: u64) -> RendezvousHost {
+    RendezvousHost::start(
+        address,
+        "secret",
+        nodes,
+        Duration::from_secs(seconds),
+        SharedFiles::default(),
+    )
+    .unwrap()
+}
+
 type Joined = Result<(RendezvousNode, Group), RendezvousError>;
 
 /// Joins every report on its own thread; returns each node's outcome and what it was told
@@ -73,14 +85,7 @@ fn nodes_join_in_any_order_and_learn_the_whole_group() {
     // Node 2 dials before the host listens, node 1 comes late: it is named as missing.
     let late = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(500));
-        RendezvousHost::start(
-            address,
-            "secret",
-            3,
-            Duration::from_secs(20),
-            SharedFiles::default(),
-        )
-        .unwrap()
+        start_host(address, 3, 20)
     });
     let joined = join_all(
         address,
@@ -134,14 +139,7 @@ fn nodes_join_in_any_order_and_learn_the_whole_group() {
 #[test]
 fn control_requests_reach_every_node() {
     let address = free_address();
-    let host = RendezvousHost::start(
-        address,
-        "secret",
-        2,
-        Duration::from_secs(20),
-        SharedFiles::default(),
-    )
-    .unwrap();
+    let host = start_host(address, 2, 20);
     let status = |token| {
         control(
             address,
@@ -211,14 +209,7 @@ fn control_requests_reach_every_node() {
 #[test]
 fn a_lost_node_stops_the_others_naming_it() {
     let address = free_address();
-    let _host = RendezvousHost::start(
-        address,
-        "secret",
-        3,
-        Duration::from_secs(20),
-        SharedFiles::default(),
-    )
-    .unwrap();
+    let _host = start_host(address, 3, 20);
     let joined = join_all(
         address,
         "secret",
@@ -246,14 +237,7 @@ fn a_lost_node_stops_the_others_naming_it() {
 #[test]
 fn nodes_started_differently_or_with_another_token_are_refused() {
     let address = free_address();
-    let _host = RendezvousHost::start(
-        address,
-        "secret",
-        2,
-        Duration::from_secs(20),
-        SharedFiles::default(),
-    )
-    .unwrap();
+    let _host = start_host(address, 2, 20);
     let joined = join_all(
         address,
         "secret",
@@ -272,14 +256,7 @@ fn nodes_started_differently_or_with_another_token_are_refused() {
     }
     // Another token: refused at once, and named to the nodes that wait.
     let address = free_address();
-    let _host = RendezvousHost::start(
-        address,
-        "secret",
-        2,
-        Duration::from_secs(3),
-        SharedFiles::default(),
-    )
-    .unwrap();
+    let _host = start_host(address, 2, 3);
     let error = join_one(address, "guess", report(None, 1, "1e-4"))
         .err()
         .expect("refused");
@@ -306,14 +283,7 @@ fn nodes_started_differently_or_with_another_token_are_refused() {
 #[test]
 fn the_host_gives_up_after_the_join_timeout_naming_who_is_missing() {
     let address = free_address();
-    let _host = RendezvousHost::start(
-        address,
-        "secret",
-        3,
-        Duration::from_secs(2),
-        SharedFiles::default(),
-    )
-    .unwrap();
+    let _host = start_host(address, 3, 2);
     let error = join_one(address, "secret", report(Some(0), 1, "1e-4"))
         .err()
         .expect("no group");
