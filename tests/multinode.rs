@@ -637,6 +637,41 @@ fn with_save_on_each_node_each_keeps_its_share_and_resumes_from_one_all_hold() {
     );
 }
 
+/// Two workers on node 1 each send their own share of every checkpoint to node 0.
+#[test]
+fn two_workers_away_from_node_0_each_send_their_share() {
+    let apart = Apart::new();
+    let (_, received) = apart.run_with(&[], &["--nproc-per-node", "2"]);
+    // Three stages do not match node 0's two: node 1 receives the whole model.
+    assert!(
+        received.contains("received model/stage-000.bin"),
+        "{received}"
+    );
+    let out = apart.out(0);
+    assert_same_weights(
+        &out.join("final"),
+        &apart.single(),
+        1e-5,
+        "three ranks, two nodes",
+    );
+    for file in [
+        "stage-001.bin",
+        "stage-002.bin",
+        "optimizer-002.safetensors",
+    ] {
+        assert!(
+            out.join("checkpoints/step-4").join(file).is_file(),
+            "{file}"
+        );
+    }
+    // Node 1's staging directories are gone.
+    let theirs = apart.out(1);
+    let left: Vec<_> = std::fs::read_dir(theirs.join("checkpoints"))
+        .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Two nodes on loopback with no directory in common: node 0 holds a native copy of the
 /// model cut in two stages and the data, node 1 names paths it does not have.
 struct Apart {
@@ -686,6 +721,11 @@ impl Apart {
 
     /// Both nodes with `extra`; each one's stderr once both succeeded.
     fn run(&self, extra: &[&str]) -> (String, String) {
+        self.run_with(extra, &[])
+    }
+
+    /// Both nodes with `extra`, node 1 also with `node1`.
+    fn run_with(&self, extra: &[&str], node1: &[&str]) -> (String, String) {
         let rendezvous = loopback(free_port());
         let nodes = (0..2)
             .map(|rank| {
@@ -695,6 +735,9 @@ impl Apart {
                 let mut flags = vec!["--node-rank", &rank_flag, "--cache-dir", &cache];
                 flags.extend(Self::FLAGS);
                 flags.extend_from_slice(extra);
+                if rank == 1 {
+                    flags.extend_from_slice(node1);
+                }
                 let data = dir.join("text.jsonl").display().to_string();
                 let mut args = node_args(&data, &dir.join("out"), 2, &rendezvous, &flags);
                 args[1] = dir.join("model").display().to_string();

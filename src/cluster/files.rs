@@ -116,7 +116,11 @@ pub fn shared_by_node0(
     };
     add_dir(MODEL, &train.model_dir, &mut shared)?;
     if let Some(dir) = resume {
-        let step = dir.file_name().unwrap_or_default().to_string_lossy();
+        // Named as node 0 names it (`step-N`), so that a node sharing its filesystem finds it.
+        let canonical = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        let step = canonical
+            .file_name()
+            .map_or("checkpoint".into(), |name| name.to_string_lossy());
         add_dir(&format!("{CHECKPOINT}/{step}"), dir, &mut shared)?;
     }
     let mut add_file = |prefix: &str, path: &Path| -> Result<()> {
@@ -284,12 +288,14 @@ impl Receiver {
         Ok((data, validation))
     }
 
-    /// The checkpoint node 0 resumes from, if it shares one, in this node's
-    /// `OUT/checkpoints/`: its description, then of its weights and optimizer state those of
-    /// the stages `ours` names once it sees the description (all when it names none).
+    /// The checkpoint node 0 resumes from, if it shares one: its description, then of its
+    /// weights and optimizer state those of the stages `ours` names once it sees the
+    /// description (all when it names none). In the cache, where `list` does not see it as
+    /// this node's own; files this node holds under `checkpoints/STEP` (a shared filesystem)
+    /// are linked, not received.
     pub fn checkpoint<'s>(
         &mut self,
-        out: &Path,
+        checkpoints: &Path,
         ours: impl Fn(&Path) -> Option<&'s [usize]>,
     ) -> Result<Option<PathBuf>> {
         let files = self.under(CHECKPOINT);
@@ -300,7 +306,24 @@ impl Receiver {
         else {
             return Ok(None);
         };
-        let dir = out.join("checkpoints").join(&step);
+        if step.is_empty() || step.starts_with('.') {
+            return Err(Error::Cluster(format!(
+                "node 0 shares a checkpoint named `{step}`"
+            )));
+        }
+        let key: String = files
+            .iter()
+            .map(|(name, info)| format!("{name}:{:016x};", info.checksum))
+            .collect();
+        let dir = self
+            .cache
+            .join("checkpoints")
+            .join(format!(
+                "{:016x}",
+                xxhash_rust::xxh3::xxh3_64(key.as_bytes())
+            ))
+            .join(&step);
+        let own = checkpoints.join(&step);
         let (weights, mut description): (Vec<_>, Vec<_>) = files
             .into_iter()
             .filter_map(|(name, info)| {
@@ -314,7 +337,7 @@ impl Receiver {
             .cloned()
             .partition(|(name, _)| name == crate::train::checkpoint::TRAINER_FILE);
         description.retain(|(name, _)| name != crate::train::checkpoint::TRAINER_FILE);
-        self.obtain(&description, |name| dir.join(name), &dir)?;
+        self.obtain(&description, |name| own.join(name), &dir)?;
         let weights: Vec<_> = match ours(&dir) {
             None => weights,
             Some(stages) => weights
@@ -327,8 +350,8 @@ impl Receiver {
                 })
                 .collect(),
         };
-        self.obtain(&weights, |name| dir.join(name), &dir)?;
-        self.obtain(&marker, |name| dir.join(name), &dir)?;
+        self.obtain(&weights, |name| own.join(name), &dir)?;
+        self.obtain(&marker, |name| own.join(name), &dir)?;
         Ok(Some(dir))
     }
 
@@ -388,21 +411,25 @@ impl Receiver {
                 crate::plan::human_bytes(info.size),
                 info.size as f64 / seconds.max(1e-6) / 1e6
             );
-            self.digests.describe(&target, &info.name)?;
+            self.digests.record(&target, info)?;
         }
         self.digests.save();
         Ok(())
     }
 }
 
-/// Points `target` at `own` (a symbolic link to its absolute path), replacing what is there.
+/// Points `target` at `own` (a symbolic link to its absolute path), replacing what is there
+/// in one rename (nodes of one machine may share the cache).
 fn link(own: &Path, target: &Path) -> Result<()> {
     let own = own.canonicalize().map_err(|e| Error::io(own, e))?;
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    let _ = std::fs::remove_file(target);
-    std::os::unix::fs::symlink(&own, target).map_err(|e| Error::io(target, e))
+    let file = target.file_name().unwrap_or_default().to_string_lossy();
+    let temporary = target.with_file_name(format!(".{file}.link-{}", std::process::id()));
+    let _ = std::fs::remove_file(&temporary);
+    std::os::unix::fs::symlink(&own, &temporary).map_err(|e| Error::io(target, e))?;
+    std::fs::rename(&temporary, target).map_err(|e| Error::io(target, e))
 }
 
 /// A file's checksum as last computed, valid while its size and modification time stay.
@@ -435,8 +462,8 @@ impl Digests {
         }
     }
 
-    /// `path` described as `name`: its size and checksum (computed when not known).
-    fn describe(&mut self, path: &Path, name: &str) -> Result<FileInfo> {
+    /// The cache's key for `path` and what its size and modification time are now.
+    fn stat(path: &Path) -> Result<(String, u64, u128)> {
         let metadata = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         let modified_ns = metadata
             .modified()
@@ -448,21 +475,42 @@ impl Digests {
             .map_err(|e| Error::io(path, e))?
             .to_string_lossy()
             .into_owned();
+        Ok((key, metadata.len(), modified_ns))
+    }
+
+    /// Records that `path`, just received and checked, holds `info`'s contents.
+    fn record(&mut self, path: &Path, info: &FileInfo) -> Result<()> {
+        let (key, size, modified_ns) = Self::stat(path)?;
+        self.known.insert(
+            key,
+            Digest {
+                size,
+                modified_ns,
+                checksum: info.checksum,
+            },
+        );
+        self.changed = true;
+        Ok(())
+    }
+
+    /// `path` described as `name`: its size and checksum (computed when not known).
+    fn describe(&mut self, path: &Path, name: &str) -> Result<FileInfo> {
+        let (key, size, modified_ns) = Self::stat(path)?;
         let checksum = match self.known.get(&key) {
-            Some(d) if d.size == metadata.len() && d.modified_ns == modified_ns => d.checksum,
+            Some(d) if d.size == size && d.modified_ns == modified_ns => d.checksum,
             _ => {
-                if metadata.len() >= 1 << 28 {
+                if size >= 1 << 28 {
                     eprintln!(
                         "checksumming {} ({}), once: the result is cached",
                         path.display(),
-                        crate::plan::human_bytes(metadata.len())
+                        crate::plan::human_bytes(size)
                     );
                 }
                 let checksum = checksum_of(path).map_err(|e| Error::io(path, e))?;
                 self.known.insert(
                     key,
                     Digest {
-                        size: metadata.len(),
+                        size,
                         modified_ns,
                         checksum,
                     },
@@ -473,7 +521,7 @@ impl Digests {
         };
         Ok(FileInfo {
             name: name.to_string(),
-            size: metadata.len(),
+            size,
             checksum,
         })
     }

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use pp_stages::ScheduleKind;
 use pp_transport::rendezvous::{
-    Group, NodeJoin, RendezvousError, RendezvousHost, RendezvousNode, WorkerInfo,
+    Group, HeldCheckpoint, Node, NodeJoin, RendezvousError, RendezvousHost, RendezvousNode,
+    WorkerInfo,
 };
 
 use super::files::{NodeCopies, Receiver};
@@ -177,19 +178,20 @@ impl Round<'_> {
     /// Forms the group (the `restarts`-th time here) and trains until it ends.
     fn run(&self, restarts: u32) -> Result<()> {
         let (train, node, devices) = (self.train, self.node, self.devices);
-        let saved: Vec<u64> = crate::train::checkpoint::list(&train.out_dir.join("checkpoints"))
-            .into_iter()
-            .map(|(step, _)| step)
-            .collect();
-        // Node 0 shares its files, the newest checkpoint among them (resumed from when the
-        // group forms again, or with --resume), unless every node keeps its own.
-        let checkpoint = match (&self.host, &train.resume) {
-            (None, _) => None,
-            _ if node.save_on_each_node => None,
-            (Some(_), Some(Resume::Path(path))) => Some(path.clone()),
-            (Some(_), _) => saved
-                .last()
-                .map(|&step| crate::train::checkpoint::step_dir(&self.checkpoints(), step)),
+        let saved = held_checkpoints(&self.checkpoints());
+        // Node 0 shares its files, and the checkpoint the group resumes from when there may be
+        // one (its newest after a restart or with --resume latest), unless every node keeps
+        // its own. Not otherwise: sharing reads a checkpoint in full once, to checksum it.
+        let newest = saved
+            .last()
+            .map(|held| crate::train::checkpoint::step_dir(&self.checkpoints(), held.step));
+        let checkpoint = match (&train.resume, restarts) {
+            _ if self.host.is_none() || node.save_on_each_node => None,
+            (Some(Resume::Path(path)), 0) => Some(path.clone()),
+            (Some(Resume::Path(path)), _) => newest.or_else(|| Some(path.clone())),
+            (Some(Resume::Latest), _) => newest,
+            (None, 0) => None,
+            (None, _) => newest,
         };
         let host = match self.host {
             Some(bind) => {
@@ -336,7 +338,7 @@ impl Round<'_> {
         }
         (copies.data, copies.validation) = receiver.data(self.train)?;
         if resume && !node.save_on_each_node {
-            copies.resume = receiver.checkpoint(&self.train.out_dir, |dir| {
+            copies.resume = receiver.checkpoint(&self.checkpoints(), |dir| {
                 cut_as_planned(dir).then_some(stages.as_slice())
             })?;
         }
@@ -348,53 +350,89 @@ impl Round<'_> {
         self.train.out_dir.join("checkpoints")
     }
 
-    /// With `--save-on-each-node`: the newest checkpoint every node holds its share of, here,
-    /// checked to hold this node's stages (`None`: there is none, and a restarted group
-    /// starts over; an explicit `--resume PATH` is every node's own).
+    /// With `--save-on-each-node`: the newest checkpoint every node holds the stages of that
+    /// this plan gives it, here (`None`: no node holds any, and the group starts over; an
+    /// explicit `--resume PATH` is every node's own the first time the group forms).
     fn held_by_every_node(
         &self,
         group: &Group,
         pipeline: &PipelineOptions,
     ) -> Result<Option<PathBuf>> {
-        if let Some(Resume::Path(_)) = self.train.resume {
+        if let (Some(Resume::Path(_)), 0) = (&self.train.resume, group.round) {
             return Ok(None);
         }
-        let common = group.nodes[0]
+        let schedule = pipeline_schedule(pipeline)?;
+        let runs = |node: &Node| -> Vec<usize> {
+            (node.first_rank..node.first_rank + node.workers.len())
+                .flat_map(|rank| schedule.stages_of(rank))
+                .collect()
+        };
+        let holds = |node: &Node, step: u64| {
+            node.checkpoints
+                .iter()
+                .any(|held| held.step == step && runs(node).iter().all(|s| held.stages.contains(s)))
+        };
+        let usable = group.nodes[0]
             .checkpoints
             .iter()
             .rev()
-            .find(|step| group.nodes.iter().all(|n| n.checkpoints.contains(step)));
-        let Some(&step) = common else {
-            if self.train.resume.is_none() {
-                return Ok(None);
-            }
-            let held: Vec<String> = group
-                .nodes
-                .iter()
-                .map(|n| format!("{n}: steps {:?}", n.checkpoints))
-                .collect();
-            return Err(Error::Usage(format!(
-                "--resume: no checkpoint is held by every node ({})",
-                held.join("; ")
+            .map(|held| held.step)
+            .find(|&step| group.nodes.iter().all(|node| holds(node, step)));
+        if let Some(step) = usable {
+            return Ok(Some(crate::train::checkpoint::step_dir(
+                &self.checkpoints(),
+                step,
             )));
-        };
-        let dir = crate::train::checkpoint::step_dir(&self.checkpoints(), step);
-        let schedule = pipeline_schedule(pipeline)?;
-        let this = group.this_node();
-        for rank in this.first_rank..this.first_rank + this.workers.len() {
-            for stage in schedule.stages_of(rank) {
-                let file = dir.join(stage_file_name(stage));
-                if !file.is_file() {
-                    return Err(Error::Usage(format!(
-                        "{} lacks stage {stage}, which this node's rank {rank} now runs: the \
-                         stages moved since it was saved; pass the --split it was trained with",
-                        dir.display()
-                    )));
-                }
-            }
         }
-        Ok(Some(dir))
+        if self.train.resume.is_none() && group.nodes.iter().all(|n| n.checkpoints.is_empty()) {
+            return Ok(None);
+        }
+        let held: Vec<String> = group
+            .nodes
+            .iter()
+            .map(|node| {
+                let steps: Vec<String> = node
+                    .checkpoints
+                    .iter()
+                    .map(|held| format!("step {} stages {:?}", held.step, held.stages))
+                    .collect();
+                format!(
+                    "{node} runs stages {:?} and holds [{}]",
+                    runs(node),
+                    steps.join(", ")
+                )
+            })
+            .collect();
+        Err(Error::Usage(format!(
+            "no checkpoint holds, on every node, the stages this plan gives it ({}); start each \
+             node with the --node-rank and --split it was trained with",
+            held.join("; ")
+        )))
     }
+}
+
+/// The checkpoints under `checkpoints` and the stages whose files each holds.
+fn held_checkpoints(checkpoints: &Path) -> Vec<HeldCheckpoint> {
+    crate::train::checkpoint::list(checkpoints)
+        .into_iter()
+        .map(|(step, dir)| {
+            let mut stages: Vec<usize> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .filter_map(|entry| {
+                    let name = entry.ok()?.file_name().into_string().ok()?;
+                    let stage = name
+                        .strip_prefix("stage-")?
+                        .strip_suffix(".bin")?
+                        .parse()
+                        .ok()?;
+                    (name == stage_file_name(stage)).then_some(stage)
+                })
+                .collect();
+            stages.sort_unstable();
+            HeldCheckpoint { step, stages }
+        })
+        .collect()
 }
 
 /// `HOST[:PORT]` as a socket address.

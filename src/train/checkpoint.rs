@@ -95,7 +95,11 @@ pub fn prune(checkpoints: &Path, keep: usize, just_saved: &Path) -> Result<()> {
         .collect();
     let remove = (found.len() + 1).saturating_sub(keep.max(1));
     for (_, path) in found.iter().take(remove) {
-        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+        match std::fs::remove_dir_all(path) {
+            // Another node pruning the same (shared) directory got there first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other.map_err(|e| Error::io(path, e))?,
+        }
     }
     Ok(())
 }

@@ -403,9 +403,14 @@ impl SharedOutput<'_> {
             weights.extend(weights_of(runner.model(), dtype));
         }
         let stages: Vec<usize> = worker.runners().keys().copied().collect();
+        // What this rank writes: other ranks of its node write beside it.
+        let mut written = Vec::new();
+        let mut entries = Vec::new();
         for entry in write_native_stages(&weights, self.info, self.partition, &stages, &staging)? {
             let path = staging.join(entry_file(&entry.file));
             crate::checkpoint::write_json(&path, &entry)?;
+            written.push(staging.join(&entry.file));
+            entries.push(path);
         }
         if state.is_some() {
             for (&stage, runner) in worker.runners() {
@@ -416,6 +421,7 @@ impl SharedOutput<'_> {
                     self.partition,
                     self.info.config.tie_word_embeddings,
                 )?;
+                written.push(staging.join(checkpoint::optimizer_file(stage)));
             }
         }
         let relative = |path: &Path| {
@@ -423,10 +429,19 @@ impl SharedOutput<'_> {
                 .unwrap_or(path)
                 .to_path_buf()
         };
-        // Whether this node keeps its share of this checkpoint.
+        // Whether this node keeps its share of this checkpoint: then only the entries travel.
         let stays = state.is_some() && self.gather.as_ref().is_some_and(|g| g.checkpoints_stay);
         if let Some(gather) = &self.gather {
-            gather.upload(&staging, &relative(&shared), stays)?;
+            let remote = relative(&shared);
+            if stays {
+                gather.upload(&entries, &remote)?;
+            } else {
+                written.extend(entries);
+                gather.upload(&written, &remote)?;
+                for path in &written {
+                    std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+                }
+            }
         }
         // Round 1 of the step: every rank's files are in place.
         worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
@@ -452,6 +467,10 @@ impl SharedOutput<'_> {
         // Round 2: the checkpoint is in place before any rank goes on.
         worker.barrier(step, 2).map_err(|e| peer_error(e, worker))?;
         match (&self.gather, state) {
+            (Some(gather), _) if !stays && gather.leads_node => {
+                // Every rank of the node has sent its files and removed them.
+                std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))
+            }
             (Some(gather), Some(state)) if stays && gather.leads_node => {
                 gather.complete_share(&staging, &relative(target).join(MANIFEST_FILE), state)?;
                 if same_checkpoint(&staging, target) {
@@ -509,23 +528,13 @@ fn entry_file(stage_file: &str) -> String {
 }
 
 impl Gather {
-    /// Uploads the files of `dir` into `name` (relative to node 0's output directory): all of
-    /// them, then removes `dir` (node 0 holds them from here on); or, when they `stay`, only
-    /// the stage entries node 0's manifest is made from.
-    fn upload(&self, dir: &Path, name: &Path, stay: bool) -> Result<()> {
+    /// Uploads `files` into the directory `name` (relative to node 0's output directory).
+    fn upload(&self, files: &[std::path::PathBuf], name: &Path) -> Result<()> {
         let client = self.connect()?;
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-        for entry in entries {
-            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        for path in files {
             let file = path.file_name().unwrap_or_default().to_string_lossy();
-            if stay && !file.ends_with(".entry.json") {
-                continue;
-            }
             let remote = format!("{}/{file}", name.display());
-            client.upload(&path, &remote).map_err(|e| self.failed(e))?;
-        }
-        if !stay {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            client.upload(path, &remote).map_err(|e| self.failed(e))?;
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
@@ -405,10 +406,15 @@ async fn receive_into(
             .await
             .map_err(|e| failed(parent, e))?;
     }
+    // Hidden, and unique to this transfer: one host may receive the same name twice at once.
     let partial = {
-        let mut name = destination.as_os_str().to_owned();
-        name.push(format!(".partial-{}", std::process::id()));
-        PathBuf::from(name)
+        static TRANSFERS: AtomicU64 = AtomicU64::new(0);
+        let file = destination
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let count = TRANSFERS.fetch_add(1, Ordering::Relaxed);
+        destination.with_file_name(format!(".{file}.partial-{}-{count}", std::process::id()))
     };
     let outcome = async {
         let mut file = tokio::fs::File::create(&partial)

@@ -102,11 +102,20 @@ pub struct NodeJoin {
     pub settings: Vec<(String, String)>,
     /// How many times this node has formed the group again after losing it.
     pub restarts: u32,
-    /// The steps of the checkpoints this node holds (its share of each, where nodes save
-    /// their own), so that the group resumes from one every node holds.
-    pub checkpoints: Vec<u64>,
+    /// The checkpoints this node holds (its share of each, where nodes save their own), so
+    /// that the group resumes from one every node holds its part of.
+    pub checkpoints: Vec<HeldCheckpoint>,
     /// Its link to the host as it measured it, in bytes per second (none on the host).
     pub link: Option<f64>,
+}
+
+/// A checkpoint a node holds: its step, and the stages whose files are there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldCheckpoint {
+    /// Optimizer steps it was taken after.
+    pub step: u64,
+    /// The stages whose weights and optimizer state it holds.
+    pub stages: Vec<usize>,
 }
 
 /// A member of the formed group.
@@ -122,8 +131,8 @@ pub struct Node {
     pub first_rank: usize,
     /// Its workers.
     pub workers: Vec<WorkerInfo>,
-    /// The steps of the checkpoints it holds.
-    pub checkpoints: Vec<u64>,
+    /// The checkpoints it holds.
+    pub checkpoints: Vec<HeldCheckpoint>,
     /// Its link to node 0 as it measured it, in bytes per second (none on node 0).
     pub link: Option<f64>,
 }
