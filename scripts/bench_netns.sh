@@ -2,7 +2,8 @@
 # Pipeline training across two "machines" (network namespaces from scripts/netns.sh, one node
 # each, one worker per node) at several link rates and wire dtypes, on a wide model whose
 # activations are a visible share of a step (scripts/make_wide_model.py). Prints tokens/s (the
-# median over steps after the first) and the last loss per run. Needs root and numpy.
+# median over steps after the first), the last loss, and the step time the plan expected (at
+# the measured device speeds and link) next to the measured one, per run. Needs root and numpy.
 #
 #   scripts/bench_netns.sh target/release/pp [STEPS]
 set -euo pipefail
@@ -34,16 +35,24 @@ run() {
     done
     wait || { cat "$work"/node*.log >&2; exit 1; }
     "$root/scripts/netns.sh" down ppbench 2
-    python3 - "$out/metrics.jsonl" "$rate" "$wire" <<'PY'
-import json, statistics, sys
+    python3 - "$out/metrics.jsonl" "$rate" "$wire" "$work/node0.log" <<'PY'
+import json, re, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if "train_tokens_per_s" in l]
 speed = statistics.median(r["train_tokens_per_s"] for r in rows[1:])
-print(f"| {sys.argv[2]:>8} | {sys.argv[3]:>4} | {speed:8.0f} | {rows[-1]['train_loss']:.4f} |")
+# A step's length from each rank's busy time and the measured bubble.
+def step(r):
+    busy = [v for k, v in r.items() if re.fullmatch(r"pipeline_rank\d+_busy_s", k)]
+    return sum(busy) / (len(busy) * (1 - r["pipeline_bubble"]))
+measured = statistics.median(step(r) for r in rows[1:]) * 1e3
+plan = re.search(r"expected ([\d.]+) (ms|s) per step", open(sys.argv[4]).read())
+expected = float(plan[1]) * (1 if plan[2] == "ms" else 1e3)
+print(f"| {sys.argv[2]:>8} | {sys.argv[3]:>4} | {speed:8.0f} | {rows[-1]['train_loss']:.4f} "
+      f"| {expected:6.0f} | {measured:6.0f} |")
 PY
 }
 
-echo "| link     | wire | tokens/s | last loss |"
-echo "| -------- | ---- | -------: | --------: |"
+echo "| link     | wire | tokens/s | last loss | expected ms/step | measured ms/step |"
+echo "| -------- | ---- | -------: | --------: | ---------------: | ---------------: |"
 run none f32
 for rate in 1gbit 100mbit; do
     for wire in f32 bf16 fp8; do
