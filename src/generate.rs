@@ -1,17 +1,18 @@
-//! Greedy text generation, to look at what a trained model answers. Each new token re-runs the
-//! whole sequence (no key/value cache): simple and exact, and fast enough for small models and
-//! short answers; serving is where a cache belongs.
-
-use burn::tensor::ElementConversion;
+//! Text generation, to look at what a trained model answers: greedy, or sampled
+//! (`crate::sampling`). Each new token re-runs the whole sequence (no key/value cache yet):
+//! simple and exact, and fast enough for small models and short answers.
 
 use crate::error::Result;
 use crate::kernels::Kernels;
 use crate::model::{token_tensor, AttentionInputs, StageModel, TokenLayout};
+use crate::sampling::{Sampler, Sampling};
 use crate::tokenizer::Tokenizer;
 
-/// When to stop.
+/// How to pick tokens and when to stop.
 #[derive(Debug, Clone)]
 pub struct GenerationOptions {
+    /// Greedy, or how to sample.
+    pub sampling: Sampling,
     /// At most this many new tokens.
     pub max_new_tokens: usize,
     /// Stop after any of these tokens (not included in the output).
@@ -20,7 +21,7 @@ pub struct GenerationOptions {
     pub stop_strings: Vec<String>,
 }
 
-/// Continues `prompt` (token ids) greedily and returns the new text.
+/// Continues `prompt` (token ids) and returns the new text.
 pub fn generate<B: Kernels>(
     model: &StageModel<B>,
     tokenizer: &Tokenizer,
@@ -38,6 +39,7 @@ pub fn generate<B: Kernels>(
             prompt.len()
         )));
     }
+    let mut sampler = Sampler::new(options.sampling.clone());
     let mut ids = prompt.to_vec();
     let mut new = Vec::new();
     let mut text = String::new();
@@ -49,7 +51,12 @@ pub fn generate<B: Kernels>(
         let last = logits
             .slice([0..1, seq - 1..seq, 0..vocab])
             .reshape([vocab]);
-        let next = last.argmax(0).into_scalar().elem::<i64>() as u32;
+        let logits = last
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("float logits");
+        let next = sampler.next(&logits, &ids);
         if options.stop_tokens.contains(&next) {
             break;
         }

@@ -17,6 +17,7 @@ pub mod interrupt;
 pub mod kernels;
 pub mod model;
 pub mod plan;
+pub mod sampling;
 pub mod tokenizer;
 pub mod train;
 

@@ -359,3 +359,44 @@ fn schedule_prints_one_json_object_with_the_bubble_and_actions() {
     ]);
     assert_clean_error(&bad, &["multiple of the ranks"]);
 }
+
+/// `pp generate` is greedy by default (the same as sampling among the one likeliest token),
+/// a sampled answer repeats with its seed and changes with another, and a bad value is one
+/// line naming it.
+#[test]
+fn generate_is_greedy_by_default_and_sampling_repeats_with_its_seed() {
+    let model = model_arg("llama3-tiny");
+    let answer = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            &model,
+            "--prompt",
+            "pipelines move",
+            "--max-new-tokens",
+            "16",
+        ];
+        args.extend_from_slice(extra);
+        stdout(&pp(&args))
+    };
+    let greedy = answer(&[]);
+    assert!(!greedy.trim().is_empty());
+    assert_eq!(answer(&["--temperature", "1.5", "--top-k", "1"]), greedy);
+    let sampled = answer(&["--temperature", "2", "--seed", "3"]);
+    assert_eq!(answer(&["--temperature", "2", "--seed", "3"]), sampled);
+    assert_ne!(answer(&["--temperature", "2", "--seed", "4"]), sampled);
+    for (flag, value) in [
+        ("--temperature", "-1"),
+        ("--top-p", "0"),
+        ("--repetition-penalty", "0"),
+    ] {
+        let out = pp(&[
+            "generate",
+            &model,
+            "--prompt",
+            "x",
+            &format!("{flag}={value}"),
+        ]);
+        let name = flag.trim_start_matches("--").replace('-', "_");
+        assert_clean_error(&out, &[&name]);
+    }
+}

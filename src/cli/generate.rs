@@ -1,4 +1,5 @@
-//! `pp generate MODEL_DIR --prompt TEXT | --data FILE.jsonl`: greedy answers from a model.
+//! `pp generate MODEL_DIR --prompt TEXT | --data FILE.jsonl`: a model's answers, greedy or
+//! sampled.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use anyhow::{bail, Context};
 use pp::generate::{generate, GenerationOptions};
 use pp::kernels::Kernels;
 use pp::model::StageModel;
+use pp::sampling::Sampling;
 use pp::tokenizer::{Message, Tokenizer};
 use serde_json::Value;
 
@@ -27,11 +29,43 @@ pub struct Args {
     /// Also stop at this text (repeatable), e.g. a chat template's end-of-turn marker.
     #[arg(long)]
     stop: Vec<String>,
+    /// Sample at this temperature [default: 0, greedy].
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample only among the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample only among the most likely tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Make tokens already in the text less likely (transformers' rule; 1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    /// Seed of the draws (the same seed repeats the same answers).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     #[command(flatten)]
     device: super::DeviceFlag,
 }
 
+impl Args {
+    /// How to pick tokens, checked.
+    fn sampling(&self) -> anyhow::Result<Sampling> {
+        let sampling = Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        };
+        sampling.validate().map_err(anyhow::Error::msg)?;
+        Ok(sampling)
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Bad values are reported before the model is loaded.
+    args.sampling()?;
     let device = args.device.resolve()?;
     pp::with_backend!(device, |B, dev| generate_on::<B>(&args, &device, &dev))
 }
@@ -49,6 +83,7 @@ fn generate_on<B: Kernels>(
     let mut stop_tokens = cfg.eos_token_ids.clone();
     stop_tokens.extend(tokenizer.eos_id());
     let options = GenerationOptions {
+        sampling: args.sampling()?,
         max_new_tokens: args.max_new_tokens,
         stop_tokens,
         stop_strings: args.stop.clone(),
