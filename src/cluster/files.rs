@@ -14,8 +14,12 @@ use std::time::{Duration, Instant};
 use pp_transport::rendezvous::{checksum_of, FileClient, FileInfo, SharedFiles};
 use serde::{Deserialize, Serialize};
 
+use pp_stages::Partition;
+
 use crate::checkpoint::native::stage_file_name;
+use crate::checkpoint::Format;
 use crate::error::{Error, Result};
+use crate::train::checkpoint::optimizer_file;
 use crate::train::{TrainOptions, Validation};
 
 /// Where node 0's files are named in its list.
@@ -223,14 +227,7 @@ impl Receiver {
         if self.all_match(&files, |name| local.join(name))? {
             return Ok(None);
         }
-        let key: String = files
-            .iter()
-            .map(|(name, info)| format!("{name}:{:016x};", info.checksum))
-            .collect();
-        let dir = self.cache.join("models").join(format!(
-            "{:016x}",
-            xxhash_rust::xxh3::xxh3_64(key.as_bytes())
-        ));
+        let dir = self.cache.join("models").join(cache_key(&files));
         let description: Vec<_> = files
             .into_iter()
             .filter(|(name, _)| !is_weight_file(name))
@@ -244,17 +241,13 @@ impl Receiver {
         Ok(Some(dir))
     }
 
-    /// Fetches into `dir` (a [`Receiver::model`] directory) the weight files `wanted` names.
-    pub fn model_weights(
-        &mut self,
-        local: &Path,
-        dir: &Path,
-        wanted: impl Fn(&str) -> bool,
-    ) -> Result<()> {
+    /// Fetches into `dir` (a [`Receiver::model`] directory) the weight files `share` loads.
+    pub fn model_weights(&mut self, local: &Path, dir: &Path, share: &Share) -> Result<()> {
+        let loads = share.loads(dir);
         let files: Vec<_> = self
             .under(MODEL)
             .into_iter()
-            .filter(|(name, _)| is_weight_file(name) && wanted(name))
+            .filter(|(name, _)| is_weight_file(name) && loads(name))
             .collect();
         self.obtain(&files, |name| local.join(name), dir)
     }
@@ -288,16 +281,11 @@ impl Receiver {
         Ok((data, validation))
     }
 
-    /// The checkpoint node 0 resumes from, if it shares one: its description, then of its
-    /// weights and optimizer state those of the stages `ours` names once it sees the
-    /// description (all when it names none). In the cache, where `list` does not see it as
-    /// this node's own; files this node holds under `checkpoints/STEP` (a shared filesystem)
-    /// are linked, not received.
-    pub fn checkpoint<'s>(
-        &mut self,
-        checkpoints: &Path,
-        ours: impl Fn(&Path) -> Option<&'s [usize]>,
-    ) -> Result<Option<PathBuf>> {
+    /// The checkpoint node 0 resumes from, if it shares one: its description, then the weight
+    /// and optimizer files `share` loads. In the cache, where `list` does not see it as this
+    /// node's own; files this node holds under `checkpoints/STEP` (a shared filesystem) are
+    /// linked, not received.
+    pub fn checkpoint(&mut self, checkpoints: &Path, share: &Share) -> Result<Option<PathBuf>> {
         let files = self.under(CHECKPOINT);
         let Some(step) = files
             .first()
@@ -311,47 +299,27 @@ impl Receiver {
                 "node 0 shares a checkpoint named `{step}`"
             )));
         }
-        let key: String = files
-            .iter()
-            .map(|(name, info)| format!("{name}:{:016x};", info.checksum))
-            .collect();
         let dir = self
             .cache
             .join("checkpoints")
-            .join(format!(
-                "{:016x}",
-                xxhash_rust::xxh3::xxh3_64(key.as_bytes())
-            ))
+            .join(cache_key(&files))
             .join(&step);
         let own = checkpoints.join(&step);
-        let (weights, mut description): (Vec<_>, Vec<_>) = files
+        let (weights, description): (Vec<_>, Vec<_>) = files
             .into_iter()
             .filter_map(|(name, info)| {
                 let name = name.strip_prefix(&format!("{step}/"))?.to_string();
                 Some((name, info))
             })
             .partition(|(name, _)| is_weight_file(name));
-        // `trainer.json` marks a checkpoint: it comes last.
-        let (marker, _): (Vec<_>, Vec<_>) = description
-            .iter()
-            .cloned()
-            .partition(|(name, _)| name == crate::train::checkpoint::TRAINER_FILE);
-        description.retain(|(name, _)| name != crate::train::checkpoint::TRAINER_FILE);
+        // The description first: it says how the checkpoint is cut.
         self.obtain(&description, |name| own.join(name), &dir)?;
-        let weights: Vec<_> = match ours(&dir) {
-            None => weights,
-            Some(stages) => weights
-                .into_iter()
-                .filter(|(name, _)| {
-                    stages.iter().any(|&stage| {
-                        *name == stage_file_name(stage)
-                            || *name == crate::train::checkpoint::optimizer_file(stage)
-                    })
-                })
-                .collect(),
-        };
+        let loads = share.loads(&dir);
+        let weights: Vec<_> = weights
+            .into_iter()
+            .filter(|(name, _)| loads(name))
+            .collect();
         self.obtain(&weights, |name| own.join(name), &dir)?;
-        self.obtain(&marker, |name| own.join(name), &dir)?;
         Ok(Some(dir))
     }
 
@@ -416,6 +384,41 @@ impl Receiver {
         self.digests.save();
         Ok(())
     }
+}
+
+/// The stages a node's workers run, of the plan's partition.
+pub struct Share<'a> {
+    /// How the plan cuts the model.
+    pub partition: &'a Partition,
+    /// The stages this node runs.
+    pub stages: &'a [usize],
+}
+
+impl Share<'_> {
+    /// Which weight files of the model or checkpoint in `dir` the workers load: of a native
+    /// checkpoint cut as the plan cuts the model, only their stages' weights and optimizer
+    /// state; otherwise all.
+    fn loads(&self, dir: &Path) -> impl Fn(&str) -> bool + '_ {
+        let cut_as_planned = crate::checkpoint::describe(dir).is_ok_and(|info| {
+            matches!(&info.format, Format::Native(native) if native.partition() == self.partition)
+        });
+        move |name: &str| {
+            !cut_as_planned
+                || self
+                    .stages
+                    .iter()
+                    .any(|&stage| name == stage_file_name(stage) || name == optimizer_file(stage))
+        }
+    }
+}
+
+/// A cache directory's name for node 0's `files`: their names and checksums, hashed.
+fn cache_key(files: &[(String, FileInfo)]) -> String {
+    let key: String = files
+        .iter()
+        .map(|(name, info)| format!("{name}:{:016x};", info.checksum))
+        .collect();
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(key.as_bytes()))
 }
 
 /// Points `target` at `own` (a symbolic link to its absolute path), replacing what is there
@@ -597,7 +600,13 @@ mod tests {
         assert_eq!(std::fs::read(&tokenizer).unwrap(), b"node 0's tokenizer");
         // The weights only when asked for.
         assert!(!dir.join("model.safetensors").exists());
-        receiver.model_weights(&ours, &dir, |_| true).unwrap();
+        // A Hugging Face model is not cut in stages: a node loads all of it.
+        let partition = Partition::from_split(&[1], 2).unwrap();
+        let share = Share {
+            partition: &partition,
+            stages: &[1],
+        };
+        receiver.model_weights(&ours, &dir, &share).unwrap();
         assert_eq!(
             std::fs::read(dir.join("model.safetensors")).unwrap(),
             weights

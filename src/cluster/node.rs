@@ -15,11 +15,10 @@ use pp_transport::rendezvous::{
     WorkerInfo,
 };
 
-use super::files::{NodeCopies, Receiver};
+use super::files::{NodeCopies, Receiver, Share};
 use super::launcher::{WorkerLaunch, Workers};
 use super::placement::{self, Basis, Measured, Placement, Worker};
 use crate::checkpoint::native::stage_file_name;
-use crate::checkpoint::Format;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::plan::human_bytes;
@@ -323,24 +322,17 @@ impl Round<'_> {
             .flat_map(|rank| schedule.stages_of(rank))
             .collect();
         stages.sort_unstable();
-        // Of a native checkpoint cut as this plan cuts the model, only these stages' files.
-        let cut_as_planned = |dir: &Path| {
-            crate::checkpoint::describe(dir).is_ok_and(|info| {
-                matches!(&info.format, Format::Native(native) if native.partition() == partition)
-            })
+        let share = Share {
+            partition,
+            stages: &stages,
         };
         let mut copies = self.copies.clone();
         if let Some(dir) = &copies.model {
-            let only_ours = cut_as_planned(dir);
-            receiver.model_weights(self.model_dir, dir, |name| {
-                !only_ours || stages.iter().any(|&s| name == stage_file_name(s))
-            })?;
+            receiver.model_weights(self.model_dir, dir, &share)?;
         }
         (copies.data, copies.validation) = receiver.data(self.train)?;
         if resume && !node.save_on_each_node {
-            copies.resume = receiver.checkpoint(&self.checkpoints(), |dir| {
-                cut_as_planned(dir).then_some(stages.as_slice())
-            })?;
+            copies.resume = receiver.checkpoint(&self.checkpoints(), &share)?;
         }
         Ok(copies)
     }

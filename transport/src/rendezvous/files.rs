@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::{read_frame, runtime, write_frame, RendezvousError, ToHost};
+use super::{read_frame, write_frame, RendezvousError, ToHost};
 
 /// Bytes read or written at a time.
 const CHUNK: usize = 1 << 20;
@@ -116,12 +116,7 @@ impl FileClient {
         timeout: Duration,
         waiting: &mut dyn FnMut(&str),
     ) -> Result<Self, RendezvousError> {
-        let link = |message: String| RendezvousError::Link { address, message };
-        let runtime = runtime().map_err(link)?;
-        let endpoint = {
-            let _guard = runtime.enter();
-            crate::tls::client_endpoint().map_err(link)?
-        };
+        let (runtime, endpoint) = super::dialler(address)?;
         let connection = runtime.block_on(super::member::dial_host(
             &endpoint,
             address,

@@ -10,8 +10,8 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::runtime::Runtime;
 
 use super::{
-    closed_reason, read_frame, runtime, write_frame, ControlReply, ControlRequest, Group,
-    GroupEvent, NodeEvent, NodeJoin, RendezvousError, ToHost, ToNode, WAITING_NOTICE,
+    closed_reason, read_frame, write_frame, ControlReply, ControlRequest, Group, GroupEvent,
+    NodeEvent, NodeJoin, RendezvousError, ToHost, ToNode, WAITING_NOTICE,
 };
 use crate::auth;
 
@@ -23,11 +23,7 @@ pub fn control(
     timeout: Duration,
 ) -> Result<ControlReply, RendezvousError> {
     let link = |message: String| RendezvousError::Link { address, message };
-    let runtime = runtime().map_err(link)?;
-    let endpoint = {
-        let _guard = runtime.enter();
-        crate::tls::client_endpoint().map_err(link)?
-    };
+    let (runtime, endpoint) = super::dialler(address)?;
     runtime.block_on(async {
         let deadline = Instant::now() + timeout;
         let connection = auth::dial(&endpoint, address, token, 0, deadline, &mut || {})
@@ -92,11 +88,7 @@ impl RendezvousNode {
         waiting: &mut dyn FnMut(&str),
     ) -> Result<(Self, Group), RendezvousError> {
         let link = |message: String| RendezvousError::Link { address, message };
-        let runtime = runtime().map_err(link)?;
-        let endpoint = {
-            let _guard = runtime.enter();
-            crate::tls::client_endpoint().map_err(link)?
-        };
+        let (runtime, endpoint) = super::dialler(address)?;
         let deadline = Instant::now() + join_timeout;
         let mut last_notice = Instant::now();
         // Lines the host sends are passed on; our own at most every few seconds.

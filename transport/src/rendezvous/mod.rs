@@ -296,6 +296,17 @@ pub(crate) fn runtime() -> Result<Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A runtime and an endpoint to dial the rendezvous at `address` from.
+pub(crate) fn dialler(address: SocketAddr) -> Result<(Runtime, quinn::Endpoint), RendezvousError> {
+    let link = |message: String| RendezvousError::Link { address, message };
+    let runtime = runtime().map_err(link)?;
+    let endpoint = {
+        let _guard = runtime.enter();
+        crate::tls::client_endpoint().map_err(link)?
+    };
+    Ok((runtime, endpoint))
+}
+
 pub(crate) async fn write_frame<T: Serialize>(
     send: &mut SendStream,
     value: &T,
