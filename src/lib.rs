@@ -18,7 +18,9 @@ pub mod kernels;
 pub mod model;
 pub mod plan;
 pub mod sampling;
+pub mod serve;
 pub mod tokenizer;
+pub mod tool_calls;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -142,6 +142,30 @@ impl Tokenizer {
         self.inner.token_to_id(text)
     }
 
+    /// The special token the chat template closes an assistant turn with (`<|im_end|>`,
+    /// `<|eot_id|>`, `</s>`), found by rendering one: answers stop there. `None` without a
+    /// template, or when the turn does not end in exactly one special token.
+    pub fn end_of_turn_id(&self) -> Option<u32> {
+        const ANSWER: &str = "\u{1}answer\u{1}";
+        let messages = serde_json::json!([
+            {"role": "user", "content": "question"},
+            {"role": "assistant", "content": ANSWER},
+        ]);
+        let text = self.render_chat_values(messages, None, false).ok()?;
+        let after = &text[text.find(ANSWER)? + ANSWER.len()..];
+        match self.encode(after.trim(), false).ok()?.as_slice() {
+            [id] if self
+                .inner
+                .get_added_tokens_decoder()
+                .get(id)
+                .is_some_and(|token| token.special) =>
+            {
+                Some(*id)
+            }
+            _ => None,
+        }
+    }
+
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
@@ -159,6 +183,18 @@ impl Tokenizer {
 
     /// Renders `messages` with the chat template, as transformers' `apply_chat_template` does.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let messages = serde_json::to_value(messages).unwrap_or_default();
+        self.render_chat_values(messages, None, add_generation_prompt)
+    }
+
+    /// Renders messages given as JSON (OpenAI's shape: tool calls, tool results) with the chat
+    /// template, and `tools` (JSON schemas) as the template's `tools`.
+    pub fn render_chat_values(
+        &self,
+        messages: Value,
+        tools: Option<Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .chat_template
             .as_ref()
@@ -175,10 +211,10 @@ impl Tokenizer {
         let env = jinja_environment();
         let compiled = env.template_from_str(&template.source).map_err(fail)?;
         let mut context = self.special_tokens.clone();
-        context.insert(
-            "messages".into(),
-            serde_json::to_value(messages).unwrap_or_default(),
-        );
+        context.insert("messages".into(), messages);
+        if let Some(tools) = tools {
+            context.insert("tools".into(), tools);
+        }
         context.insert(
             "add_generation_prompt".into(),
             Value::Bool(add_generation_prompt),
@@ -268,6 +304,51 @@ mod tests {
         let config = json!({"chat_template": [
             {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
         assert_eq!(template_from_config(&config).as_deref(), Some("D"));
+    }
+
+    #[test]
+    fn tools_and_tool_calls_reach_the_template() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/llama3-tiny/hf/tokenizer.json"
+            ),
+            dir.path().join(TOKENIZER_FILE),
+        )
+        .unwrap();
+        let template = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}\
+                        {% for m in messages %}{{ m.role }}:{{ m.content }}\
+                        {% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}{% endfor %};\
+                        {% endfor %}";
+        std::fs::write(dir.path().join(CHAT_TEMPLATE_FILE), template).unwrap();
+        let tokenizer = Tokenizer::load(dir.path()).unwrap();
+        let messages = json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+        ]);
+        let tools = json!([{"type": "function", "function": {"name": "get_weather"}}]);
+        let text = tokenizer
+            .render_chat_values(messages, Some(tools), false)
+            .unwrap();
+        assert_eq!(text, r#"[get_weather]user:hi;assistant:{"x":1};"#);
+    }
+
+    #[test]
+    fn the_end_of_turn_token_is_found_by_rendering_a_turn() {
+        let hf = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama3-tiny/hf");
+        let tokenizer = Tokenizer::load(Path::new(hf)).unwrap();
+        let end = tokenizer.end_of_turn_id().unwrap();
+        assert_eq!(tokenizer.decode(&[end], false).unwrap(), "<|im_end|>");
+        // Without a template there is none.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            Path::new(hf).join(TOKENIZER_FILE),
+            dir.path().join(TOKENIZER_FILE),
+        )
+        .unwrap();
+        assert_eq!(Tokenizer::load(dir.path()).unwrap().end_of_turn_id(), None);
     }
 
     #[test]

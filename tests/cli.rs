@@ -400,3 +400,31 @@ fn generate_is_greedy_by_default_and_sampling_repeats_with_its_seed() {
         assert_clean_error(&out, &[&name]);
     }
 }
+
+/// A prompt that fills the context, or no room for new tokens, is refused before the model
+/// runs, naming the row or the flag.
+#[test]
+fn generate_and_eval_refuse_prompts_without_room_naming_the_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("rows.jsonl");
+    let long = "weather ".repeat(200);
+    std::fs::write(
+        &data,
+        format!("{{\"prompt\": \"hi\"}}\n\n{{\"prompt\": \"{long}\"}}\n"),
+    )
+    .unwrap();
+    let model = fixture("llama3-tiny").join("hf");
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let line = format!("{data}:3");
+    for command in [
+        vec!["generate", model, "--data", data],
+        vec!["eval", model, "--task", "tool-calls", "--data", data],
+    ] {
+        let out = pp(&[&command[..], &["--device", "cpu"]].concat());
+        assert_clean_error(&out, &[&line, "400 tokens", "context of 128"]);
+    }
+    let out = pp(&["generate", model, "--prompt", &long, "--device", "cpu"]);
+    assert_clean_error(&out, &["--prompt", "400 tokens"]);
+    let out = pp(&["generate", model, "--prompt", "hi", "--max-new-tokens", "0"]);
+    assert_clean_error(&out, &["--max-new-tokens"]);
+}

@@ -1,16 +1,17 @@
 //! `pp generate MODEL_DIR --prompt TEXT | --data FILE.jsonl`: a model's answers, greedy or
 //! sampled.
 
-use std::io::{BufRead, BufReader, Write};
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use pp::generate::{generate, GenerationOptions};
+use burn::tensor::DType;
+use pp::data::PromptRow;
+use pp::generate::{generate_all, stop_tokens, GenerationOptions};
 use pp::kernels::Kernels;
 use pp::model::StageModel;
 use pp::sampling::Sampling;
-use pp::tokenizer::{Message, Tokenizer};
-use serde_json::Value;
+use pp::tokenizer::Tokenizer;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -44,6 +45,9 @@ pub struct Args {
     /// Seed of the draws (the same seed repeats the same answers).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Rows answered together (continuous batching: the next row joins when one finishes).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
     #[command(flatten)]
     device: super::DeviceFlag,
 }
@@ -66,6 +70,12 @@ impl Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Bad values are reported before the model is loaded.
     args.sampling()?;
+    if args.max_batch == 0 {
+        anyhow::bail!("--max-batch must be at least 1");
+    }
+    if args.max_new_tokens == 0 {
+        anyhow::bail!("--max-new-tokens must be at least 1");
+    }
     let device = args.device.resolve()?;
     pp::with_backend!(device, |B, dev| generate_on::<B>(&args, &device, &dev))
 }
@@ -78,55 +88,55 @@ fn generate_on<B: Kernels>(
     let files = pp::checkpoint::open(&args.model)?;
     let cfg = &files.info.config;
     let tokenizer = Tokenizer::load(&args.model)?;
+    let rows = match (&args.prompt, &args.data) {
+        (Some(prompt), _) => vec![PromptRow {
+            line: 0,
+            prompt: tokenizer.encode(prompt, true)?,
+            reference: None,
+        }],
+        (None, Some(path)) => pp::data::read_prompts(path, &tokenizer)?,
+        (None, None) => unreachable!("clap requires --prompt or --data"),
+    };
+    let source = args
+        .data
+        .as_ref()
+        .map_or("--prompt".into(), |path| path.display().to_string());
+    super::check_prompt_room(&rows, &source, cfg.max_position_embeddings)?;
     let model = StageModel::<B>::load_whole(cfg, files.weights.as_ref(), device)?;
     super::announce(target);
-    let mut stop_tokens = cfg.eos_token_ids.clone();
-    stop_tokens.extend(tokenizer.eos_id());
     let options = GenerationOptions {
         sampling: args.sampling()?,
         max_new_tokens: args.max_new_tokens,
-        stop_tokens,
+        stop_tokens: stop_tokens(&args.model, cfg, &tokenizer)?,
         stop_strings: args.stop.clone(),
     };
-    if let Some(prompt) = &args.prompt {
-        let ids = tokenizer.encode(prompt, true)?;
-        println!("{}", generate(&model, &tokenizer, &ids, &options, device)?);
-        return Ok(());
-    }
-    let path = args
-        .data
-        .as_ref()
-        .expect("clap requires --prompt or --data");
-    let file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
     let mut out = std::io::stdout().lock();
-    for (index, line) in BufReader::new(file).lines().enumerate() {
-        let line_no = index + 1;
-        let text = line.with_context(|| format!("{}:{line_no}", path.display()))?;
-        if text.trim().is_empty() {
-            continue;
-        }
-        let row_error =
-            |message: String| anyhow::anyhow!("{}:{line_no}: {message}", path.display());
-        let row: Value =
-            serde_json::from_str(&text).map_err(|e| row_error(format!("not valid JSON: {e}")))?;
-        let ids = if let Some(messages) = row.get("messages") {
-            let mut messages: Vec<Message> = serde_json::from_value(messages.clone())
-                .map_err(|e| row_error(format!("\"messages\" is not a list of messages: {e}")))?;
-            if messages.last().is_some_and(|m| m.role == "assistant") {
-                messages.pop();
+    // Answers finish in any order; they are printed in the rows' order.
+    let mut finished = BTreeMap::new();
+    let mut next = 0;
+    let prompts = rows.iter().map(|row| row.prompt.clone());
+    generate_all(
+        &model,
+        &tokenizer,
+        prompts,
+        &options,
+        args.max_batch,
+        DType::F32,
+        device,
+        |index, completion| {
+            finished.insert(index, completion.text().to_string());
+            while let Some(text) = finished.remove(&next) {
+                let printed = if args.prompt.is_some() {
+                    writeln!(out, "{text}")
+                } else {
+                    let record = serde_json::json!({"line": rows[next].line, "completion": text});
+                    writeln!(out, "{record}")
+                };
+                printed.map_err(|e| pp::Error::Usage(format!("cannot write the answers: {e}")))?;
+                next += 1;
             }
-            tokenizer.encode_chat(&messages, true)?
-        } else if let Some(prompt) = row.get("prompt").and_then(Value::as_str) {
-            tokenizer.encode(prompt, true)?
-        } else {
-            bail!(
-                "{}:{line_no}: expected \"messages\" or \"prompt\"",
-                path.display()
-            );
-        };
-        let completion = generate(&model, &tokenizer, &ids, &options, device)?;
-        let record = serde_json::json!({"line": line_no, "completion": completion});
-        writeln!(out, "{record}")?;
-    }
+            Ok(())
+        },
+    )?;
     Ok(())
 }

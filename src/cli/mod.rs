@@ -8,6 +8,7 @@ mod generate;
 mod inspect;
 mod plan;
 mod schedule;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -30,7 +31,7 @@ enum Command {
     Convert(convert::Args),
     /// Mean token cross-entropy and perplexity of a model on a JSONL dataset.
     Eval(eval::Args),
-    /// Greedy answers from a model, to a prompt or to each row of a JSONL file.
+    /// A model's answers (greedy or sampled) to a prompt or to each row of a JSONL file.
     Generate(generate::Args),
     /// Estimated peak memory per device of a training configuration.
     Plan(plan::Args),
@@ -40,6 +41,8 @@ enum Command {
     Train(Box<train::Args>),
     /// Ask a running multi-node training for its status, a checkpoint, a stop or an abort.
     Ctl(ctl::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, tools).
+    Serve(serve::Args),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -53,6 +56,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::Schedule(args) => schedule::run(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 
@@ -70,6 +74,27 @@ impl DeviceFlag {
     pub fn resolve(&self) -> anyhow::Result<Device> {
         Ok(Device::resolve(self.device)?)
     }
+}
+
+/// Checks, before the model loads, that every prompt leaves room for an answer in the model's
+/// `context`, naming the row (`source:line`) that does not.
+fn check_prompt_room(
+    rows: &[pp::data::PromptRow],
+    source: &str,
+    context: usize,
+) -> anyhow::Result<()> {
+    let Some(row) = rows.iter().find(|row| row.prompt.len() >= context) else {
+        return Ok(());
+    };
+    // `--prompt` has no lines.
+    let at = match row.line {
+        0 => source.to_string(),
+        line => format!("{source}:{line}"),
+    };
+    anyhow::bail!(
+        "{at}: the prompt has {} tokens, which leaves no room in the model's context of {context}",
+        row.prompt.len()
+    )
 }
 
 /// Says on stderr which device a command computes on.

@@ -41,7 +41,8 @@ pub const COMPANION_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
-const GENERATION_CONFIG: &str = "generation_config.json";
+/// Generation defaults (end-of-sequence tokens among them) that travel with a checkpoint.
+pub const GENERATION_CONFIG: &str = "generation_config.json";
 
 /// Elements streamed per chunk: 4M elements is 8–16 MiB, large enough for full-speed I/O.
 const CHUNK_ELEMENTS: usize = 1 << 22;

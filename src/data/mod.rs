@@ -3,6 +3,7 @@
 //! training consumes.
 
 mod batches;
+mod prompts;
 mod rows;
 mod template;
 
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 pub use batches::{split_validation, MicroBatch, Sequence, SequenceOptions, SequenceSet};
+pub use prompts::{read_prompts, PromptRow};
 pub use template::RowTemplate;
 
 use crate::error::{Error, Result};
@@ -70,8 +72,21 @@ impl<'a> RowOptions<'a> {
 /// Reads and tokenizes every row of a JSONL file. Blank lines are skipped; a row that is not
 /// usable is an error naming its line.
 pub fn read_jsonl(path: &Path, options: &RowOptions<'_>) -> Result<Vec<Example>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut examples = Vec::new();
+    for (line, fields) in read_objects(path)? {
+        let row = rows::Row { path, line };
+        let example = row.parse(&fields, options)?;
+        row.check_vocab(&example, options.vocab_size)?;
+        examples.push(example);
+    }
+    Ok(examples)
+}
+
+/// The JSON object of every non-blank line of `path`, with its 1-based line number. A line
+/// that is not a JSON object, or a file without rows, is an error naming the file (and line).
+fn read_objects(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut objects = Vec::new();
     for (index, bytes) in BufReader::new(file).split(b'\n').enumerate() {
         let line = index + 1;
         let bytes = bytes.map_err(|e| Error::io(path, e))?;
@@ -86,17 +101,15 @@ pub fn read_jsonl(path: &Path, options: &RowOptions<'_>) -> Result<Vec<Example>>
         let Value::Object(fields) = value else {
             return Err(row.error("a row must be a JSON object".into()));
         };
-        let example = row.parse(&fields, options)?;
-        row.check_vocab(&example, options.vocab_size)?;
-        examples.push(example);
+        objects.push((line, fields));
     }
-    if examples.is_empty() {
+    if objects.is_empty() {
         return Err(Error::DatasetFile {
             path: path.to_path_buf(),
             message: "the dataset has no rows".into(),
         });
     }
-    Ok(examples)
+    Ok(objects)
 }
 
 /// Error for a dataset-wide problem.

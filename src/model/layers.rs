@@ -7,8 +7,10 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use super::config::ModelConfig;
 use super::context::AttentionInputs;
+use super::kv_cache::{DecodeStep, KvCache};
 use crate::checkpoint::{read_f32, WeightSource};
 use crate::error::Result;
+use crate::kernels::attention::MASKED_SCORE;
 use crate::kernels::Kernels;
 
 /// Makes a parameter from host values.
@@ -149,19 +151,79 @@ impl<B: Backend> Attention<B> {
 impl<B: Kernels> Attention<B> {
     /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
+        self.forward_keeping(x, inputs).0
+    }
+
+    /// [`forward`](Self::forward), also returning the rotated keys and the values
+    /// (`[batch, kv_heads, seq, head_dim]`) for a [`KvCache`].
+    pub fn forward_keeping(
+        &self,
+        x: Tensor<B, 3>,
+        inputs: &AttentionInputs<B>,
+    ) -> (Tensor<B, 3>, Tensor<B, 4>, Tensor<B, 4>) {
+        let (q, k, v) = self.project(x, inputs);
+        // Tiled: neither the scores nor repeated keys and values are materialised.
+        let out = B::flash_attention(q, k.clone(), v.clone(), inputs.spec());
+        (self.merge_heads(out), k, v)
+    }
+
+    /// One new token per row (`[rows, 1, hidden]`) against layer `layer` of `cache`, which it
+    /// joins.
+    pub fn decode(
+        &self,
+        x: Tensor<B, 3>,
+        inputs: &AttentionInputs<B>,
+        cache: &mut KvCache<B>,
+        layer: usize,
+        step: &DecodeStep<B>,
+    ) -> Tensor<B, 3> {
+        let (q, k, v) = self.project(x, inputs);
+        let cached = cache.append(layer, step, k, v);
+        let [rows, heads, _, dim] = q.dims();
+        let kv_heads = self.num_kv_heads;
+        let slots = cached.keys().dims()[2];
+        // A key/value head's query heads as rows of one matmul, so keys are never repeated.
+        let q = q.reshape([rows, kv_heads, heads / kv_heads, dim]);
+        let scores = B::batched_matmul(q, cached.keys().swap_dims(2, 3)) * (dim as f64).powf(-0.5);
+        // Softmax in float32, as transformers' eager attention takes it.
+        let blocked = step
+            .blocked()
+            .clone()
+            .expand([rows, kv_heads, heads / kv_heads, slots]);
+        let weights = burn::tensor::activation::softmax(
+            in_dtype(scores, DType::F32).mask_fill(blocked, MASKED_SCORE),
+            3,
+        );
+        let out = B::batched_matmul(in_dtype(weights, cached.values().dtype()), cached.values());
+        self.merge_heads(out.reshape([rows, heads, 1, dim]))
+    }
+
+    /// Queries, keys and values `[batch, heads or kv_heads, seq, head_dim]`, queries and keys
+    /// rotated to their positions.
+    fn project(
+        &self,
+        x: Tensor<B, 3>,
+        inputs: &AttentionInputs<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [batch, seq, _] = x.dims();
-        let (heads, kv_heads, dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let dim = self.head_dim;
         // [batch, seq, heads * dim] -> [batch, heads, seq, dim]
         let split_heads =
             |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, dim]).swap_dims(1, 2);
-        let q = inputs.rotate(split_heads(self.q_proj.forward(x.clone()), heads));
-        let k = inputs.rotate(split_heads(self.k_proj.forward(x.clone()), kv_heads));
-        let v = split_heads(self.v_proj.forward(x), kv_heads);
-        // Tiled: neither the scores nor repeated keys and values are materialised.
-        let out = B::flash_attention(q, k, v, inputs.spec())
-            .swap_dims(1, 2)
-            .reshape([batch, seq, heads * dim]);
-        self.o_proj.forward(out)
+        let q = inputs.rotate(split_heads(self.q_proj.forward(x.clone()), self.num_heads));
+        let k = inputs.rotate(split_heads(
+            self.k_proj.forward(x.clone()),
+            self.num_kv_heads,
+        ));
+        let v = split_heads(self.v_proj.forward(x), self.num_kv_heads);
+        (q, k, v)
+    }
+
+    /// `[batch, heads, seq, head_dim]` attention output through `o_proj` to `[batch, seq, hidden]`.
+    fn merge_heads(&self, out: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [batch, heads, seq, dim] = out.dims();
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([batch, seq, heads * dim]))
     }
 }
 
@@ -244,10 +306,45 @@ impl<B: Backend> DecoderLayer<B> {
 impl<B: Kernels> DecoderLayer<B> {
     /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>, inputs: &AttentionInputs<B>) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), inputs);
+        self.around_attention(x, |attention, x| attention.forward(x, inputs))
+    }
+
+    /// [`forward`](Self::forward), also returning the layer's keys and values for a cache.
+    pub fn forward_keeping(
+        &self,
+        x: Tensor<B, 3>,
+        inputs: &AttentionInputs<B>,
+    ) -> (Tensor<B, 3>, (Tensor<B, 4>, Tensor<B, 4>)) {
+        let mut kept = None;
+        let out = self.around_attention(x, |attention, x| {
+            let (out, k, v) = attention.forward_keeping(x, inputs);
+            kept = Some((k, v));
+            out
+        });
+        (out, kept.expect("the attention ran"))
+    }
+
+    /// One new token per row against the layer's part of `cache` (see [`Attention::decode`]).
+    pub fn decode(
+        &self,
+        x: Tensor<B, 3>,
+        inputs: &AttentionInputs<B>,
+        cache: &mut KvCache<B>,
+        layer: usize,
+        step: &DecodeStep<B>,
+    ) -> Tensor<B, 3> {
+        self.around_attention(x, |attention, x| {
+            attention.decode(x, inputs, cache, layer, step)
+        })
+    }
+
+    /// The pre-norm residual block around `attend`, then the MLP's.
+    fn around_attention(
+        &self,
+        x: Tensor<B, 3>,
+        attend: impl FnOnce(&Attention<B>, Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + attend(&self.self_attn, self.input_layernorm.forward(x));
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }

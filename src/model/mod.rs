@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod context;
+pub mod kv_cache;
 pub mod layers;
 pub mod loss;
 pub mod names;
@@ -10,4 +11,5 @@ pub mod stage;
 
 pub use config::{Architecture, ModelConfig};
 pub use context::{AttentionInputs, TokenLayout};
+pub use kv_cache::KvCache;
 pub use stage::{token_tensor, StageModel};

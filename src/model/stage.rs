@@ -3,11 +3,12 @@
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use pp_stages::StageSlice;
 
 use super::config::ModelConfig;
-use super::context::AttentionInputs;
+use super::context::{AttentionInputs, TokenLayout};
+use super::kv_cache::KvCache;
 use super::layers::{in_dtype, load_param, DecoderLayer, Linear, RmsNorm};
 use super::names::{Part, EMBED, FINAL_NORM, LM_HEAD};
 use crate::checkpoint::WeightSource;
@@ -154,6 +155,22 @@ impl<B: Backend> StageModel<B> {
         }
     }
 
+    /// The same model with every weight in `dtype` (inference in bfloat16 stores and reads
+    /// half the bytes, instead of casting float32 weights at every use).
+    pub fn with_weights_in(self, dtype: DType) -> Self {
+        struct Cast(DType);
+        impl<B: Backend> ModuleMapper<B> for Cast {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
+                let (id, tensor, mapper) = param.consume();
+                Param::from_mapped_value(id, super::layers::in_dtype(tensor, self.0), mapper)
+            }
+        }
+        self.map(&mut Cast(dtype))
+    }
+
     /// Every parameter with its Hugging Face name, in module order.
     pub fn named_params(&self) -> Vec<(String, ParamId)> {
         let mut collector = NameCollector {
@@ -253,6 +270,64 @@ impl<B: Kernels> StageModel<B> {
             self.run_layers(self.embed(input_ids, inputs), inputs),
             inputs,
         )
+    }
+
+    /// Runs a prompt (token ids) through the whole model and keeps every layer's keys and
+    /// values: the logits of its last token `[vocab]` and the cache to decode from. Computes in
+    /// `compute` (float32, or bfloat16 on devices that have it).
+    pub fn prefill(
+        &self,
+        prompt: &[u32],
+        compute: DType,
+        device: &B::Device,
+    ) -> (Tensor<B, 1>, KvCache<B>) {
+        let seq = prompt.len();
+        let inputs = AttentionInputs::new(&self.config, &TokenLayout::contiguous(1, seq), device)
+            .computing_in(compute);
+        let mut kept = Vec::with_capacity(self.layers.len());
+        let hidden = self.layers.iter().fold(
+            self.embed(token_tensor(prompt, 1, seq, device), &inputs),
+            |h, layer| {
+                let (h, kv) = layer.forward_keeping(h, &inputs);
+                kept.push(kv);
+                h
+            },
+        );
+        let last = hidden.narrow(1, seq - 1, 1);
+        let vocab = self.config.vocab_size;
+        let logits = self.logits(last, &inputs).reshape([vocab]);
+        (
+            logits,
+            KvCache::from_prompt(kept, self.config.sliding_window),
+        )
+    }
+
+    /// Decodes one token for every row of `cache` (`tokens[row]` is the row's newest token,
+    /// not yet in the cache): the next logits `[rows, vocab]`. The cache then holds the tokens.
+    pub fn decode(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        compute: DType,
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
+        let rows = tokens.len();
+        assert_eq!(rows, cache.rows(), "one token per cached row");
+        let layout = TokenLayout {
+            batch: rows,
+            seq: 1,
+            positions: cache.lengths().to_vec(),
+            documents: vec![0; rows],
+        };
+        let inputs = AttentionInputs::new(&self.config, &layout, device).computing_in(compute);
+        let step = cache.begin_step();
+        let hidden = self.layers.iter().enumerate().fold(
+            self.embed(token_tensor(tokens, rows, 1, device), &inputs),
+            |h, (index, layer)| layer.decode(h, &inputs, cache, index, &step),
+        );
+        cache.end_step();
+        self.logits(hidden, &inputs)
+            .reshape([rows, self.config.vocab_size])
     }
 }
 
