@@ -8,6 +8,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::pipeline::{fixture_model, ReferenceBatch};
@@ -19,6 +20,7 @@ use pp::device::CpuAutodiff;
 use pp::dtype::DType;
 use pp::model::{ModelConfig, StageModel};
 use pp::plan::{part_costs, Balance};
+use pp::train::data_parallel::Layout;
 use pp::train::optim::Optimizer;
 use pp::train::pipeline::RankWorker;
 use pp::train::runtime::{MemorySavers, Precision, StageOutput, StageRunner};
@@ -36,6 +38,15 @@ fn adamw() -> Optimizer {
     Optimizer::AdamW {
         betas: (0.9, 0.999),
         eps: 1e-8,
+        weight_decay: 0.01,
+    }
+}
+
+fn adafactor() -> Optimizer {
+    Optimizer::Adafactor {
+        eps: (1e-30, 1e-3),
+        clip_threshold: 1.0,
+        decay_rate: -0.8,
         weight_decay: 0.01,
     }
 }
@@ -100,6 +111,7 @@ fn scored(batches: &[MicroBatch]) -> usize {
 /// before any backward (GPipe's order on one stage), else each backward follows its forward.
 fn single_device(
     name: &str,
+    optimizer: &Optimizer,
     batches: &[MicroBatch],
     all_in_flight: bool,
 ) -> (Vec<f64>, HashMap<String, Vec<f32>>) {
@@ -110,7 +122,7 @@ fn single_device(
         StageModel::load(&config, whole, weights.as_ref(), &device).unwrap();
     let mut runner = StageRunner::new(
         whole_model,
-        adamw(),
+        optimizer.clone(),
         MemorySavers::default(),
         Precision::F32,
         device,
@@ -144,26 +156,29 @@ fn single_device(
     (losses, param_values(runner.model()))
 }
 
-/// The same training as a pipeline of `ranks` threads under `kind`.
+/// The same training as `layout.replicas` pipelines of `layout.stages` threads under `kind`,
+/// each replica training on its share of `batches`.
 fn pipelined(
     name: &str,
     kind: ScheduleKind,
-    ranks: usize,
+    layout: Layout,
+    optimizer: &Optimizer,
     batches: &[MicroBatch],
 ) -> (Vec<f64>, Vec<HashMap<String, Vec<f32>>>) {
     let (config, weights) = model(name);
-    let schedule = Schedule::new(kind, ranks, batches.len(), 2).unwrap();
+    let per_replica = batches.len() / layout.replicas;
+    let schedule = Schedule::new(kind, layout.stages, per_replica, 2).unwrap();
     let costs = part_costs(&config, Balance::Layers, DType::F32, 32);
     let partition = Partition::balanced(&costs, schedule.stages()).unwrap();
     let device = Default::default();
-    let transports = InProcessHub::connect(ranks);
+    let transports = InProcessHub::connect(layout.world_size());
     let tokens = scored(batches);
     let mut workers: Vec<RankWorker<B>> = transports
         .into_iter()
         .enumerate()
         .map(|(rank, transport)| {
             let runners: BTreeMap<usize, StageRunner<B>> = schedule
-                .stages_of(rank)
+                .stages_of(layout.pipeline_rank(rank))
                 .into_iter()
                 .map(|stage| {
                     let slice = partition.stages()[stage].clone();
@@ -171,7 +186,7 @@ fn pipelined(
                         StageModel::load(&config, slice, weights.as_ref(), &device).unwrap();
                     let runner = StageRunner::new(
                         stage_model,
-                        adamw(),
+                        optimizer.clone(),
                         MemorySavers::default(),
                         Precision::F32,
                         device,
@@ -188,7 +203,8 @@ fn pipelined(
                 schedule.clone(),
                 runners,
                 config.tie_word_embeddings,
-                Box::new(transport),
+                Arc::new(transport),
+                layout,
                 Duration::from_secs(30),
                 device,
             )
@@ -198,11 +214,13 @@ fn pipelined(
         let handles: Vec<_> = workers
             .iter_mut()
             .map(|worker| {
+                let replica = layout.replica(worker.rank());
+                let mine = &batches[replica * per_replica..(replica + 1) * per_replica];
                 scope.spawn(move || {
                     (0..STEPS)
                         .map(|step| {
                             let report = worker
-                                .step(step, batches, tokens, LR, Some(MAX_GRAD_NORM))
+                                .step(step, mine, tokens, LR, Some(MAX_GRAD_NORM))
                                 .unwrap();
                             report.loss_sum / tokens as f64
                         })
@@ -230,6 +248,13 @@ fn pipelined(
 }
 
 fn check(kind: ScheduleKind, ranks: usize) {
+    check_layout(kind, Layout::pipeline(ranks), &adamw());
+}
+
+/// `layout.replicas` pipelines of `layout.stages` ranks, each with two micro-batches per rank,
+/// train what one device trains on all of their micro-batches.
+fn check_layout(kind: ScheduleKind, layout: Layout, optimizer: &Optimizer) {
+    let ranks = layout.stages;
     let mut checked = Vec::new();
     for name in FIXTURES.into_iter().chain([SYNTHETIC]) {
         let (config, _) = model(name);
@@ -238,10 +263,10 @@ fn check(kind: ScheduleKind, ranks: usize) {
             continue; // a stage per layer at most
         }
         checked.push(name);
-        let batches = micro_batches(name, 2 * ranks);
-        let (want_losses, want) = single_device(name, &batches, false);
-        let (losses, stage_params) = pipelined(name, kind, ranks, &batches);
-        let what = format!("{name} {kind:?} with {ranks} ranks");
+        let batches = micro_batches(name, 2 * ranks * layout.replicas);
+        let (want_losses, want) = single_device(name, optimizer, &batches, false);
+        let (losses, stage_params) = pipelined(name, kind, layout, optimizer, &batches);
+        let what = format!("{name} {kind:?} with {layout:?}, {optimizer:?}");
         assert_losses(&losses, &want_losses, &what);
         let mut seen = 0;
         for params in &stage_params {
@@ -261,8 +286,36 @@ fn check(kind: ScheduleKind, ranks: usize) {
     // The synthetic model has layers for every schedule; the fixtures for most.
     assert!(
         checked.contains(&SYNTHETIC),
-        "{kind:?} with {ranks} ranks: {checked:?}"
+        "{kind:?} with {layout:?}: {checked:?}"
     );
+}
+
+/// Data parallelism: replicas of the whole model (DDP) and of a 2-stage pipeline, their
+/// gradients summed by ring all-reduce while backward runs, train what one device trains on
+/// all their rows, with AdamW and with Adafactor; under zero-bubble the weight gradients are
+/// summed after their W passes.
+#[test]
+fn data_parallel_equals_single_device() {
+    for optimizer in [adamw(), adafactor()] {
+        for layout in [
+            Layout {
+                stages: 1,
+                replicas: 2,
+            },
+            Layout {
+                stages: 2,
+                replicas: 2,
+            },
+        ] {
+            check_layout(ScheduleKind::OneFOneB, layout, &optimizer);
+        }
+    }
+    let three_replicas = Layout {
+        stages: 2,
+        replicas: 3,
+    };
+    check_layout(ScheduleKind::ZbH1, three_replicas, &adamw());
+    check_layout(ScheduleKind::Interleaved, three_replicas, &adamw());
 }
 
 #[test]
@@ -314,8 +367,8 @@ fn assert_losses(got: &[f64], want: &[f64], what: &str) {
 fn micro_batches_in_flight_together_train_the_same_weights() {
     for name in FIXTURES {
         let batches = micro_batches(name, 8);
-        let (want_losses, want) = single_device(name, &batches, false);
-        let (losses, got) = single_device(name, &batches, true);
+        let (want_losses, want) = single_device(name, &adamw(), &batches, false);
+        let (losses, got) = single_device(name, &adamw(), &batches, true);
         assert_losses(&losses, &want_losses, name);
         for (param, values) in &got {
             let relative = relative_l2(values, &want[param]);

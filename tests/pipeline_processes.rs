@@ -1,7 +1,8 @@
 //! `pp train --stages N`: worker processes connected over QUIC on loopback. For every schedule,
 //! with 2 and 3 workers, 3 steps with global-norm clipping, the final weights equal those of
 //! single-device training on the same data within 1e-5 relative (the tied-embedding fixture
-//! included); a killed worker stops the others, naming its stages; Ctrl-C stops them all.
+//! included), and so do replicas of the model or of a pipeline (`--data-parallel`); a killed
+//! worker stops the others, naming its stages (and replica); Ctrl-C stops them all.
 
 mod common;
 
@@ -88,6 +89,10 @@ fn a_wgpu_stage_and_a_cpu_stage_train_together() {
 }
 
 fn start_long_run(tmp: &Path) -> Launcher {
+    start_long_run_with(tmp, &["--stages", "2", "--microbatches", "2"])
+}
+
+fn start_long_run_with(tmp: &Path, layout: &[&str]) -> Launcher {
     let data = text_data(tmp);
     let child = Command::new(env!("CARGO_BIN_EXE_pp"))
         .args([
@@ -101,11 +106,8 @@ fn start_long_run(tmp: &Path) -> Launcher {
             "4",
             "--steps",
             "100000",
-            "--stages",
-            "2",
-            "--microbatches",
-            "2",
         ])
+        .args(layout)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -148,6 +150,83 @@ fn a_killed_worker_stops_the_others_naming_its_stage() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Two stages × two replicas: a worker of the second replica dies; every other worker (its
+/// pipeline peer, and the first replica, which waits on it in the gradient all-reduce) stops
+/// within 30 s, naming it.
+#[test]
+fn a_killed_replica_stops_the_others_within_30_s() {
+    let tmp = tempfile::tempdir().unwrap();
+    let launcher = start_long_run_with(
+        tmp.path(),
+        &[
+            "--stages",
+            "2",
+            "--data-parallel",
+            "2",
+            "--microbatches",
+            "1",
+        ],
+    );
+    wait_for_steps(tmp.path());
+    let workers = children(launcher.id());
+    assert_eq!(workers.len(), 4, "{workers:?}");
+    let killed_at = Instant::now();
+    // SAFETY: killing a worker process this test started (through the launcher).
+    unsafe { libc::kill(workers[2] as i32, libc::SIGKILL) };
+    let output = launcher.wait_with_output();
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        killed_at.elapsed()
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("lost the worker of stage(s) [0] of replica 1 (rank 2)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `--data-parallel 2`, alone and with `--stages 2`: worker processes over QUIC train the
+/// weights one device trains on the same rows, with AdamW and with Adafactor, clipping on.
+#[test]
+fn data_parallel_workers_equal_single_device_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    for name in ["llama3-tiny", "llama32-tied-bf16-sharded"] {
+        let model = fixture(name).join("hf").display().to_string();
+        for optimizer in ["adamw", "adafactor"] {
+            let single = tmp.path().join(format!("{name}-{optimizer}-single"));
+            train(&model, &data, &single, &["--optimizer", optimizer]);
+            for (stages, microbatches) in [("1", "1"), ("2", "2")] {
+                let out = tmp.path().join(format!("{name}-{optimizer}-{stages}x2"));
+                train(
+                    &model,
+                    &data,
+                    &out,
+                    &[
+                        "--optimizer",
+                        optimizer,
+                        "--stages",
+                        stages,
+                        "--data-parallel",
+                        "2",
+                        "--microbatches",
+                        microbatches,
+                    ],
+                );
+                assert_same_weights(
+                    &out.join("final"),
+                    &single.join("final"),
+                    1e-5,
+                    &format!("{name} {optimizer}, {stages} stage(s) × 2 replicas"),
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -23,10 +23,16 @@ pub struct PipelineFlags {
     /// across all nodes [default there: every node's workers]).
     #[arg(long)]
     stages: Option<usize>,
+    /// Train this many copies of the model (of the pipeline, with --stages), each on its share
+    /// of every step's rows, their gradients summed while backward runs (DDP): --stages S
+    /// --data-parallel N runs S×N workers.
+    #[arg(long, default_value_t = 1)]
+    data_parallel: usize,
     /// The pipeline schedule: gpipe, 1f1b, interleaved, zbh1 or zbv.
     #[arg(long, default_value = "1f1b")]
     schedule: ScheduleKind,
-    /// Micro-batches per step [default: twice the workers].
+    /// Micro-batches per step of each pipeline [default: twice its workers; one without
+    /// --stages].
     #[arg(long)]
     microbatches: Option<usize>,
     /// Stage slices per worker for interleaved.
@@ -148,7 +154,7 @@ impl PipelineFlags {
             (Some(_), WorkerCount::Count(n)) => n,
             (Some(_), WorkerCount::Auto) if self.devices.len() > 1 => self.devices.len(),
             (Some(_), WorkerCount::Auto) => Device::cuda_count().max(1),
-            (None, _) => self.stages.unwrap_or(1),
+            (None, _) => self.stages.unwrap_or(1) * self.data_parallel,
         }
     }
 
@@ -197,13 +203,20 @@ impl PipelineFlags {
         if self.stages == Some(0) {
             bail!("--stages must be at least 1");
         }
-        let Some(ranks) = self.stages.filter(|&n| n > 1) else {
+        if self.data_parallel == 0 {
+            bail!("--data-parallel must be at least 1");
+        }
+        let ranks = self.stages.unwrap_or(1);
+        if ranks == 1 && self.data_parallel == 1 {
             return Ok(None);
-        };
+        }
         Ok(Some(PipelineOptions {
             schedule: self.schedule,
             ranks,
-            microbatches: self.microbatches.unwrap_or(2 * ranks),
+            replicas: self.data_parallel,
+            microbatches: self
+                .microbatches
+                .unwrap_or(if ranks > 1 { 2 * ranks } else { 1 }),
             virtual_stages: self.virtual_stages,
             split: self.split.clone(),
         }))
@@ -216,6 +229,9 @@ impl PipelineFlags {
         };
         if nodes == 0 {
             bail!("--nnodes must be at least 1");
+        }
+        if self.data_parallel > 1 {
+            bail!("--data-parallel runs on one machine for now: it cannot be combined with --nnodes");
         }
         let token = self
             .token
@@ -272,14 +288,12 @@ pub fn run_worker(
     progress: &mut dyn Observer,
 ) -> anyhow::Result<TrainReport> {
     let rank = flags.worker_rank.expect("only workers come here");
-    if rank >= pipeline.ranks {
-        bail!(
-            "--worker-rank {rank} is not below --stages {}",
-            pipeline.ranks
-        );
+    let workers = pipeline.layout().world_size();
+    if rank >= workers {
+        bail!("--worker-rank {rank} is not below the {workers} workers");
     }
-    if flags.worker_addresses.len() != pipeline.ranks {
-        bail!("--worker-addresses must list {} addresses", pipeline.ranks);
+    if flags.worker_addresses.len() != workers {
+        bail!("--worker-addresses must list {workers} addresses");
     }
     let token = std::env::var(TOKEN_VARIABLE)
         .with_context(|| format!("{TOKEN_VARIABLE} is not set (start workers with --stages)"))?;
@@ -318,7 +332,7 @@ pub fn run_worker(
         train_rank::<Autodiff<B>>(
             options,
             pipeline,
-            Box::new(transport),
+            std::sync::Arc::new(transport),
             &run_id,
             gather,
             device,

@@ -252,7 +252,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(pipeline) = args.pipeline.options()? {
             args.pipeline.local_devices(args.device.device)?;
             pp::train::worker::check_pipeline_options(&options, &pipeline)?;
-            return Ok(pp::cluster::launch_local(pipeline.ranks)?);
+            return Ok(pp::cluster::launch_local(pipeline.layout().world_size())?);
         }
     }
     let mut observer = Progress::new();

@@ -2,6 +2,7 @@
 //! the training loop.
 
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod metrics;
 pub mod optim;
 pub mod pipeline;

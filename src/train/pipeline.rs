@@ -1,18 +1,24 @@
 //! One rank of a pipeline: the stage slices it runs, each in its own [`StageRunner`], driven
 //! through an optimizer step by the rank's list of a [`Schedule`]. Activations and gradients
-//! cross between ranks over a [`Transport`]; after the last pass, the tied embedding's
-//! gradients are summed between the first and last stage and the squared gradient norm and
-//! loss are summed over all ranks, so every rank clips with the global norm and steps.
+//! cross between the ranks of its pipeline over a [`Transport`]; with data parallelism the
+//! gradients are also summed over the replicas of its stages ([`GradientReducer`]). After the
+//! last pass, the tied embedding's gradients are summed between the first and last stage and
+//! the squared gradient norm and loss are summed over all ranks, so every rank clips with the
+//! global norm and steps.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use pp_stages::schedule::{simulate, Action, Costs, Pass, Transfer};
 use pp_stages::Schedule;
-use pp_transport::{Kind, LinkTraffic, Tag, TensorMessage, Transport, TransportError};
+use pp_transport::{
+    GroupView, Kind, LinkTraffic, Tag, TensorMessage, Transport, TransportError,
+};
 
+use super::data_parallel::{GradientReducer, Layout};
 use super::runtime::{StageOutput, StageRunner};
 use super::trainer::clip_scale;
 use crate::data::MicroBatch;
@@ -38,12 +44,20 @@ pub struct PipelineStep {
     pub links: Vec<Vec<LinkTraffic>>,
 }
 
-/// One rank's stages and its connection to the others.
+/// One rank's stages and its connections to the others.
 pub struct RankWorker<B: TrainBackend> {
     schedule: Schedule,
     runners: BTreeMap<usize, StageRunner<B>>,
     tied: bool,
-    transport: Box<dyn Transport>,
+    /// Every worker of the run, by global rank.
+    world: Arc<dyn Transport>,
+    /// This rank's pipeline (its replica), by pipeline rank.
+    transport: GroupView,
+    layout: Layout,
+    /// With several replicas: sums this rank's gradients over its stage group.
+    reducer: Option<GradientReducer>,
+    /// For each of this rank's stages, the micro-batch of its last backward pass in a step.
+    last_backward: HashMap<usize, usize>,
     timeout: Duration,
     device: B::Device,
     /// The transport's link counters at the end of the last step.
@@ -51,21 +65,54 @@ pub struct RankWorker<B: TrainBackend> {
 }
 
 impl<B: TrainBackend> RankWorker<B> {
-    /// A worker for `transport.rank()` running `runners` (by stage) under `schedule`.
-    /// `tied` says the model ties its embedding and output weight.
+    /// The worker of global rank `world.rank()` in `layout`, running `runners` (by stage) as
+    /// its pipeline rank of `schedule`. `tied` says the model ties its embedding and output
+    /// weight.
     pub fn new(
         schedule: Schedule,
         runners: BTreeMap<usize, StageRunner<B>>,
         tied: bool,
-        transport: Box<dyn Transport>,
+        world: Arc<dyn Transport>,
+        layout: Layout,
         timeout: Duration,
         device: B::Device,
     ) -> Self {
+        let rank = world.rank();
+        let transport = GroupView::new(world.clone(), layout.pipeline_members(layout.replica(rank)));
+        let reducer = (layout.replicas > 1).then(|| {
+            GradientReducer::new(
+                world.clone(),
+                layout.stage_group(layout.pipeline_rank(rank)),
+                timeout,
+            )
+        });
+        let runners = runners
+            .into_iter()
+            .map(|(stage, runner)| match &reducer {
+                Some(reducer) => (stage, runner.with_gradient_sender(stage, reducer.sender())),
+                None => (stage, runner),
+            })
+            .collect();
+        let mut last_backward = HashMap::new();
+        for action in &schedule.actions[layout.pipeline_rank(rank)] {
+            if let Action::Compute {
+                pass: Pass::B,
+                stage,
+                microbatch,
+            } = *action
+            {
+                last_backward.insert(stage, microbatch);
+            }
+        }
         Self {
             schedule,
             runners,
             tied,
+            world,
             transport,
+            layout,
+            reducer,
+            last_backward,
             timeout,
             device,
             links_before: Vec::new(),
@@ -77,9 +124,14 @@ impl<B: TrainBackend> RankWorker<B> {
         &self.runners
     }
 
-    /// This worker's rank.
+    /// This worker's global rank.
     pub fn rank(&self) -> usize {
-        self.transport.rank()
+        self.world.rank()
+    }
+
+    /// How the run's workers are laid out.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// The schedule it follows.
@@ -179,7 +231,8 @@ impl<B: TrainBackend> RankWorker<B> {
                                     .expect("the next stage's input gradient is here")
                             });
                             let input_grad = if pass == Pass::B {
-                                runner.backward(microbatch, grad, loss_scale, false)
+                                let last = self.last_backward.get(&stage) == Some(&microbatch);
+                                runner.backward(microbatch, grad, loss_scale, last)
                             } else {
                                 runner.backward_input(microbatch, grad, loss_scale)
                             };
@@ -196,24 +249,40 @@ impl<B: TrainBackend> RankWorker<B> {
                 }
             }
         }
+        if let Some(reducer) = &self.reducer {
+            for runner in self.runners.values_mut() {
+                runner.send_remaining_gradients();
+            }
+            for piece in reducer.finish()? {
+                self.runners
+                    .get_mut(&piece.stage)
+                    .expect("a reduced gradient of this rank's stage")
+                    .receive_gradient(piece);
+            }
+        }
         timing.wall = started.elapsed().as_secs_f64();
         if self.tied && last_stage > 0 {
             self.sum_tied_gradients(step)?;
         }
-        // The tied embedding's (now identical) gradient counts once: at the first stage.
-        let sum_squares: f64 = self
-            .runners
-            .iter()
-            .map(|(&stage, runner)| {
-                let skip = (self.tied && stage == last_stage && last_stage > 0).then_some(EMBED);
-                runner.grad_sum_squares_excluding(skip)
-            })
-            .sum();
+        // The tied embedding's (now identical) gradient counts once: at the first stage; and
+        // every replica holds the same sums, so only the first one's count.
+        let sum_squares: f64 = if self.layout.replica(self.world.rank()) == 0 {
+            self.runners
+                .iter()
+                .map(|(&stage, runner)| {
+                    let skip =
+                        (self.tied && stage == last_stage && last_stage > 0).then_some(EMBED);
+                    runner.grad_sum_squares_excluding(skip)
+                })
+                .sum()
+        } else {
+            0.0
+        };
         // Ctrl-C and save requests reach the ranks at different moments; they act after the
         // same step.
         let interrupted = f64::from(u8::from(crate::interrupt::check().is_err()));
         let save = f64::from(u8::from(crate::interrupt::take_save_request()));
-        let ranks = self.transport.world_size();
+        let (rank, ranks) = (self.world.rank(), self.world.world_size());
         let mut values = vec![sum_squares, loss_sum, interrupted, save];
         values.extend(timing.to_slot(rank, ranks));
         values.extend(self.link_slot(rank, ranks));
@@ -254,7 +323,7 @@ impl<B: TrainBackend> RankWorker<B> {
     /// This rank's link traffic since the last step, as reduce values in its row of a
     /// `ranks` × `ranks` gather of (bytes, seconds).
     fn link_slot(&mut self, rank: usize, ranks: usize) -> Vec<f64> {
-        let now = self.transport.links();
+        let now = self.world.links();
         let mut values = vec![0.0; 2 * ranks * ranks];
         for (peer, link) in now.iter().enumerate() {
             let before = self.links_before.get(peer).copied().unwrap_or_default();
@@ -267,8 +336,9 @@ impl<B: TrainBackend> RankWorker<B> {
     }
 
     /// Validation: the forward pass of every micro-batch through the pipeline, stage after
-    /// stage, keeping nothing; returns the loss summed over them and their scored tokens, the
-    /// same on every rank. `step` is the training step it follows.
+    /// stage, keeping nothing (each replica takes every N-th); returns the loss summed over
+    /// them and their scored tokens, the same on every rank. `step` is the training step it
+    /// follows.
     pub fn evaluate(
         &mut self,
         step: u64,
@@ -276,10 +346,16 @@ impl<B: TrainBackend> RankWorker<B> {
     ) -> Result<(f64, usize), TransportError> {
         let rank = self.transport.rank();
         let stages = self.schedule.stages();
+        let replica = self.layout.replica(self.world.rank());
         // Tags of validation transfers must not meet a training step's.
         let eval_step = u64::MAX - step;
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
-        for (index, batch) in micro_batches.iter().enumerate() {
+        let mine = micro_batches
+            .iter()
+            .enumerate()
+            .skip(replica)
+            .step_by(self.layout.replicas);
+        for (index, batch) in mine {
             let mut hidden = None;
             for stage in 0..stages {
                 let owner = self.schedule.stage_ranks[stage];
@@ -374,8 +450,8 @@ impl<B: TrainBackend> RankWorker<B> {
         Ok(())
     }
 
-    /// Sums `values` over all ranks: each sends its values to rank 0, which sends the totals
-    /// back. `round` tells apart several reductions within one step.
+    /// Sums `values` over every rank of the run: each sends its values to rank 0, which sends
+    /// the totals back. `round` tells apart several reductions within one step.
     pub fn all_reduce(
         &self,
         step: u64,
@@ -392,8 +468,7 @@ impl<B: TrainBackend> RankWorker<B> {
         values: Vec<f64>,
         timeout: Duration,
     ) -> Result<Vec<f64>, TransportError> {
-        let rank = self.transport.rank();
-        let ranks = self.transport.world_size();
+        let (rank, ranks) = (self.world.rank(), self.world.world_size());
         let tag = |from: usize| Tag {
             step,
             microbatch: round,
@@ -421,16 +496,16 @@ impl<B: TrainBackend> RankWorker<B> {
         if rank == 0 {
             let mut total = values;
             for from in 1..ranks {
-                let theirs = read(self.transport.recv(from, tag(from), timeout)?);
+                let theirs = read(self.world.recv(from, tag(from), timeout)?);
                 total.iter_mut().zip(theirs).for_each(|(t, v)| *t += v);
             }
             for to in 1..ranks {
-                self.transport.send(to, message(0, &total))?;
+                self.world.send(to, message(0, &total))?;
             }
             Ok(total)
         } else {
-            self.transport.send(0, message(rank, &values))?;
-            Ok(read(self.transport.recv(0, tag(0), timeout)?))
+            self.world.send(0, message(rank, &values))?;
+            Ok(read(self.world.recv(0, tag(0), timeout)?))
         }
     }
 }

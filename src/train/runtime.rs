@@ -22,6 +22,7 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, P
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
+use super::data_parallel::{GradientPiece, GradientSender};
 use super::optim::{Optimizer, OptimizerState, Stepper};
 use crate::data::MicroBatch;
 use crate::dtype::DType;
@@ -168,6 +169,10 @@ pub struct StageRunner<B: TrainBackend> {
     split_backward: bool,
     /// Per micro-batch, the weight gradients its I pass left to its W pass.
     pending_weight: HashMap<usize, PendingWeight<B::InnerBackend>>,
+    /// Data parallelism: where finished gradients go to be summed over the replicas.
+    gradient_sender: Option<GradientSender>,
+    /// The stage this runner is (named in the gradients it sends).
+    stage: usize,
     device: B::Device,
 }
 
@@ -234,8 +239,19 @@ impl<B: TrainBackend> StageRunner<B> {
             in_flight: HashMap::new(),
             split_backward: false,
             pending_weight: HashMap::new(),
+            gradient_sender: None,
+            stage: 0,
             device,
         }
+    }
+
+    /// Sends each gradient, once the step's last backward pass is done with it, to `sender`
+    /// to be summed over the replicas of `stage` (data parallelism); the sums come back
+    /// through [`receive_gradient`](Self::receive_gradient).
+    pub fn with_gradient_sender(mut self, stage: usize, sender: GradientSender) -> Self {
+        self.stage = stage;
+        self.gradient_sender = Some(sender);
+        self
     }
 
     /// Makes backward run as separate input-gradient and weight-gradient passes
@@ -434,10 +450,12 @@ impl<B: TrainBackend> StageRunner<B> {
             };
             let params = leaves.as_ref().unwrap_or(&self.model);
             params.visit_part(part, &mut collector);
-            if last && self.savers.optimizer_in_backward {
-                if let Some(complete) = self.completes.get(&index).cloned() {
+            if let Some(complete) = self.completes.get(&index).filter(|_| last).cloned() {
+                if self.savers.optimizer_in_backward {
                     self.stepped_sum_squares += sum_squares(&self.grads, Some(&complete));
                     self.apply(part, Some(&complete), 1.0);
+                } else {
+                    self.send_gradients(Some(&complete));
                 }
             }
         }
@@ -472,6 +490,48 @@ impl<B: TrainBackend> StageRunner<B> {
             Activation::Tokens(_) => None,
         };
         (input, output)
+    }
+
+    /// Under data parallelism, hands the gradients in `only` (all when `None`) to the
+    /// reducer, in name order (every replica sends the same sequence), leaving none here until
+    /// their sums come back.
+    fn send_gradients(&mut self, only: Option<&HashSet<String>>) {
+        let Some(sender) = &self.gradient_sender else {
+            return;
+        };
+        let mut names: Vec<String> = self
+            .grads
+            .keys()
+            .filter(|name| only.is_none_or(|set| set.contains(*name)))
+            .cloned()
+            .collect();
+        names.sort();
+        for name in names {
+            let grad = self.grads.remove(&name).expect("listed from the store");
+            let [rows, cols] = grad.dims();
+            let values = in_dtype(grad, burn::tensor::DType::F32)
+                .into_data()
+                .to_vec::<f32>()
+                .expect("float32 gradients");
+            sender.send(GradientPiece {
+                stage: self.stage,
+                name,
+                shape: [rows, cols],
+                values,
+            });
+        }
+    }
+
+    /// Sends what backward has not sent yet (the weight gradients of split backward's W
+    /// passes): after the step's last pass.
+    pub fn send_remaining_gradients(&mut self) {
+        self.send_gradients(None);
+    }
+
+    /// Takes back a gradient summed over the replicas.
+    pub fn receive_gradient(&mut self, piece: GradientPiece) {
+        let grad = Tensor::from_data(TensorData::new(piece.values, piece.shape), &self.device);
+        self.grads.insert(piece.name, grad);
     }
 
     /// Sum of the squares of the stage's accumulated gradients (for the global norm; with

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pp_stages::{Partition, Schedule, ScheduleKind};
@@ -13,6 +14,7 @@ use pp_transport::rendezvous::FileClient;
 use pp_transport::{LinkTraffic, Transport, TransportError};
 
 use super::checkpoint::{self, weights_of, TrainerState};
+use super::data_parallel::Layout;
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
 use super::trainer::{
     check_options, device_note, pad_token, set_up, Engine, StepOutcome, TrainOptions, TrainReport,
@@ -32,8 +34,11 @@ use crate::plan::{part_costs, Balance};
 pub struct PipelineOptions {
     /// The schedule.
     pub schedule: ScheduleKind,
-    /// Worker processes (ranks).
+    /// Worker processes (ranks) of one pipeline.
     pub ranks: usize,
+    /// Copies of the pipeline (`--data-parallel`), each training on its share of every step's
+    /// rows: `ranks × replicas` workers in all.
+    pub replicas: usize,
     /// Micro-batches per step.
     pub microbatches: usize,
     /// Stage slices per rank for interleaved.
@@ -41,6 +46,21 @@ pub struct PipelineOptions {
     /// The layers at which stages after the first begin [default: a native checkpoint's
     /// stages, else balanced by memory].
     pub split: Option<Vec<usize>>,
+}
+
+impl PipelineOptions {
+    /// How the workers are laid out.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            stages: self.ranks,
+            replicas: self.replicas,
+        }
+    }
+
+    /// Rows each step needs at least: one per micro-batch of every replica.
+    fn rows_per_step(&self) -> usize {
+        self.microbatches * self.replicas
+    }
 }
 
 /// How long a rank waits for a tensor before giving up on its peer. A dead peer is noticed
@@ -69,27 +89,30 @@ pub struct Gather {
 pub fn train_rank<B: TrainBackend>(
     options: &TrainOptions,
     pipeline: &PipelineOptions,
-    transport: Box<dyn Transport>,
+    transport: Arc<dyn Transport>,
     run_id: &str,
     gather: Option<Gather>,
     device: B::Device,
     observer: &mut dyn Observer,
 ) -> Result<TrainReport> {
     check_pipeline_options(options, pipeline)?;
-    let rank = transport.rank();
+    let layout = pipeline.layout();
+    // The pipeline rank: which stages this worker runs, whatever its replica.
+    let rank = layout.pipeline_rank(transport.rank());
     let setup = set_up(options)?;
     let (config, info, train_set) = (&setup.config, &setup.info, &setup.train_set);
     let schedule = pipeline_schedule(pipeline)?;
     // Every step must have a row for each micro-batch; the last of an epoch may be short.
     let last_batch = train_set.len() % options.batch_size;
-    if last_batch != 0 && last_batch < pipeline.microbatches {
+    if last_batch != 0 && last_batch < pipeline.rows_per_step() {
         return Err(Error::Usage(format!(
             "the last step of each epoch has {last_batch} rows ({} sequences, --batch-size {}), \
-             fewer than --microbatches {}: choose a --batch-size that divides the data, or fewer \
-             micro-batches",
+             fewer than --microbatches {} × --data-parallel {}: choose a --batch-size that \
+             divides the data, or fewer micro-batches",
             train_set.len(),
             options.batch_size,
-            pipeline.microbatches
+            pipeline.microbatches,
+            pipeline.replicas
         )));
     }
     let partition = partition_for(info, options, pipeline, &schedule)?;
@@ -105,7 +128,7 @@ pub fn train_rank<B: TrainBackend>(
         config,
         &partition,
         &schedule.stages_of(rank),
-        options.batch_size.div_ceil(pipeline.microbatches),
+        options.batch_size.div_ceil(pipeline.rows_per_step()),
         crate::plan::in_flight(&schedule).expect("Schedule::new has played the schedule through"),
     ));
     let mut runners = BTreeMap::new();
@@ -124,6 +147,7 @@ pub fn train_rank<B: TrainBackend>(
         runners,
         config.tie_word_embeddings,
         transport,
+        layout,
         RECEIVE_TIMEOUT,
         device,
     );
@@ -166,6 +190,8 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
         scored: usize,
         lr: f64,
     ) -> Result<StepOutcome> {
+        let layout = self.worker.layout();
+        let rows = &rows[layout.rows_of(rows.len(), layout.replica(self.worker.rank()))];
         let micro_batches = split_micro_batches(rows, self.microbatches, self.pad_id, step)?;
         let result = self
             .worker
@@ -274,10 +300,11 @@ pub fn partition_for(
 /// micro-batches per step).
 pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions) -> Result<()> {
     check_options(options)?;
-    if options.batch_size < pipeline.microbatches {
+    if options.batch_size < pipeline.rows_per_step() {
         return Err(Error::Usage(format!(
-            "--batch-size {} cannot be split into --microbatches {}: each micro-batch needs a row",
-            options.batch_size, pipeline.microbatches
+            "--batch-size {} cannot be split into --microbatches {} on each of --data-parallel \
+             {} replicas: each micro-batch needs a row",
+            options.batch_size, pipeline.microbatches, pipeline.replicas
         )));
     }
     let schedule = pipeline_schedule(pipeline)?;
@@ -293,8 +320,8 @@ pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions
     }
     if options.savers.optimizer_in_backward {
         return Err(Error::Usage(
-            "--optimizer-in-backward cannot be used with --stages: each stage accumulates the \
-             gradients of several micro-batches per step"
+            "--optimizer-in-backward cannot be used with --stages or --data-parallel: a stage \
+             accumulates the gradients of several micro-batches, or replicas, per step"
                 .into(),
         ));
     }
@@ -321,8 +348,9 @@ fn split_micro_batches(
 ) -> Result<Vec<MicroBatch>> {
     if rows.len() < count {
         return Err(Error::Usage(format!(
-            "step {} has {} rows for {count} micro-batches: use a --batch-size that is a multiple \
-             of --microbatches and divides the data, or fewer --microbatches",
+            "step {} has {} rows (per replica) for {count} micro-batches: use a --batch-size \
+             that is a multiple of --microbatches (times --data-parallel) and divides the data, \
+             or fewer --microbatches",
             step + 1,
             rows.len()
         )));
@@ -338,17 +366,27 @@ fn split_micro_batches(
         .collect())
 }
 
-/// Names the stages behind a transport failure.
+/// Names the stages (and replica) behind a transport failure.
 fn peer_error<B: TrainBackend>(error: TransportError, worker: &RankWorker<B>) -> Error {
-    let stages = |rank: usize| worker.schedule().stages_of(rank);
+    let layout = worker.layout();
+    let who = |rank: usize| {
+        let stages = worker.schedule().stages_of(layout.pipeline_rank(rank));
+        if layout.replicas > 1 {
+            format!(
+                "the worker of stage(s) {stages:?} of replica {} (rank {rank})",
+                layout.replica(rank)
+            )
+        } else {
+            format!("the worker of stage(s) {stages:?} (rank {rank})")
+        }
+    };
     match error {
-        TransportError::PeerLost { rank } => Error::Training(format!(
-            "lost the worker of stage(s) {:?} (rank {rank}); stopping",
-            stages(rank)
-        )),
+        TransportError::PeerLost { rank } => {
+            Error::Training(format!("lost {}; stopping", who(rank)))
+        }
         TransportError::Timeout { rank, timeout, .. } => Error::Training(format!(
-            "the worker of stage(s) {:?} (rank {rank}) sent nothing for {timeout:?}; stopping",
-            stages(rank)
+            "{} sent nothing for {timeout:?}; stopping",
+            who(rank)
         )),
         other => Error::Training(format!("pipeline transfer failed: {other}")),
     }
@@ -386,6 +424,13 @@ impl SharedOutput<'_> {
         step: u64,
         state: Option<&TrainerState>,
     ) -> Result<()> {
+        let layout = worker.layout();
+        if layout.replica(worker.rank()) > 0 {
+            // The first replica holds the same weights and writes them; the others only meet
+            // it at the barriers.
+            worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
+            return worker.barrier(step, 2).map_err(|e| peer_error(e, worker));
+        }
         let parent = target.parent().unwrap_or(Path::new("."));
         let name = target.file_name().unwrap_or_default().to_string_lossy();
         let shared = parent.join(format!(".{name}.pp-pipeline-{}", self.run_id));

@@ -4,10 +4,11 @@
 //! stage and kind), so a receiver asks for exactly the tensor it needs and messages that arrive
 //! out of order wait in a buffer instead of being mistaken for one another. This crate has the
 //! in-process implementation used by tests and the QUIC implementation that connects processes
-//! and machines; NCCL will implement the same trait.
+//! and machines. [`collective`] builds the group operations of data parallelism on top.
 #![deny(missing_docs)]
 
 mod auth;
+pub mod collective;
 mod in_process;
 mod message;
 mod quic;
@@ -16,6 +17,7 @@ mod tls;
 mod wire;
 
 pub use auth::{random_token, AuthError};
+pub use collective::{shard_range, Collectives, GroupView, RingCollectives};
 pub use in_process::{InProcessHub, InProcessTransport};
 pub use message::{Kind, Tag, TensorMessage};
 pub use quic::{QuicConfig, QuicError, QuicTransport};
@@ -53,8 +55,9 @@ pub enum TransportError {
     },
 }
 
-/// Point-to-point tensor transfers between the ranks of one pipeline.
-pub trait Transport: Send {
+/// Point-to-point tensor transfers between the ranks of one pipeline. Shared between threads
+/// (a rank's compute and its gradient all-reduce), so receives may wait concurrently.
+pub trait Transport: Send + Sync {
     /// This process's rank.
     fn rank(&self) -> usize;
     /// How many ranks the pipeline has.

@@ -17,6 +17,9 @@ pub enum Kind {
     /// Per-rank numbers summed over the pipeline (squared gradient norms, losses); `stage`
     /// holds the sending rank.
     Reduce,
+    /// A piece of a collective operation ([`crate::collective`]): `step` numbers the
+    /// operation, `microbatch` its ring step and `stage` its channel and slab. Always float32.
+    Collective,
 }
 
 /// Identifies one transfer: which optimizer step, micro-batch and receiving stage it is for.

@@ -172,7 +172,7 @@ impl Transport for QuicTransport {
         // Sums over ranks (losses, norms) stay exact; tensors may travel narrow.
         let wire = match message.tag.kind {
             Kind::Activation | Kind::Gradient => self.wire,
-            Kind::TiedGradient | Kind::Reduce => WireDType::F32,
+            Kind::TiedGradient | Kind::Reduce | Kind::Collective => WireDType::F32,
         };
         let frame = encode(&message, wire);
         let inbox = self.inbox.clone();
