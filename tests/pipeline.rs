@@ -25,7 +25,7 @@ use pp::train::optim::Optimizer;
 use pp::train::pipeline::RankWorker;
 use pp::train::runtime::{MemorySavers, Precision, StageOutput, StageRunner};
 use pp_stages::{Partition, Schedule, ScheduleKind, StageSlice};
-use pp_transport::InProcessHub;
+use pp_transport::{InProcessHub, Transport};
 
 type B = CpuAutodiff;
 
@@ -210,41 +210,49 @@ fn pipelined(
             )
         })
         .collect();
-    let losses = std::thread::scope(|scope| {
+    let results: Vec<(Vec<f64>, Vec<HashMap<String, Vec<f32>>>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = workers
             .iter_mut()
             .map(|worker| {
                 let replica = layout.replica(worker.rank());
                 let mine = &batches[replica * per_replica..(replica + 1) * per_replica];
                 scope.spawn(move || {
-                    (0..STEPS)
+                    let losses = (0..STEPS)
                         .map(|step| {
                             let report = worker
                                 .step(step, mine, tokens, LR, Some(MAX_GRAD_NORM))
                                 .unwrap();
                             report.loss_sum / tokens as f64
                         })
-                        .collect::<Vec<f64>>()
+                        .collect();
+                    // Sharded runners gather their weights together, so each in its thread.
+                    let params = worker.runners().values().map(whole_weights).collect();
+                    (losses, params)
                 })
             })
             .collect();
-        let all: Vec<Vec<f64>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        assert!(
-            all.iter().all(|l| *l == all[0]),
-            "every rank reports the same losses"
-        );
-        all[0].clone()
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let params = workers
-        .iter()
-        .flat_map(|w| {
-            w.runners()
-                .values()
-                .map(|r| param_values(r.model()))
-                .collect::<Vec<_>>()
+    assert!(
+        results.iter().all(|(l, _)| *l == results[0].0),
+        "every rank reports the same losses"
+    );
+    let losses = results[0].0.clone();
+    (losses, results.into_iter().flat_map(|(_, p)| p).collect())
+}
+
+/// A runner's weights by name, whole (gathered from the group's shards under FSDP).
+fn whole_weights(runner: &StageRunner<B>) -> HashMap<String, Vec<f32>> {
+    let weights = runner.weights(DType::F32).unwrap();
+    weights
+        .names()
+        .into_iter()
+        .map(|name| {
+            let shape = weights.tensor(&name).unwrap().shape.to_vec();
+            let values = pp::checkpoint::read_f32(&weights, &name, &shape).unwrap();
+            (name, values)
         })
-        .collect();
-    (losses, params)
+        .collect()
 }
 
 fn check(kind: ScheduleKind, ranks: usize) {
@@ -297,25 +305,121 @@ fn check_layout(kind: ScheduleKind, layout: Layout, optimizer: &Optimizer) {
 #[test]
 fn data_parallel_equals_single_device() {
     for optimizer in [adamw(), adafactor()] {
-        for layout in [
-            Layout {
-                stages: 1,
-                replicas: 2,
-            },
-            Layout {
-                stages: 2,
-                replicas: 2,
-            },
-        ] {
+        for layout in [Layout::replicated(1, 2), Layout::replicated(2, 2)] {
             check_layout(ScheduleKind::OneFOneB, layout, &optimizer);
         }
     }
-    let three_replicas = Layout {
-        stages: 2,
-        replicas: 3,
-    };
+    let three_replicas = Layout::replicated(2, 3);
     check_layout(ScheduleKind::ZbH1, three_replicas, &adamw());
     check_layout(ScheduleKind::Interleaved, three_replicas, &adamw());
+}
+
+/// FSDP: each replica holds a shard of every parameter, gradient and optimizer state, gathers
+/// each part's weights while it runs and reduce-scatters its gradients; alone and with two
+/// stages, AdamW (shards stepped alone) and Adafactor (each parameter gathered for its step),
+/// it trains what one device trains.
+#[test]
+fn fully_sharded_data_parallel_equals_single_device() {
+    for optimizer in [adamw(), adafactor()] {
+        for layout in [Layout::replicated(1, 2), Layout::replicated(2, 2)] {
+            check_layout(ScheduleKind::OneFOneB, layout.sharded(), &optimizer);
+        }
+    }
+    check_layout(
+        ScheduleKind::Interleaved,
+        Layout::replicated(2, 3).sharded(),
+        &adamw(),
+    );
+}
+
+/// Under FSDP with N replicas, each holds about 1/N of the parameters, gradients and AdamW
+/// state that one device holds (each tensor's shards differ by at most one value).
+#[test]
+fn fsdp_holds_a_replicas_share_of_the_training_state() {
+    let name = SYNTHETIC;
+    for replicas in [2usize, 3] {
+        let batches = micro_batches(name, 2 * replicas);
+        let (config, weights) = model(name);
+        let device = Default::default();
+        let whole: StageModel<B> = StageModel::load(
+            &config,
+            StageSlice::whole(config.num_layers),
+            weights.as_ref(),
+            &device,
+        )
+        .unwrap();
+        let mut single =
+            StageRunner::new(whole, adamw(), MemorySavers::default(), Precision::F32, device);
+        single.set_lr(LR);
+        for (i, batch) in batches.iter().enumerate() {
+            single.forward(i, batch, None);
+            single.backward(i, None, 1.0, false);
+        }
+        single.step(1.0);
+        // After a step the optimizer state exists; gradients as large as the parameters.
+        let one = single.training_memory();
+        let one_device = 2 * one.params + one.optimizer;
+        let layout = Layout::replicated(1, replicas).sharded();
+        let schedule = Schedule::new(ScheduleKind::OneFOneB, 1, 2, 1).unwrap();
+        let tokens = scored(&batches);
+        let state: Vec<usize> = std::thread::scope(|scope| {
+            let handles: Vec<_> = InProcessHub::connect(replicas)
+                .into_iter()
+                .map(|transport| {
+                    let batches = &batches;
+                    let schedule = schedule.clone();
+                    scope.spawn(move || {
+                        let (config, weights) = model(name);
+                        let stage_model = StageModel::load(
+                            &config,
+                            StageSlice::whole(config.num_layers),
+                            weights.as_ref(),
+                            &device,
+                        )
+                        .unwrap();
+                        let runner = StageRunner::new(
+                            stage_model,
+                            adamw(),
+                            MemorySavers::default(),
+                            Precision::F32,
+                            device,
+                        );
+                        let rank = transport.rank();
+                        let mut worker = RankWorker::<B>::new(
+                            schedule,
+                            BTreeMap::from([(0, runner)]),
+                            config.tie_word_embeddings,
+                            Arc::new(transport),
+                            layout,
+                            Duration::from_secs(30),
+                            device,
+                        );
+                        let mine = &batches[2 * rank..2 * rank + 2];
+                        // The second step: the optimizer state exists by then.
+                        worker.step(0, mine, tokens, LR, None).unwrap();
+                        let report = worker.step(1, mine, tokens, LR, None).unwrap();
+                        report.state_bytes[rank]
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let tensors = single.model().named_params().len();
+        for (rank, &bytes) in state.iter().enumerate() {
+            let share = one_device as f64 / replicas as f64;
+            // At most one value more per tensor for each of the four: weight, gradient, m, v.
+            let slack = (4 * 4 * tensors) as f64;
+            assert!(
+                (bytes as f64 - share).abs() <= slack,
+                "{replicas} replicas: rank {rank} holds {bytes} bytes, 1/{replicas} of one \
+                 device's {one_device} is {share}"
+            );
+        }
+        println!(
+            "FSDP over {replicas}: one device {one_device} bytes, each rank {state:?} ({:.3} of it)",
+            state[0] as f64 / one_device as f64
+        );
+    }
 }
 
 #[test]

@@ -28,6 +28,11 @@ pub struct PipelineFlags {
     /// --data-parallel N runs S×N workers.
     #[arg(long, default_value_t = 1)]
     data_parallel: usize,
+    /// With --data-parallel: the replicas of each stage shard its parameters, gradients and
+    /// optimizer state among them, each layer's weights gathered only while it runs (FSDP;
+    /// implies --checkpoint-activations).
+    #[arg(long)]
+    fsdp: bool,
     /// The pipeline schedule: gpipe, 1f1b, interleaved, zbh1 or zbv.
     #[arg(long, default_value = "1f1b")]
     schedule: ScheduleKind,
@@ -207,6 +212,9 @@ impl PipelineFlags {
             bail!("--data-parallel must be at least 1");
         }
         let ranks = self.stages.unwrap_or(1);
+        if self.fsdp && self.data_parallel < 2 {
+            bail!("--fsdp shards the training state over replicas: give --data-parallel N (N ≥ 2)");
+        }
         if ranks == 1 && self.data_parallel == 1 {
             return Ok(None);
         }
@@ -214,6 +222,7 @@ impl PipelineFlags {
             schedule: self.schedule,
             ranks,
             replicas: self.data_parallel,
+            fsdp: self.fsdp,
             microbatches: self
                 .microbatches
                 .unwrap_or(if ranks > 1 { 2 * ranks } else { 1 }),

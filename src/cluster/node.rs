@@ -500,6 +500,7 @@ fn pipeline_of(layout: &PipelineLayout, group: &Group) -> Result<PipelineOptions
         schedule: layout.schedule,
         ranks,
         replicas: 1,
+        fsdp: false,
         microbatches: layout.microbatches.unwrap_or(2 * ranks),
         virtual_stages: layout.virtual_stages,
         split: layout.split.clone(),

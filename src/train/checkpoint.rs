@@ -144,6 +144,119 @@ pub fn write_stage_optimizer_state<B: Backend>(
     write_optimizer_state(&dir.join(optimizer_file(stage)), state, held)
 }
 
+/// Writes this rank's shard of stage `stage`'s optimizer state into `dir` (FSDP with an
+/// element-wise rule): `shard` is (this rank's index, the number of shards). Reading puts the
+/// shards of a stage back together ([`read_optimizer_state`]), so any layout can resume.
+pub fn write_optimizer_shard<B: Backend>(
+    dir: &Path,
+    stage: usize,
+    shard: (usize, usize),
+    state: &OptimizerState<B>,
+) -> Result<()> {
+    let path = dir.join(format!(
+        "{}{:03}-of-{:03}.safetensors",
+        shard_prefix(stage),
+        shard.0,
+        shard.1
+    ));
+    write_optimizer_state(&path, state, |_| true)
+}
+
+/// What the names of stage `stage`'s optimizer shard files begin with.
+fn shard_prefix(stage: usize) -> String {
+    format!("optimizer-{stage:03}.shard-")
+}
+
+/// Stage `stage`'s optimizer shard files in `dir`, in shard order, if it has any; all of them
+/// must be there.
+fn shard_files(dir: &Path, stage: usize) -> Result<Vec<PathBuf>> {
+    let prefix = shard_prefix(stage);
+    let mut found: Vec<(usize, usize, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let Some(rest) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".safetensors"))
+        else {
+            continue;
+        };
+        let parsed = rest
+            .split_once("-of-")
+            .and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)));
+        let Some((index, count)) = parsed else {
+            return Err(Error::Checkpoint {
+                path: path.clone(),
+                message: "not a shard file name (optimizer-SSS.shard-III-of-NNN.safetensors)"
+                    .into(),
+            });
+        };
+        found.push((index, count, path));
+    }
+    found.sort();
+    let count = found.first().map_or(0, |f| f.1);
+    if found.iter().enumerate().any(|(i, f)| f.0 != i || f.1 != count) || found.len() != count {
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!(
+                "the optimizer state of stage {stage} is in shards, but not every one of them \
+                 is there ({} files)",
+                found.len()
+            ),
+        });
+    }
+    Ok(found.into_iter().map(|f| f.2).collect())
+}
+
+/// The state of one stage whose optimizer state was written in shards (`files`, in order):
+/// each tensor's shards laid end to end, in the shape `optimizer` keeps for the parameter.
+fn read_sharded_stage_state<B: Backend>(
+    files: &[PathBuf],
+    step: u64,
+    optimizer: &Optimizer,
+    shapes: &HashMap<String, [usize; 2]>,
+    device: &B::Device,
+) -> Result<OptimizerState<B>> {
+    // Each state tensor's values, by parameter, its shards appended in order.
+    let mut values: HashMap<String, Vec<Vec<f32>>> = HashMap::new();
+    for path in files {
+        for (name, param) in read_stage_state::<B>(path, step, shapes, device)? {
+            let tensors = param.map(|p| p.tensors).unwrap_or_default();
+            let entry = values.entry(name).or_default();
+            entry.resize(tensors.len().max(entry.len()), Vec::new());
+            for (k, tensor) in tensors.into_iter().enumerate() {
+                entry[k].extend(tensor.into_data().to_vec::<f32>().expect("float32 state"));
+            }
+        }
+    }
+    values
+        .into_iter()
+        .map(|(name, tensors)| {
+            let [rows, cols] = shapes[&name];
+            let expected = optimizer.state_shapes(rows, cols);
+            let fits = expected.len() == tensors.len()
+                && expected
+                    .iter()
+                    .zip(&tensors)
+                    .all(|(shape, v)| shape[0] * shape[1] == v.len());
+            if !fits {
+                return Err(Error::Checkpoint {
+                    path: files[0].clone(),
+                    message: format!(
+                        "the shards of `{name}`'s optimizer state do not make up {expected:?}"
+                    ),
+                });
+            }
+            let tensors = expected
+                .into_iter()
+                .zip(tensors)
+                .map(|(shape, v)| Tensor::from_data(TensorData::new(v, shape), device))
+                .collect();
+            Ok((name, Some(ParamState { step, tensors })))
+        })
+        .collect()
+}
+
 /// Reads `trainer.json` of the checkpoint in `dir`.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(TRAINER_FILE);
@@ -171,11 +284,18 @@ pub fn read_optimizer_state<B: Backend>(
         // A tied embedding's state is in two stage files, identical: the first read is kept.
         let path = dir.join(optimizer_file(stage));
         // A node without a shared filesystem receives only its own stages' files; a
-        // parameter whose state is in none of those it has is named below.
-        if !path.exists() {
-            continue;
-        }
-        for (name, param) in read_stage_state(&path, step, shapes, device)? {
+        // parameter whose state is in none of those it has is named below. FSDP writes a
+        // stage's state in shards.
+        let stage_state = if path.exists() {
+            read_stage_state(&path, step, shapes, device)?
+        } else {
+            let files = shard_files(dir, stage)?;
+            if files.is_empty() {
+                continue;
+            }
+            read_sharded_stage_state(&files, step, optimizer, shapes, device)?
+        };
+        for (name, param) in stage_state {
             state.entry(name).or_insert(param);
         }
     }

@@ -28,15 +28,30 @@ pub struct Layout {
     pub stages: usize,
     /// Copies of the pipeline.
     pub replicas: usize,
+    /// The replicas of a stage shard its parameters, gradients and optimizer state among them
+    /// (FSDP, [`super::sharding`]) instead of each holding all of them (DDP).
+    pub fsdp: bool,
 }
 
 impl Layout {
     /// A lone pipeline.
     pub fn pipeline(stages: usize) -> Self {
+        Self::replicated(stages, 1)
+    }
+
+    /// `replicas` copies of a pipeline of `stages` ranks, each holding all of its stages'
+    /// training state (DDP).
+    pub fn replicated(stages: usize, replicas: usize) -> Self {
         Self {
             stages,
-            replicas: 1,
+            replicas,
+            fsdp: false,
         }
+    }
+
+    /// The same layout with each stage's training state sharded over its replicas (FSDP).
+    pub fn sharded(self) -> Self {
+        Self { fsdp: true, ..self }
     }
 
     /// Every worker of the run.
@@ -239,10 +254,7 @@ mod tests {
 
     #[test]
     fn the_layout_groups_pipelines_and_stages() {
-        let layout = Layout {
-            stages: 2,
-            replicas: 3,
-        };
+        let layout = Layout::replicated(2, 3);
         assert_eq!(layout.world_size(), 6);
         assert_eq!(layout.pipeline_members(1), vec![2, 3]);
         assert_eq!(layout.stage_group(1), vec![1, 3, 5]);

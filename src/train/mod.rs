@@ -9,6 +9,7 @@ pub mod pipeline;
 pub mod probe;
 pub mod runtime;
 pub mod schedule;
+pub mod sharding;
 pub mod trainer;
 pub mod worker;
 

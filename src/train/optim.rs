@@ -11,6 +11,7 @@ use burn::module::{ModuleMapper, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 
+use super::sharding::Sharding;
 use super::runtime::{as_matrix, GradStore};
 use crate::dtype::DType;
 use crate::kernels::{AdafactorStep, AdamWStep, Kernels, SecondMoment, SgdStep, TrainBackend};
@@ -186,6 +187,9 @@ pub struct Stepper<'a, B: TrainBackend> {
     pub state: &'a mut OptimizerState<B::InnerBackend>,
     /// The dtype the weights are kept in: bf16 weights are rounded after each update.
     pub weight_dtype: DType,
+    /// Under FSDP, parameters, gradients and state are shards; rules that need whole
+    /// parameters gather each one for its update.
+    pub sharding: Option<&'a Sharding>,
 }
 
 impl<B: TrainBackend> ModuleMapper<B> for Stepper<'_, B> {
@@ -207,13 +211,29 @@ impl<B: TrainBackend> ModuleMapper<B> for Stepper<'_, B> {
             grad * self.grad_scale
         };
         let dims = tensor.dims();
+        let param = as_matrix(tensor.inner());
+        let gather = self
+            .sharding
+            .filter(|sharding| sharding.gathers_to_step(self.optimizer));
+        let (param, grad, factored) = match gather {
+            Some(sharding) => (
+                sharding.gather_matrix(name, param),
+                sharding.gather_matrix(name, grad),
+                sharding.is_matrix(name),
+            ),
+            None => (param, grad, D >= 2),
+        };
         let updated = self.optimizer.step(
             self.state.entry(name.clone()).or_default(),
-            as_matrix(tensor.inner()),
+            param,
             grad,
-            D >= 2,
+            factored,
             self.lr,
         );
+        let updated = match gather {
+            Some(sharding) => sharding.own_shard(updated),
+            None => updated,
+        };
         let updated = round_to(updated, self.weight_dtype);
         let updated = Tensor::from_inner(updated.reshape(dims)).require_grad();
         Param::from_mapped_value(id, updated, mapper)

@@ -19,7 +19,8 @@ use pp_transport::{
 };
 
 use super::data_parallel::{GradientReducer, Layout};
-use super::runtime::{StageOutput, StageRunner};
+use super::runtime::{StageOutput, StageRunner, TrainingMemory};
+use super::sharding::Sharding;
 use super::trainer::clip_scale;
 use crate::data::MicroBatch;
 use crate::kernels::TrainBackend;
@@ -42,6 +43,9 @@ pub struct PipelineStep {
     /// What crossed each link since the last step, by sending rank, then receiving rank
     /// (empty where the transport has no wire).
     pub links: Vec<Vec<LinkTraffic>>,
+    /// Bytes of parameters, gradients and optimizer state each rank held before the update,
+    /// by rank.
+    pub state_bytes: Vec<usize>,
 }
 
 /// One rank's stages and its connections to the others.
@@ -79,18 +83,23 @@ impl<B: TrainBackend> RankWorker<B> {
     ) -> Self {
         let rank = world.rank();
         let transport = GroupView::new(world.clone(), layout.pipeline_members(layout.replica(rank)));
-        let reducer = (layout.replicas > 1).then(|| {
-            GradientReducer::new(
-                world.clone(),
-                layout.stage_group(layout.pipeline_rank(rank)),
-                timeout,
-            )
-        });
+        let stage_group = layout.stage_group(layout.pipeline_rank(rank));
+        let reducer = (layout.replicas > 1 && !layout.fsdp)
+            .then(|| GradientReducer::new(world.clone(), stage_group.clone(), timeout));
         let runners = runners
             .into_iter()
-            .map(|(stage, runner)| match &reducer {
-                Some(reducer) => (stage, runner.with_gradient_sender(stage, reducer.sender())),
-                None => (stage, runner),
+            .enumerate()
+            .map(|(slot, (stage, runner))| {
+                let runner = if layout.fsdp {
+                    let slot = u8::try_from(slot).expect("at most 127 stages per worker");
+                    let sharding = Sharding::new(world.clone(), stage_group.clone(), slot, timeout);
+                    runner.with_sharding(sharding)
+                } else if let Some(reducer) = &reducer {
+                    runner.with_gradient_sender(stage, reducer.sender())
+                } else {
+                    runner
+                };
+                (stage, runner)
             })
             .collect();
         let mut last_backward = HashMap::new();
@@ -242,6 +251,9 @@ impl<B: TrainBackend> RankWorker<B> {
                         }
                         Pass::W => runner.backward_weight(microbatch),
                     }
+                    if let Some(failure) = runner.take_sharding_failure() {
+                        return Err(failure);
+                    }
                     // A GPU backend returns once the pass is queued: wait for it, so that busy
                     // time (and the measured bubble) is compute, not the time to issue it.
                     let _ = B::sync(&self.device);
@@ -265,8 +277,11 @@ impl<B: TrainBackend> RankWorker<B> {
             self.sum_tied_gradients(step)?;
         }
         // The tied embedding's (now identical) gradient counts once: at the first stage; and
-        // every replica holds the same sums, so only the first one's count.
-        let sum_squares: f64 = if self.layout.replica(self.world.rank()) == 0 {
+        // every replica holds the same sums, so only the first one's count (under FSDP each
+        // holds its own shard of them: all count).
+        let counts = self.layout.fsdp || self.layout.replica(self.world.rank()) == 0;
+        let memory = self.training_memory();
+        let sum_squares: f64 = if counts {
             self.runners
                 .iter()
                 .map(|(&stage, runner)| {
@@ -286,10 +301,14 @@ impl<B: TrainBackend> RankWorker<B> {
         let mut values = vec![sum_squares, loss_sum, interrupted, save];
         values.extend(timing.to_slot(rank, ranks));
         values.extend(self.link_slot(rank, ranks));
+        let mut memory_slot = vec![0.0; ranks];
+        memory_slot[rank] = memory.total() as f64;
+        values.extend(memory_slot);
         let totals = self.all_reduce(step, 0, values)?;
         let (sum_squares, loss_sum, interrupted, save) =
             (totals[0], totals[1], totals[2], totals[3]);
-        let (timings, links) = totals[4..].split_at(TIMING_FIELDS * ranks);
+        let (timings, rest) = totals[4..].split_at(TIMING_FIELDS * ranks);
+        let (links, memory) = rest.split_at(2 * ranks * ranks);
         let timings = timings
             .chunks_exact(TIMING_FIELDS)
             .map(RankTiming::from_slot)
@@ -309,6 +328,9 @@ impl<B: TrainBackend> RankWorker<B> {
         let clip = clip_scale(grad_norm, max_grad_norm);
         for runner in self.runners.values_mut() {
             runner.step(clip);
+            if let Some(failure) = runner.take_sharding_failure() {
+                return Err(failure);
+            }
         }
         Ok(PipelineStep {
             loss_sum,
@@ -317,7 +339,20 @@ impl<B: TrainBackend> RankWorker<B> {
             save_requested: save > 0.0,
             timings,
             links,
+            state_bytes: memory.iter().map(|&b| b as usize).collect(),
         })
+    }
+
+    /// Parameters, gradients and optimizer state this rank holds now.
+    pub fn training_memory(&self) -> TrainingMemory {
+        self.runners
+            .values()
+            .map(StageRunner::training_memory)
+            .fold(TrainingMemory::default(), |a, b| TrainingMemory {
+                params: a.params + b.params,
+                grads: a.grads + b.grads,
+                optimizer: a.optimizer + b.optimizer,
+            })
     }
 
     /// This rank's link traffic since the last step, as reduce values in its row of a

@@ -24,6 +24,8 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use super::data_parallel::{GradientPiece, GradientSender};
 use super::optim::{Optimizer, OptimizerState, Stepper};
+use super::sharding::Sharding;
+use crate::checkpoint::OwnedWeights;
 use crate::data::MicroBatch;
 use crate::dtype::DType;
 use crate::kernels::{DeferredWeightGrads, Kernels, LinearWeightGrad, TrainBackend};
@@ -40,11 +42,44 @@ use crate::model::{token_tensor, AttentionInputs, StageModel};
 /// therefore take turns; ranks in separate processes never wait on it.
 static AUTODIFF: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn autodiff_turn() -> std::sync::MutexGuard<'static, ()> {
+thread_local! {
+    /// This thread's turn, while it holds one (see [`while_waiting`]).
+    static TURN: std::cell::RefCell<Option<std::sync::MutexGuard<'static, ()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// This thread's turn at building graphs, until dropped.
+struct Turn;
+
+fn autodiff_turn() -> Turn {
+    take_turn();
+    Turn
+}
+
+fn take_turn() {
     // A panic in another rank's backward poisons nothing this lock protects.
-    AUTODIFF
+    let guard = AUTODIFF
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    TURN.with(|turn| *turn.borrow_mut() = Some(guard));
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        TURN.with(|turn| turn.borrow_mut().take());
+    }
+}
+
+/// Runs `wait`, a collective that blocks on other ranks, without this thread's turn (between
+/// parts, where no graph is being built), so that in-process ranks it waits for can take
+/// theirs.
+pub(crate) fn while_waiting<T>(wait: impl FnOnce() -> T) -> T {
+    let held = TURN.with(|turn| turn.borrow_mut().take()).is_some();
+    let result = wait();
+    if held {
+        take_turn();
+    }
+    result
 }
 
 /// Which memory savers are on.
@@ -171,6 +206,9 @@ pub struct StageRunner<B: TrainBackend> {
     pending_weight: HashMap<usize, PendingWeight<B::InnerBackend>>,
     /// Data parallelism: where finished gradients go to be summed over the replicas.
     gradient_sender: Option<GradientSender>,
+    /// Fully sharded data parallelism: the parameters, gradients and state are this rank's
+    /// shards, and each part's parameters are gathered while it runs.
+    sharding: Option<Sharding>,
     /// The stage this runner is (named in the gradients it sends).
     stage: usize,
     device: B::Device,
@@ -240,8 +278,93 @@ impl<B: TrainBackend> StageRunner<B> {
             split_backward: false,
             pending_weight: HashMap::new(),
             gradient_sender: None,
+            sharding: None,
             stage: 0,
             device,
+        }
+    }
+
+    /// Keeps only this rank's shard of every parameter, gradient and optimizer state entry
+    /// (FSDP). Parameters are not held by a graph between forward and backward: each part is
+    /// recomputed in backward from its kept input, as under activation checkpointing.
+    pub fn with_sharding(mut self, mut sharding: Sharding) -> Self {
+        self.model = sharding.shard_model(self.model, &self.names);
+        self.state = sharding.shard_state(&self.optimizer, std::mem::take(&mut self.state));
+        self.savers.checkpoint_activations = true;
+        self.inner = None;
+        self.sharding = Some(sharding);
+        self
+    }
+
+    /// Whether this runner holds shards (FSDP).
+    pub fn is_sharded(&self) -> bool {
+        self.sharding.is_some()
+    }
+
+    /// A collective of the sharded runner that failed since the last call.
+    pub fn take_sharding_failure(&self) -> Option<pp_transport::TransportError> {
+        self.sharding.as_ref().and_then(Sharding::take_failure)
+    }
+
+    /// The stage's weights, whole, by name, in `dtype` (for checkpoints). A sharded runner
+    /// gathers them, one parameter at a time: every rank of its group must call this together.
+    pub fn weights(&self, dtype: DType) -> Result<OwnedWeights, pp_transport::TransportError> {
+        let Some(sharding) = &self.sharding else {
+            return Ok(super::checkpoint::weights_of(&self.model, dtype));
+        };
+        let mut weights = OwnedWeights::default();
+        for (name, dims, values) in sharding.gather_all(&self.model, &self.names)? {
+            let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let mut bytes = Vec::with_capacity(values.len() * dtype.size());
+            DType::F32.cast(&raw, dtype, &mut bytes);
+            weights.insert(&name, dtype, dims, bytes);
+        }
+        Ok(weights)
+    }
+
+    /// Bytes of the parameters, accumulated gradients and optimizer state this runner holds
+    /// now (all float32).
+    pub fn training_memory(&self) -> TrainingMemory {
+        let mut params = ElementCount(0);
+        self.model.visit(&mut params);
+        let count = |t: &Tensor<B::InnerBackend, 2>| t.dims().iter().product::<usize>();
+        let grads: usize = self.grads.values().map(count).sum();
+        let state: usize = self
+            .state
+            .values()
+            .flatten()
+            .flat_map(|p| p.tensors.iter().map(count))
+            .sum();
+        TrainingMemory {
+            params: 4 * params.0,
+            grads: 4 * grads,
+            optimizer: 4 * state,
+        }
+    }
+
+    /// Under FSDP, puts `part`'s gathered parameters in place, first asking for `next`'s.
+    fn install(&mut self, part: Part, next: Option<Part>) {
+        if let Some(sharding) = &mut self.sharding {
+            if let Some(next) = next {
+                sharding.prefetch(&self.model, next, &self.names);
+            }
+            sharding.install(&mut self.model, part, &self.names);
+            self.inner = None;
+        }
+    }
+
+    /// Under FSDP, starts gathering `part`'s parameters (the first a pass uses).
+    fn prefetch(&self, part: Part) {
+        if let Some(sharding) = &self.sharding {
+            sharding.prefetch(&self.model, part, &self.names);
+        }
+    }
+
+    /// Under FSDP, puts `part`'s shards back.
+    fn release(&mut self, part: Part) {
+        if let Some(sharding) = &mut self.sharding {
+            sharding.release(&mut self.model, part, &self.names);
+            self.inner = None;
         }
     }
 
@@ -313,10 +436,14 @@ impl<B: TrainBackend> StageRunner<B> {
         let mut loss = None;
         let leaves = (!recompute).then(|| self.model.clone().map(&mut FreshLeaves));
         let deferred = self.split_backward.then(DeferredWeightGrads::default);
-        for part in self.parts.clone() {
+        let parts = self.parts.clone();
+        self.prefetch(parts[0]);
+        for (index, &part) in parts.iter().enumerate() {
             let input = x.take().expect("each part feeds the next");
             let out = if recompute {
+                self.install(part, parts.get(index + 1).copied());
                 let out = run_part(self.inner_model(), part, &input, &attention, &batch.targets);
+                self.release(part);
                 saved.push(match input {
                     Activation::Hidden(h) if self.savers.offload_activations => {
                         Saved::Host(h.into_data())
@@ -430,6 +557,8 @@ impl<B: TrainBackend> StageRunner<B> {
             .remove(&id)
             .expect("backward follows the micro-batch's forward");
         let mut grad = grad_output;
+        let last_part = self.parts.len() - 1;
+        self.prefetch(self.parts[last_part]);
         for index in (0..self.parts.len()).rev() {
             let part = self.parts[index];
             let (input, output) = match saved.pop().expect("one saved entry per part") {
@@ -437,19 +566,32 @@ impl<B: TrainBackend> StageRunner<B> {
                 kept => {
                     let activation = kept.into_input(&self.device);
                     let _capture = deferred.as_ref().map(DeferredWeightGrads::capture);
+                    self.install(part, index.checked_sub(1).map(|i| self.parts[i]));
                     self.recompute(part, activation, &attention, &targets)
                 }
             };
             let upstream = Upstream::new(grad.take(), loss_scale);
             let mut grads = seed(output, &upstream);
             grad = input.and_then(|leaf| leaf.grad(&grads));
+            // Under FSDP this part's full gradients are summed over the group at once, and
+            // only this rank's shard is kept.
+            let mut part_grads = GradStore::new();
             let mut collector = GradCollector {
                 names: &self.names,
                 grads: &mut grads,
-                store: &mut self.grads,
+                store: if self.sharding.is_some() {
+                    &mut part_grads
+                } else {
+                    &mut self.grads
+                },
             };
             let params = leaves.as_ref().unwrap_or(&self.model);
             params.visit_part(part, &mut collector);
+            if self.sharding.is_some() {
+                self.release(part);
+                let sharding = self.sharding.as_ref().expect("checked above");
+                sharding.reduce_scatter(part_grads, &mut self.grads);
+            }
             if let Some(complete) = self.completes.get(&index).filter(|_| last).cloned() {
                 if self.savers.optimizer_in_backward {
                     self.stepped_sum_squares += sum_squares(&self.grads, Some(&complete));
@@ -586,6 +728,7 @@ impl<B: TrainBackend> StageRunner<B> {
             only,
             state: &mut self.state,
             weight_dtype: self.precision.master,
+            sharding: self.sharding.as_ref(),
         };
         self.model.map_part(part, &mut stepper);
         self.inner = None;
@@ -605,9 +748,12 @@ impl<B: TrainBackend> StageRunner<B> {
             None => Activation::Tokens(token_tensor(&batch.input_ids, rows, seq, &self.device)),
         };
         let parts = self.parts.clone();
-        let model = self.inner_model();
-        for part in parts {
-            match run_part(model, part, &x, &attention, &batch.targets) {
+        self.prefetch(parts[0]);
+        for (index, &part) in parts.iter().enumerate() {
+            self.install(part, parts.get(index + 1).copied());
+            let out = run_part(self.inner_model(), part, &x, &attention, &batch.targets);
+            self.release(part);
+            match out {
                 PartOutput::Hidden(h) => x = Activation::Hidden(h),
                 PartOutput::Loss(sum) => {
                     return StageOutput::Loss {
@@ -755,6 +901,33 @@ impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
         let (id, tensor, mapper) = param.consume();
         let leaf = Tensor::from_inner(tensor.inner()).require_grad();
         Param::from_mapped_value(id, leaf, mapper)
+    }
+}
+
+/// Bytes of a runner's training state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrainingMemory {
+    /// Parameters (under FSDP, this rank's shards).
+    pub params: usize,
+    /// Accumulated gradients.
+    pub grads: usize,
+    /// Optimizer state.
+    pub optimizer: usize,
+}
+
+impl TrainingMemory {
+    /// All of it.
+    pub fn total(&self) -> usize {
+        self.params + self.grads + self.optimizer
+    }
+}
+
+/// Counts parameter elements.
+struct ElementCount(usize);
+
+impl<B: Backend> ModuleVisitor<B> for ElementCount {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0 += param.shape().num_elements();
     }
 }
 

@@ -13,8 +13,10 @@ use pp_stages::{Partition, Schedule, ScheduleKind};
 use pp_transport::rendezvous::FileClient;
 use pp_transport::{LinkTraffic, Transport, TransportError};
 
-use super::checkpoint::{self, weights_of, TrainerState};
+use super::checkpoint::{self, TrainerState};
 use super::data_parallel::Layout;
+use super::optim::Optimizer;
+use super::sharding::steps_shards;
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
 use super::trainer::{
     check_options, device_note, pad_token, set_up, Engine, StepOutcome, TrainOptions, TrainReport,
@@ -39,6 +41,8 @@ pub struct PipelineOptions {
     /// Copies of the pipeline (`--data-parallel`), each training on its share of every step's
     /// rows: `ranks × replicas` workers in all.
     pub replicas: usize,
+    /// `--fsdp`: the replicas of a stage shard its parameters, gradients and optimizer state.
+    pub fsdp: bool,
     /// Micro-batches per step.
     pub microbatches: usize,
     /// Stage slices per rank for interleaved.
@@ -54,6 +58,7 @@ impl PipelineOptions {
         Layout {
             stages: self.ranks,
             replicas: self.replicas,
+            fsdp: self.fsdp,
         }
     }
 
@@ -163,6 +168,7 @@ pub fn train_rank<B: TrainBackend>(
             out_dir: &options.out_dir,
             gather,
             keep: options.keep,
+            optimizer: options.optimizer.clone(),
         },
         microbatches: pipeline.microbatches,
         pad_id,
@@ -217,6 +223,11 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
                     .map(|(rank, timing)| (format!("pipeline/rank{rank}_busy_s"), timing.busy())),
             )
             .chain(link_metrics(&result.links))
+            .chain(
+                result.state_bytes.iter().enumerate().map(|(rank, &bytes)| {
+                    (format!("memory/rank{rank}_state_mb"), bytes as f64 / 1e6)
+                }),
+            )
             .collect(),
         })
     }
@@ -318,6 +329,20 @@ pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions
             schedule.stages()
         )));
     }
+    if pipeline.fsdp && pipeline.replicas < 2 {
+        return Err(Error::Usage(
+            "--fsdp shards the training state over the replicas: give --data-parallel N with N \
+             at least 2"
+                .into(),
+        ));
+    }
+    if pipeline.fsdp && pipeline.schedule.splits_backward() {
+        return Err(Error::Usage(format!(
+            "--fsdp cannot be used with --schedule {}: its weight-gradient passes run after the \
+             layer's parameters are given back",
+            pipeline.schedule.name()
+        )));
+    }
     if options.savers.optimizer_in_backward {
         return Err(Error::Usage(
             "--optimizer-in-backward cannot be used with --stages or --data-parallel: a stage \
@@ -407,6 +432,8 @@ struct SharedOutput<'a> {
     gather: Option<Gather>,
     /// `--keep`, for the checkpoints a node keeps of its own.
     keep: Option<usize>,
+    /// The optimizer: under FSDP, element-wise rules keep their state in shards.
+    optimizer: Optimizer,
 }
 
 impl SharedOutput<'_> {
@@ -424,13 +451,6 @@ impl SharedOutput<'_> {
         step: u64,
         state: Option<&TrainerState>,
     ) -> Result<()> {
-        let layout = worker.layout();
-        if layout.replica(worker.rank()) > 0 {
-            // The first replica holds the same weights and writes them; the others only meet
-            // it at the barriers.
-            worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
-            return worker.barrier(step, 2).map_err(|e| peer_error(e, worker));
-        }
         let parent = target.parent().unwrap_or(Path::new("."));
         let name = target.file_name().unwrap_or_default().to_string_lossy();
         let shared = parent.join(format!(".{name}.pp-pipeline-{}", self.run_id));
@@ -443,9 +463,26 @@ impl SharedOutput<'_> {
             Some(_) => self.checkpoint_dtype,
             None => self.final_dtype,
         };
+        let layout = worker.layout();
+        // Under FSDP every replica takes part in gathering the weights and writes its own
+        // shard of the optimizer state.
         let mut weights = OwnedWeights::default();
-        for runner in worker.runners().values() {
-            weights.extend(weights_of(runner.model(), dtype));
+        for (&stage, runner) in worker.runners() {
+            weights.extend(runner.weights(dtype).map_err(|e| peer_error(e, worker))?);
+            if state.is_some() && runner.is_sharded() && steps_shards(&self.optimizer) {
+                checkpoint::write_optimizer_shard(
+                    &staging,
+                    stage,
+                    (layout.replica(worker.rank()), layout.replicas),
+                    runner.optimizer_state(),
+                )?;
+            }
+        }
+        if layout.replica(worker.rank()) > 0 {
+            // The first replica holds the same weights and writes them; the others only meet
+            // it at the barriers.
+            worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
+            return worker.barrier(step, 2).map_err(|e| peer_error(e, worker));
         }
         let stages: Vec<usize> = worker.runners().keys().copied().collect();
         // What this rank writes: other ranks of its node write beside it.
@@ -457,7 +494,7 @@ impl SharedOutput<'_> {
             written.push(staging.join(&entry.file));
             entries.push(path);
         }
-        if state.is_some() {
+        if state.is_some() && !(layout.fsdp && steps_shards(&self.optimizer)) {
             for (&stage, runner) in worker.runners() {
                 checkpoint::write_stage_optimizer_state(
                     &staging,

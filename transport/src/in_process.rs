@@ -1,8 +1,7 @@
-//! Ranks that live in one process (threads), connected by channels.
+//! Ranks that live in one process (threads), each with an inbox the others put messages in.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::{Tag, TensorMessage, Transport, TransportError};
@@ -13,62 +12,65 @@ pub struct InProcessHub;
 impl InProcessHub {
     /// Creates `world_size` connected endpoints, one per rank, in rank order.
     pub fn connect(world_size: usize) -> Vec<InProcessTransport> {
-        // One channel per ordered pair (from, to), so a receiver waits on exactly one sender.
-        let mut senders: Vec<Vec<Option<Sender<TensorMessage>>>> =
-            (0..world_size).map(|_| vec![None; world_size]).collect();
-        let mut receivers: Vec<Vec<Option<Receiver<TensorMessage>>>> = (0..world_size)
-            .map(|_| (0..world_size).map(|_| None).collect())
+        let inboxes: Vec<Arc<Inbox>> = (0..world_size)
+            .map(|_| {
+                Arc::new(Inbox {
+                    state: Mutex::new(InboxState {
+                        messages: HashMap::new(),
+                        open: true,
+                        senders: vec![true; world_size],
+                    }),
+                    arrived: Condvar::new(),
+                })
+            })
             .collect();
-        for from in 0..world_size {
-            for to in 0..world_size {
-                let (tx, rx) = mpsc::channel();
-                senders[from][to] = Some(tx);
-                receivers[to][from] = Some(rx);
-            }
-        }
-        senders
-            .into_iter()
-            .zip(receivers)
-            .enumerate()
-            .map(|(rank, (tx, rx))| InProcessTransport {
+        (0..world_size)
+            .map(|rank| InProcessTransport {
                 rank,
-                senders: tx.into_iter().flatten().collect(),
-                inboxes: rx
-                    .into_iter()
-                    .flatten()
-                    .map(|rx| {
-                        Mutex::new(Inbox {
-                            channel: rx,
-                            early: HashMap::new(),
-                        })
-                    })
-                    .collect(),
+                inboxes: inboxes.clone(),
             })
             .collect()
     }
 }
 
-/// Messages from one peer: the channel, and those that arrived before they were asked for.
+/// One rank's messages, by sender and tag; any thread of the rank may wait on it.
 struct Inbox {
-    channel: Receiver<TensorMessage>,
-    early: HashMap<Tag, TensorMessage>,
+    state: Mutex<InboxState>,
+    arrived: Condvar,
+}
+
+struct InboxState {
+    messages: HashMap<(usize, Tag), TensorMessage>,
+    /// The owning rank is still there to receive.
+    open: bool,
+    /// Which senders are still there, by rank.
+    senders: Vec<bool>,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        // A panicking rank poisons nothing the map's consistency depends on.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// One rank's endpoint of an in-process group.
 pub struct InProcessTransport {
     rank: usize,
-    senders: Vec<Sender<TensorMessage>>,
-    inboxes: Vec<Mutex<Inbox>>,
+    /// Every rank's inbox, by rank.
+    inboxes: Vec<Arc<Inbox>>,
 }
 
 impl InProcessTransport {
     fn check_rank(&self, rank: usize) -> Result<(), TransportError> {
-        if rank < self.senders.len() {
+        if rank < self.inboxes.len() {
             Ok(())
         } else {
             Err(TransportError::UnknownRank {
                 rank,
-                world_size: self.senders.len(),
+                world_size: self.inboxes.len(),
             })
         }
     }
@@ -80,14 +82,19 @@ impl Transport for InProcessTransport {
     }
 
     fn world_size(&self) -> usize {
-        self.senders.len()
+        self.inboxes.len()
     }
 
     fn send(&self, to: usize, message: TensorMessage) -> Result<(), TransportError> {
         self.check_rank(to)?;
-        self.senders[to]
-            .send(message)
-            .map_err(|_| TransportError::PeerLost { rank: to })
+        let inbox = &self.inboxes[to];
+        let mut state = inbox.lock();
+        if !state.open {
+            return Err(TransportError::PeerLost { rank: to });
+        }
+        state.messages.insert((self.rank, message.tag), message);
+        inbox.arrived.notify_all();
+        Ok(())
     }
 
     fn recv(
@@ -97,30 +104,41 @@ impl Transport for InProcessTransport {
         timeout: Duration,
     ) -> Result<TensorMessage, TransportError> {
         self.check_rank(from)?;
-        let mut inbox = self.inboxes[from]
-            .lock()
-            .map_err(|_| TransportError::PeerLost { rank: from })?;
-        if let Some(message) = inbox.early.remove(&tag) {
-            return Ok(message);
-        }
+        let inbox = &self.inboxes[self.rank];
         let deadline = Instant::now() + timeout;
+        let mut state = inbox.lock();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match inbox.channel.recv_timeout(left) {
-                Ok(message) if message.tag == tag => return Ok(message),
-                Ok(message) => {
-                    inbox.early.insert(message.tag, message);
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(TransportError::Timeout {
-                        tag,
-                        rank: from,
-                        timeout,
-                    })
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(TransportError::PeerLost { rank: from })
-                }
+            if let Some(message) = state.messages.remove(&(from, tag)) {
+                return Ok(message);
+            }
+            if !state.senders[from] {
+                return Err(TransportError::PeerLost { rank: from });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TransportError::Timeout {
+                    tag,
+                    rank: from,
+                    timeout,
+                });
+            }
+            state = inbox
+                .arrived
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for InProcessTransport {
+    /// The rank leaves: nothing more reaches it, and ranks waiting for it are told.
+    fn drop(&mut self) {
+        self.inboxes[self.rank].lock().open = false;
+        for (rank, inbox) in self.inboxes.iter().enumerate() {
+            if rank != self.rank {
+                inbox.lock().senders[self.rank] = false;
+                inbox.arrived.notify_all();
             }
         }
     }

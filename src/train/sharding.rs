@@ -1,0 +1,466 @@
+//! Fully sharded data parallelism (`--fsdp`): each worker of a stage group keeps only its
+//! shard of every parameter, of its gradient and of its optimizer state, so the group holds
+//! one copy of the stage's training state instead of one per replica.
+//!
+//! A parameter is cut as a flat buffer into contiguous shards, one per rank of the group
+//! ([`shard_range`]); between uses the module holds the shard (`[1, len]`, or `[len]` for a
+//! vector). Just before a part (embedding, layer, head) runs, its parameters are all-gathered
+//! and put in place, and right after it they go back to shards, so one part's full weights
+//! exist at a time; the next part's are gathered meanwhile on a thread of its own
+//! ([`Prefetcher`]). Backward recomputes each part from its kept input (parameters are not
+//! held by a graph between passes), and each part's gradients are reduce-scattered as soon as
+//! that part's backward is done, leaving this rank the sum of its shard.
+//!
+//! The optimizer then steps shards: AdamW and SGD are element-wise, so each rank steps its own
+//! shard with its own shard of the state, exactly. Adafactor's factored second moment needs
+//! whole rows and columns, so each of its parameters is gathered with its gradient for the
+//! step (one at a time) and its state, a row and a column vector per matrix, is kept whole.
+//!
+//! The passes that gather and scatter cannot fail midway without a result to return, so a
+//! failed collective is recorded ([`Sharding::take_failure`]), the rest of the pass runs on
+//! zeros without further communication, and the pipeline reports the failure after the pass.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use pp_transport::{shard_range, Collectives, GroupView, RingCollectives, Transport, TransportError};
+
+use super::optim::{Optimizer, OptimizerState, ParamState};
+use super::runtime::{while_waiting, GradStore};
+use crate::model::layers::in_dtype;
+use crate::model::names::Part;
+use crate::model::StageModel;
+
+/// Parameters gathered whole, by name, as the prefetcher returns them.
+type Gathered = Vec<(String, Vec<f32>)>;
+
+/// One stage group's sharding of a runner's parameters.
+pub struct Sharding {
+    /// Reduce-scatters and the optimizer's gathers, on the compute thread.
+    group: Box<dyn Collectives>,
+    prefetcher: Prefetcher,
+    /// Each parameter's full dimensions.
+    shapes: HashMap<String, Vec<usize>>,
+    /// Shards parked in host memory while their part's full parameters are in place.
+    parked: HashMap<String, Vec<f32>>,
+    /// The first collective that failed; none runs after it.
+    failure: Mutex<Option<TransportError>>,
+}
+
+impl Sharding {
+    /// Sharding over the stage group `members` (global ranks, this one among them) of
+    /// `world`; a peer silent for `timeout` fails the step. `slot` tells apart the shardings of
+    /// one rank's several stages (each takes two channels of the group).
+    pub fn new(
+        world: Arc<dyn Transport>,
+        members: Vec<usize>,
+        slot: u8,
+        timeout: Duration,
+    ) -> Self {
+        let view: Arc<dyn Transport> = Arc::new(GroupView::new(world, members));
+        let group = RingCollectives::new(view.clone(), timeout).on_channel(2 * slot);
+        let prefetch = RingCollectives::new(view, timeout).on_channel(2 * slot + 1);
+        Self {
+            group: Box::new(group),
+            prefetcher: Prefetcher::new(Box::new(prefetch)),
+            shapes: HashMap::new(),
+            parked: HashMap::new(),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// The failure of a collective since the last call, if any.
+    pub fn take_failure(&self) -> Option<TransportError> {
+        self.failure.lock().expect("failure lock").take()
+    }
+
+    fn failed(&self) -> bool {
+        self.failure.lock().expect("failure lock").is_some()
+    }
+
+    /// The result of a collective, or `fallback` once one has failed (recording the first
+    /// failure).
+    fn or_record<T>(&self, result: Result<T, TransportError>, fallback: impl FnOnce() -> T) -> T {
+        result.unwrap_or_else(|e| {
+            self.failure.lock().expect("failure lock").get_or_insert(e);
+            fallback()
+        })
+    }
+
+    /// This rank's position in the group, and the group's size.
+    fn position(&self) -> (usize, usize) {
+        (self.group.rank(), self.group.size())
+    }
+
+    /// Replaces every parameter of `model` by this rank's shard, remembering the full shapes.
+    pub fn shard_model<B: AutodiffBackend>(
+        &mut self,
+        model: StageModel<B>,
+        names: &HashMap<ParamId, String>,
+    ) -> StageModel<B> {
+        let (rank, size) = self.position();
+        let mut mapper = IntoShards {
+            names,
+            shapes: &mut self.shapes,
+            rank,
+            size,
+        };
+        model.map(&mut mapper)
+    }
+
+    /// Cuts full optimizer state (read from a checkpoint) to this rank's shards, where the
+    /// optimizer steps shards.
+    pub fn shard_state<B: Backend>(
+        &self,
+        optimizer: &Optimizer,
+        state: OptimizerState<B>,
+    ) -> OptimizerState<B> {
+        if !steps_shards(optimizer) {
+            return state;
+        }
+        let (rank, size) = self.position();
+        state
+            .into_iter()
+            .map(|(name, param)| {
+                let param = param.map(|p| ParamState {
+                    step: p.step,
+                    tensors: p
+                        .tensors
+                        .into_iter()
+                        .map(|t| {
+                            let values = host(t.clone());
+                            let range = shard_range(values.len(), size, rank);
+                            Tensor::from_data(
+                                TensorData::new(values[range.clone()].to_vec(), [1, range.len()]),
+                                &t.device(),
+                            )
+                        })
+                        .collect(),
+                });
+                (name, param)
+            })
+            .collect()
+    }
+
+    /// Asks the prefetcher for `part`'s parameters, whole.
+    pub fn prefetch<B: AutodiffBackend>(
+        &self,
+        model: &StageModel<B>,
+        part: Part,
+        names: &HashMap<ParamId, String>,
+    ) {
+        let mut shards = ShardValues {
+            names,
+            shards: Vec::new(),
+        };
+        model.visit_part(part, &mut shards);
+        let job = if self.failed() {
+            Vec::new()
+        } else {
+            shards
+                .shards
+                .into_iter()
+                .map(|(name, values)| {
+                    let len = self.shapes[&name].iter().product();
+                    (name, values, len)
+                })
+                .collect()
+        };
+        self.prefetcher.request(job);
+    }
+
+    /// Puts the part asked for first of those prefetched in place in `model` (its shards
+    /// parked until [`release`](Self::release)); zeros after a failure.
+    pub fn install<B: AutodiffBackend>(
+        &mut self,
+        model: &mut StageModel<B>,
+        part: Part,
+        names: &HashMap<ParamId, String>,
+    ) {
+        let full = while_waiting(|| self.prefetcher.take());
+        let full: HashMap<String, Vec<f32>> = self.or_record(full, Vec::new).into_iter().collect();
+        let mut mapper = Install {
+            names,
+            full,
+            shapes: &self.shapes,
+            parked: &mut self.parked,
+        };
+        model.map_part(part, &mut mapper);
+    }
+
+    /// Puts `part`'s shards back in place of its full parameters.
+    pub fn release<B: AutodiffBackend>(
+        &mut self,
+        model: &mut StageModel<B>,
+        part: Part,
+        names: &HashMap<ParamId, String>,
+    ) {
+        let mut mapper = Release {
+            names,
+            parked: &mut self.parked,
+        };
+        model.map_part(part, &mut mapper);
+    }
+
+    /// Sums each of `grads` (full gradients of one part, by name) over the group and adds
+    /// this rank's shard of the sum to `store`, in name order (the same on every rank).
+    pub fn reduce_scatter<B: Backend>(&self, grads: GradStore<B>, store: &mut GradStore<B>) {
+        let mut grads: Vec<_> = grads.into_iter().collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        let (rank, size) = self.position();
+        for (name, grad) in grads {
+            let device = grad.device();
+            let values = host(grad);
+            let own = shard_range(values.len(), size, rank).len();
+            let shard = if self.failed() {
+                vec![0.0; own]
+            } else {
+                let shard = while_waiting(|| self.group.reduce_scatter(&values));
+                self.or_record(shard, || vec![0.0; own])
+            };
+            let len = shard.len();
+            let shard = Tensor::from_data(TensorData::new(shard, [1, len]), &device);
+            let total = match store.remove(&name) {
+                Some(earlier) => earlier + shard,
+                None => shard,
+            };
+            store.insert(name, total);
+        }
+    }
+
+    /// Whether the optimizer steps `name` whole (gathered) rather than shard by shard, and
+    /// then as a matrix (Adafactor factors matrices).
+    pub fn gathers_to_step(&self, optimizer: &Optimizer) -> bool {
+        !steps_shards(optimizer)
+    }
+
+    /// Whether parameter `name` is a matrix.
+    pub fn is_matrix(&self, name: &str) -> bool {
+        self.shapes[name].len() >= 2
+    }
+
+    /// The whole of parameter (or gradient) `name` from this rank's `[1, len]` shard, as a
+    /// `[rows, cols]` matrix (zeros after a failure).
+    pub fn gather_matrix<B: Backend>(&self, name: &str, shard: Tensor<B, 2>) -> Tensor<B, 2> {
+        let dims = &self.shapes[name];
+        let len = dims.iter().product();
+        let device = shard.device();
+        let whole = if self.failed() {
+            vec![0.0; len]
+        } else {
+            let whole = while_waiting(|| self.group.all_gather(&host(shard), len));
+            self.or_record(whole, || vec![0.0; len])
+        };
+        let cols = *dims.last().expect("a parameter has dimensions");
+        Tensor::from_data(TensorData::new(whole, [len / cols.max(1), cols]), &device)
+    }
+
+    /// This rank's `[1, len]` shard of a whole `[rows, cols]` matrix, in a buffer of its own.
+    pub fn own_shard<B: Backend>(&self, whole: Tensor<B, 2>) -> Tensor<B, 2> {
+        let (rank, size) = self.position();
+        let device = whole.device();
+        let values = host(whole);
+        let range = shard_range(values.len(), size, rank);
+        Tensor::from_data(
+            TensorData::new(values[range.clone()].to_vec(), [1, range.len()]),
+            &device,
+        )
+    }
+
+    /// Every parameter of `model`, whole, by name (for checkpoints): gathered one at a time;
+    /// every rank of the group must call it together.
+    pub fn gather_all<B: AutodiffBackend>(
+        &self,
+        model: &StageModel<B>,
+        names: &HashMap<ParamId, String>,
+    ) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, TransportError> {
+        let mut shards = ShardValues {
+            names,
+            shards: Vec::new(),
+        };
+        model.visit(&mut shards);
+        shards
+            .shards
+            .into_iter()
+            .map(|(name, values)| {
+                let dims = self.shapes[&name].clone();
+                let whole = self.group.all_gather(&values, dims.iter().product())?;
+                Ok((name, dims, whole))
+            })
+            .collect()
+    }
+
+    /// Each parameter's full dimensions.
+    pub fn shapes(&self) -> &HashMap<String, Vec<usize>> {
+        &self.shapes
+    }
+}
+
+/// Whether `optimizer` steps each rank's shard alone: its rule is element-wise.
+pub fn steps_shards(optimizer: &Optimizer) -> bool {
+    !matches!(optimizer, Optimizer::Adafactor { .. })
+}
+
+/// A tensor's values on the host, in float32.
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    in_dtype(t, burn::tensor::DType::F32)
+        .into_data()
+        .to_vec::<f32>()
+        .expect("float32 values")
+}
+
+/// Dimensions of a shard of `len` values for a `D`-dimensional parameter: `[1, …, 1, len]`.
+fn shard_dims<const D: usize>(len: usize) -> [usize; D] {
+    let mut dims = [1; D];
+    dims[D - 1] = len;
+    dims
+}
+
+/// Replaces each parameter by this rank's shard of it.
+struct IntoShards<'a> {
+    names: &'a HashMap<ParamId, String>,
+    shapes: &'a mut HashMap<String, Vec<usize>>,
+    rank: usize,
+    size: usize,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for IntoShards<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let device = tensor.device();
+        self.shapes
+            .insert(self.names[&id].clone(), tensor.dims().to_vec());
+        let values = host(tensor.inner());
+        let range = shard_range(values.len(), self.size, self.rank);
+        // Through the host, so the shard is a buffer of its own and the whole one is freed.
+        let shard = Tensor::from_data(
+            TensorData::new(values[range.clone()].to_vec(), shard_dims::<D>(range.len())),
+            &device,
+        );
+        Param::from_mapped_value(id, Tensor::from_inner(shard).require_grad(), mapper)
+    }
+}
+
+/// Each parameter's shard values, by name, in module order.
+struct ShardValues<'a> {
+    names: &'a HashMap<ParamId, String>,
+    shards: Vec<(String, Vec<f32>)>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for ShardValues<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.shards
+            .push((self.names[&param.id].clone(), host(param.val())));
+    }
+}
+
+/// Puts gathered parameters in place, parking the shards.
+struct Install<'a> {
+    names: &'a HashMap<ParamId, String>,
+    full: HashMap<String, Vec<f32>>,
+    shapes: &'a HashMap<String, Vec<usize>>,
+    parked: &'a mut HashMap<String, Vec<f32>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Install<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, shard, mapper) = param.consume();
+        let name = &self.names[&id];
+        let device = shard.device();
+        self.parked.insert(name.clone(), host(shard.inner()));
+        let dims: [usize; D] = self.shapes[name]
+            .clone()
+            .try_into()
+            .expect("the parameter keeps its rank");
+        // Missing only after a failed gather: the pass runs on zeros and the step fails.
+        let whole = self
+            .full
+            .remove(name)
+            .unwrap_or_else(|| vec![0.0; dims.iter().product()]);
+        let whole = Tensor::from_data(TensorData::new(whole, dims), &device);
+        Param::from_mapped_value(id, Tensor::from_inner(whole).require_grad(), mapper)
+    }
+}
+
+/// Puts the parked shards back.
+struct Release<'a> {
+    names: &'a HashMap<ParamId, String>,
+    parked: &'a mut HashMap<String, Vec<f32>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Release<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, whole, mapper) = param.consume();
+        let device = whole.device();
+        drop(whole);
+        let shard = self
+            .parked
+            .remove(&self.names[&id])
+            .expect("an installed part has its shards parked");
+        let len = shard.len();
+        let shard = Tensor::from_data(TensorData::new(shard, shard_dims::<D>(len)), &device);
+        Param::from_mapped_value(id, Tensor::from_inner(shard).require_grad(), mapper)
+    }
+}
+
+/// Gathers parts' parameters on a thread of its own, in the order asked, so the next part's
+/// weights cross the network while this one computes.
+struct Prefetcher {
+    jobs: Sender<Vec<(String, Vec<f32>, usize)>>,
+    results: Receiver<Result<Gathered, TransportError>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    fn new(group: Box<dyn Collectives>) -> Self {
+        let (jobs, incoming) = mpsc::channel::<Vec<(String, Vec<f32>, usize)>>();
+        let (done, results) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("parameter prefetch".into())
+            .spawn(move || {
+                while let Ok(job) = incoming.recv() {
+                    let gathered = job
+                        .into_iter()
+                        .map(|(name, shard, len)| Ok((name, group.all_gather(&shard, len)?)))
+                        .collect();
+                    if done.send(gathered).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawning the prefetch thread");
+        Self {
+            jobs,
+            results,
+            thread: Some(thread),
+        }
+    }
+
+    fn request(&self, job: Vec<(String, Vec<f32>, usize)>) {
+        self.jobs
+            .send(job)
+            .expect("the prefetch thread runs while its prefetcher lives");
+    }
+
+    fn take(&self) -> Result<Gathered, TransportError> {
+        self.results
+            .recv()
+            .expect("the prefetch thread runs while its prefetcher lives")
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        let (jobs, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.jobs, jobs));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
