@@ -152,42 +152,43 @@ fn a_killed_worker_stops_the_others_naming_its_stage() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-/// Two stages × two replicas: a worker of the second replica dies; every other worker (its
-/// pipeline peer, and the first replica, which waits on it in the gradient all-reduce) stops
-/// within 30 s, naming it.
+/// A worker of the second replica dies, in two stages × two DDP replicas and in two FSDP
+/// replicas: every other worker (its pipeline peer, and the first replica, which waits on it
+/// in a collective) stops within 30 s, naming it.
 #[test]
 fn a_killed_replica_stops_the_others_within_30_s() {
-    let tmp = tempfile::tempdir().unwrap();
-    let launcher = start_long_run_with(
-        tmp.path(),
-        &[
-            "--stages",
-            "2",
-            "--data-parallel",
-            "2",
-            "--microbatches",
-            "1",
-        ],
-    );
-    wait_for_steps(tmp.path());
-    let workers = children(launcher.id());
-    assert_eq!(workers.len(), 4, "{workers:?}");
-    let killed_at = Instant::now();
-    // SAFETY: killing a worker process this test started (through the launcher).
-    unsafe { libc::kill(workers[2] as i32, libc::SIGKILL) };
-    let output = launcher.wait_with_output();
-    assert!(
-        killed_at.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        killed_at.elapsed()
-    );
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("lost the worker of stage(s) [0] of replica 1 (rank 2)"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    let ddp = [
+        "--stages",
+        "2",
+        "--data-parallel",
+        "2",
+        "--microbatches",
+        "1",
+    ];
+    let fsdp = ["--data-parallel", "2", "--fsdp", "--microbatches", "1"];
+    for (layout, victim, named) in [
+        (&ddp[..], 2, "lost the worker of stage(s) [0] of replica 1 (rank 2)"),
+        (&fsdp[..], 1, "lost the worker of stage(s) [0] of replica 1 (rank 1)"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let launcher = start_long_run_with(tmp.path(), layout);
+        wait_for_steps(tmp.path());
+        let workers = children(launcher.id());
+        assert!(workers.len() > victim, "{workers:?}");
+        let killed_at = Instant::now();
+        // SAFETY: killing a worker process this test started (through the launcher).
+        unsafe { libc::kill(workers[victim] as i32, libc::SIGKILL) };
+        let output = launcher.wait_with_output();
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "{layout:?}: took {:?}",
+            killed_at.elapsed()
+        );
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(named), "{layout:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
 }
 
 /// `--data-parallel 2`, alone and with `--stages 2`: worker processes over QUIC train the
@@ -226,6 +227,83 @@ fn data_parallel_workers_equal_single_device_training() {
                 );
             }
         }
+    }
+}
+
+/// `--fsdp`: replicas that shard parameters, gradients and optimizer state train what one device
+/// trains (AdamW and Adafactor, alone and with two stages). Their checkpoint holds the AdamW
+/// state as one shard per replica, and resumes exactly under FSDP, and in other layouts: one
+/// device, and three DDP replicas.
+#[test]
+fn fsdp_workers_equal_single_device_and_their_sharded_checkpoints_resume_anywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let model = fixture("llama3-tiny").join("hf").display().to_string();
+    for optimizer in ["adamw", "adafactor"] {
+        let single = tmp.path().join(format!("{optimizer}-single"));
+        train(&model, &data, &single, &["--optimizer", optimizer]);
+        for (stages, microbatches) in [("1", "1"), ("2", "2")] {
+            let out = tmp.path().join(format!("{optimizer}-fsdp-{stages}x2"));
+            train(
+                &model,
+                &data,
+                &out,
+                &[
+                    "--optimizer",
+                    optimizer,
+                    "--stages",
+                    stages,
+                    "--data-parallel",
+                    "2",
+                    "--fsdp",
+                    "--microbatches",
+                    microbatches,
+                ],
+            );
+            assert_same_weights(
+                &out.join("final"),
+                &single.join("final"),
+                1e-5,
+                &format!("FSDP {optimizer}, {stages} stage(s) × 2 replicas"),
+            );
+        }
+    }
+    let fsdp = ["--data-parallel", "2", "--fsdp", "--microbatches", "1"];
+    let whole = tmp.path().join("whole");
+    let mut first = fsdp.to_vec();
+    first.extend(["--save-every", "2"]);
+    train(&model, &data, &whole, &first);
+    let checkpoint = whole.join("checkpoints/step-2");
+    for shard in ["000", "001"] {
+        let file = format!("optimizer-000.shard-{shard}-of-002.safetensors");
+        assert!(checkpoint.join(&file).is_file(), "{file}");
+    }
+    assert!(!checkpoint.join("optimizer-000.safetensors").exists());
+    let from = checkpoint.display().to_string();
+    let resumed = tmp.path().join("resumed");
+    let mut second = fsdp.to_vec();
+    second.extend(["--resume", &from]);
+    train(&model, &data, &resumed, &second);
+    assert_same_weights(
+        &resumed.join("final"),
+        &whole.join("final"),
+        1e-6,
+        "FSDP resumed",
+    );
+    for (what, layout) in [
+        ("one device", vec![]),
+        ("three DDP replicas", vec!["--data-parallel", "3", "--microbatches", "1"]),
+    ] {
+        let out = tmp.path().join(what.replace(' ', "-"));
+        let mut args = layout.clone();
+        args.extend(["--resume", &from]);
+        train(&model, &data, &out, &args);
+        assert_same_weights(
+            &out.join("final"),
+            &whole.join("final"),
+            1e-5,
+            &format!("the FSDP checkpoint resumed on {what}"),
+        );
     }
 }
 
