@@ -243,7 +243,7 @@ fn pipelined(
 
 /// A runner's weights by name, whole (gathered from the group's shards under FSDP).
 fn whole_weights(runner: &StageRunner<B>) -> HashMap<String, Vec<f32>> {
-    let weights = runner.weights(DType::F32).unwrap();
+    let weights = runner.weights(DType::F32, true).unwrap();
     weights
         .names()
         .into_iter()
@@ -348,8 +348,13 @@ fn fsdp_holds_a_replicas_share_of_the_training_state() {
             &device,
         )
         .unwrap();
-        let mut single =
-            StageRunner::new(whole, adamw(), MemorySavers::default(), Precision::F32, device);
+        let mut single = StageRunner::new(
+            whole,
+            adamw(),
+            MemorySavers::default(),
+            Precision::F32,
+            device,
+        );
         single.set_lr(LR);
         for (i, batch) in batches.iter().enumerate() {
             single.forward(i, batch, None);

@@ -101,12 +101,7 @@ fn start_long_run_with(tmp: &Path, layout: &[&str]) -> Launcher {
         ])
         .args(["--data", &data, "--out"])
         .arg(tmp.join("run"))
-        .args([
-            "--batch-size",
-            "4",
-            "--steps",
-            "100000",
-        ])
+        .args(["--batch-size", "4", "--steps", "100000"])
         .args(layout)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -167,8 +162,16 @@ fn a_killed_replica_stops_the_others_within_30_s() {
     ];
     let fsdp = ["--data-parallel", "2", "--fsdp", "--microbatches", "1"];
     for (layout, victim, named) in [
-        (&ddp[..], 2, "lost the worker of stage(s) [0] of replica 1 (rank 2)"),
-        (&fsdp[..], 1, "lost the worker of stage(s) [0] of replica 1 (rank 1)"),
+        (
+            &ddp[..],
+            2,
+            "lost the worker of stage(s) [0] of replica 1 (rank 2)",
+        ),
+        (
+            &fsdp[..],
+            1,
+            "lost the worker of stage(s) [0] of replica 1 (rank 1)",
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let launcher = start_long_run_with(tmp.path(), layout);
@@ -233,7 +236,7 @@ fn data_parallel_workers_equal_single_device_training() {
 /// `--fsdp`: replicas that shard parameters, gradients and optimizer state train what one device
 /// trains (AdamW and Adafactor, alone and with two stages). Their checkpoint holds the AdamW
 /// state as one shard per replica, and resumes exactly under FSDP, and in other layouts: one
-/// device, and three DDP replicas.
+/// device, three DDP replicas, two pipeline stages.
 #[test]
 fn fsdp_workers_equal_single_device_and_their_sharded_checkpoints_resume_anywhere() {
     let tmp = tempfile::tempdir().unwrap();
@@ -292,7 +295,11 @@ fn fsdp_workers_equal_single_device_and_their_sharded_checkpoints_resume_anywher
     );
     for (what, layout) in [
         ("one device", vec![]),
-        ("three DDP replicas", vec!["--data-parallel", "3", "--microbatches", "1"]),
+        (
+            "three DDP replicas",
+            vec!["--data-parallel", "3", "--microbatches", "1"],
+        ),
+        ("two stages", vec!["--stages", "2", "--microbatches", "2"]),
     ] {
         let out = tmp.path().join(what.replace(' ', "-"));
         let mut args = layout.clone();
@@ -434,16 +441,34 @@ fn pipeline_validation_matches_single_device_and_stops_early() {
     ];
     let single = tmp.path().join("single");
     train(&model, &data, &single, &validation);
-    let piped = tmp.path().join("piped");
-    let mut args = validation.to_vec();
-    args.extend(["--stages", "2", "--microbatches", "2"]);
-    train(&model, &data, &piped, &args);
-    let (want, got) = (metric(&single, "val_loss"), metric(&piped, "val_loss"));
+    let want = metric(&single, "val_loss");
     assert_eq!(want.len(), 4, "{want:?}");
-    assert_eq!(got.len(), want.len());
-    for ((s, a), (t, b)) in got.iter().zip(&want) {
-        assert_eq!(s, t);
-        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {s}: {a} vs {b}");
+    // The validation set's two micro-batches through a pipeline, shared by DDP replicas, and
+    // run by every FSDP replica (they gather each layer together).
+    for (name, layout) in [
+        ("piped", &["--stages", "2", "--microbatches", "2"][..]),
+        (
+            "replicas",
+            &["--data-parallel", "2", "--microbatches", "1"][..],
+        ),
+        (
+            "sharded",
+            &["--data-parallel", "2", "--fsdp", "--microbatches", "1"][..],
+        ),
+    ] {
+        let out = tmp.path().join(name);
+        let mut args = validation.to_vec();
+        args.extend(layout);
+        train(&model, &data, &out, &args);
+        let got = metric(&out, "val_loss");
+        assert_eq!(got.len(), want.len(), "{name}");
+        for ((s, a), (t, b)) in got.iter().zip(&want) {
+            assert_eq!(s, t);
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "{name} step {s}: {a} vs {b}"
+            );
+        }
     }
     // With a zero learning rate nothing improves after the first evaluation.
     let stopped = tmp.path().join("stopped");

@@ -240,7 +240,9 @@ impl PipelineFlags {
             bail!("--nnodes must be at least 1");
         }
         if self.data_parallel > 1 {
-            bail!("--data-parallel runs on one machine for now: it cannot be combined with --nnodes");
+            bail!(
+                "--data-parallel runs on one machine for now: it cannot be combined with --nnodes"
+            );
         }
         let token = self
             .token

@@ -195,7 +195,12 @@ fn shard_files(dir: &Path, stage: usize) -> Result<Vec<PathBuf>> {
     }
     found.sort();
     let count = found.first().map_or(0, |f| f.1);
-    if found.iter().enumerate().any(|(i, f)| f.0 != i || f.1 != count) || found.len() != count {
+    if found
+        .iter()
+        .enumerate()
+        .any(|(i, f)| f.0 != i || f.1 != count)
+        || found.len() != count
+    {
         return Err(Error::Checkpoint {
             path: dir.to_path_buf(),
             message: format!(

@@ -136,16 +136,11 @@ impl GradientReducer {
     /// `world`; a peer silent for `timeout` fails the step.
     pub fn new(world: Arc<dyn Transport>, members: Vec<usize>, timeout: Duration) -> Self {
         let group = RingCollectives::new(Arc::new(GroupView::new(world, members)), timeout);
-        Self::over(Box::new(group))
-    }
-
-    /// A reducer over any collectives.
-    pub fn over(group: Box<dyn Collectives>) -> Self {
         let (jobs, incoming) = mpsc::channel();
         let (done, results) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("gradient all-reduce".into())
-            .spawn(move || reduce_buckets(group.as_ref(), &incoming, &done))
+            .spawn(move || reduce_buckets(&group, &incoming, &done))
             .expect("spawning the all-reduce thread");
         Self {
             jobs,
@@ -211,8 +206,12 @@ fn reduce_buckets(
             Job::Flush => {
                 let result = match failure.take() {
                     Some(e) => Err(e),
-                    None => all_reduce_bucket(group, std::mem::take(&mut bucket))
-                        .map(|pieces| std::mem::take(&mut reduced).into_iter().chain(pieces).collect()),
+                    None => all_reduce_bucket(group, std::mem::take(&mut bucket)).map(|pieces| {
+                        std::mem::take(&mut reduced)
+                            .into_iter()
+                            .chain(pieces)
+                            .collect()
+                    }),
                 };
                 bucket.clear();
                 reduced.clear();
@@ -233,7 +232,10 @@ fn all_reduce_bucket(
     if pieces.is_empty() {
         return Ok(pieces);
     }
-    let mut flat: Vec<f32> = pieces.iter().flat_map(|p| p.values.iter().copied()).collect();
+    let mut flat: Vec<f32> = pieces
+        .iter()
+        .flat_map(|p| p.values.iter().copied())
+        .collect();
     group.all_reduce(&mut flat)?;
     let mut at = 0;
     Ok(pieces

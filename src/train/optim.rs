@@ -11,8 +11,8 @@ use burn::module::{ModuleMapper, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 
-use super::sharding::Sharding;
 use super::runtime::{as_matrix, GradStore};
+use super::sharding::{steps_shards, Sharding};
 use crate::dtype::DType;
 use crate::kernels::{AdafactorStep, AdamWStep, Kernels, SecondMoment, SgdStep, TrainBackend};
 
@@ -212,9 +212,7 @@ impl<B: TrainBackend> ModuleMapper<B> for Stepper<'_, B> {
         };
         let dims = tensor.dims();
         let param = as_matrix(tensor.inner());
-        let gather = self
-            .sharding
-            .filter(|sharding| sharding.gathers_to_step(self.optimizer));
+        let gather = self.sharding.filter(|_| !steps_shards(self.optimizer));
         let (param, grad, factored) = match gather {
             Some(sharding) => (
                 sharding.gather_matrix(name, param),

@@ -14,9 +14,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use pp_stages::schedule::{simulate, Action, Costs, Pass, Transfer};
 use pp_stages::Schedule;
-use pp_transport::{
-    GroupView, Kind, LinkTraffic, Tag, TensorMessage, Transport, TransportError,
-};
+use pp_transport::{GroupView, Kind, LinkTraffic, Tag, TensorMessage, Transport, TransportError};
 
 use super::data_parallel::{GradientReducer, Layout};
 use super::runtime::{StageOutput, StageRunner, TrainingMemory};
@@ -46,6 +44,9 @@ pub struct PipelineStep {
     /// Bytes of parameters, gradients and optimizer state each rank held before the update,
     /// by rank.
     pub state_bytes: Vec<usize>,
+    /// Seconds this rank waited, after its last pass, for its gradients' all-reduce to end
+    /// (data parallelism): what backward did not hide.
+    pub reduce_wait: f64,
 }
 
 /// One rank's stages and its connections to the others.
@@ -82,7 +83,8 @@ impl<B: TrainBackend> RankWorker<B> {
         device: B::Device,
     ) -> Self {
         let rank = world.rank();
-        let transport = GroupView::new(world.clone(), layout.pipeline_members(layout.replica(rank)));
+        let transport =
+            GroupView::new(world.clone(), layout.pipeline_members(layout.replica(rank)));
         let stage_group = layout.stage_group(layout.pipeline_rank(rank));
         let reducer = (layout.replicas > 1 && !layout.fsdp)
             .then(|| GradientReducer::new(world.clone(), stage_group.clone(), timeout));
@@ -91,7 +93,10 @@ impl<B: TrainBackend> RankWorker<B> {
             .enumerate()
             .map(|(slot, (stage, runner))| {
                 let runner = if layout.fsdp {
-                    let slot = u8::try_from(slot).expect("at most 127 stages per worker");
+                    let slot = u8::try_from(slot)
+                        .ok()
+                        .filter(|&slot| slot < 128)
+                        .expect("check_pipeline_options allows 127 sharded stages per worker");
                     let sharding = Sharding::new(world.clone(), stage_group.clone(), slot, timeout);
                     runner.with_sharding(sharding)
                 } else if let Some(reducer) = &reducer {
@@ -261,6 +266,7 @@ impl<B: TrainBackend> RankWorker<B> {
                 }
             }
         }
+        let waiting = Instant::now();
         if let Some(reducer) = &self.reducer {
             for runner in self.runners.values_mut() {
                 runner.send_remaining_gradients();
@@ -272,6 +278,7 @@ impl<B: TrainBackend> RankWorker<B> {
                     .receive_gradient(piece);
             }
         }
+        let reduce_wait = waiting.elapsed().as_secs_f64();
         timing.wall = started.elapsed().as_secs_f64();
         if self.tied && last_stage > 0 {
             self.sum_tied_gradients(step)?;
@@ -340,6 +347,7 @@ impl<B: TrainBackend> RankWorker<B> {
             timings,
             links,
             state_bytes: memory.iter().map(|&b| b as usize).collect(),
+            reduce_wait,
         })
     }
 
@@ -371,9 +379,9 @@ impl<B: TrainBackend> RankWorker<B> {
     }
 
     /// Validation: the forward pass of every micro-batch through the pipeline, stage after
-    /// stage, keeping nothing (each replica takes every N-th); returns the loss summed over
-    /// them and their scored tokens, the same on every rank. `step` is the training step it
-    /// follows.
+    /// stage, keeping nothing (each of N replicas takes every N-th; sharded replicas run them
+    /// all together); returns the loss summed over them and their scored tokens, the same on
+    /// every rank. `step` is the training step it follows.
     pub fn evaluate(
         &mut self,
         step: u64,
@@ -385,11 +393,15 @@ impl<B: TrainBackend> RankWorker<B> {
         // Tags of validation transfers must not meet a training step's.
         let eval_step = u64::MAX - step;
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
-        let mine = micro_batches
-            .iter()
-            .enumerate()
-            .skip(replica)
-            .step_by(self.layout.replicas);
+        // Sharded replicas gather each part's weights together, so each runs every
+        // micro-batch and only the first one's count; otherwise each takes every N-th.
+        let (first, every) = if self.layout.fsdp {
+            (0, 1)
+        } else {
+            (replica, self.layout.replicas)
+        };
+        let counts = !self.layout.fsdp || replica == 0;
+        let mine = micro_batches.iter().enumerate().skip(first).step_by(every);
         for (index, batch) in mine {
             let mut hidden = None;
             for stage in 0..stages {
@@ -407,11 +419,16 @@ impl<B: TrainBackend> RankWorker<B> {
                     .runners
                     .get_mut(&stage)
                     .expect("the rank runs its stages");
-                match runner.evaluate(batch, hidden.take()) {
-                    StageOutput::Loss { sum, tokens: t } => {
+                let output = runner.evaluate(batch, hidden.take());
+                if let Some(failure) = runner.take_sharding_failure() {
+                    return Err(failure);
+                }
+                match output {
+                    StageOutput::Loss { sum, tokens: t } if counts => {
                         loss_sum += sum;
                         tokens += t;
                     }
+                    StageOutput::Loss { .. } => {}
                     StageOutput::Hidden(h) => {
                         let next = self.schedule.stage_ranks[stage + 1];
                         if next == rank {

@@ -307,17 +307,27 @@ impl<B: TrainBackend> StageRunner<B> {
     }
 
     /// The stage's weights, whole, by name, in `dtype` (for checkpoints). A sharded runner
-    /// gathers them, one parameter at a time: every rank of its group must call this together.
-    pub fn weights(&self, dtype: DType) -> Result<OwnedWeights, pp_transport::TransportError> {
-        let Some(sharding) = &self.sharding else {
-            return Ok(super::checkpoint::weights_of(&self.model, dtype));
-        };
+    /// gathers them, one parameter at a time: every rank of its group must call this together,
+    /// and those that do not `keep` them drop each as it comes.
+    pub fn weights(
+        &self,
+        dtype: DType,
+        keep: bool,
+    ) -> Result<OwnedWeights, pp_transport::TransportError> {
         let mut weights = OwnedWeights::default();
-        for (name, dims, values) in sharding.gather_all(&self.model, &self.names)? {
-            let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let mut bytes = Vec::with_capacity(values.len() * dtype.size());
-            DType::F32.cast(&raw, dtype, &mut bytes);
-            weights.insert(&name, dtype, dims, bytes);
+        match &self.sharding {
+            None if keep => weights = super::checkpoint::weights_of(&self.model, dtype),
+            None => {}
+            Some(sharding) => {
+                sharding.gather_each(&self.model, &self.names, |name, dims, values| {
+                    if keep {
+                        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        let mut bytes = Vec::with_capacity(values.len() * dtype.size());
+                        DType::F32.cast(&raw, dtype, &mut bytes);
+                        weights.insert(&name, dtype, dims, bytes);
+                    }
+                })?
+            }
         }
         Ok(weights)
     }
@@ -741,6 +751,8 @@ impl<B: TrainBackend> StageRunner<B> {
         batch: &MicroBatch,
         input: Option<Tensor<B::InnerBackend, 3>>,
     ) -> StageOutput<B::InnerBackend> {
+        // Installing gathered weights makes parameter leaves (see `AUTODIFF`).
+        let _turn = self.sharding.is_some().then(autodiff_turn);
         let [rows, seq] = [batch.layout.batch, batch.layout.seq];
         let attention = self.attention_inputs(batch);
         let mut x = match input {

@@ -29,7 +29,9 @@ use std::time::Duration;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use pp_transport::{shard_range, Collectives, GroupView, RingCollectives, Transport, TransportError};
+use pp_transport::{
+    shard_range, Collectives, GroupView, RingCollectives, Transport, TransportError,
+};
 
 use super::optim::{Optimizer, OptimizerState, ParamState};
 use super::runtime::{while_waiting, GradStore};
@@ -133,14 +135,7 @@ impl Sharding {
                     tensors: p
                         .tensors
                         .into_iter()
-                        .map(|t| {
-                            let values = host(t.clone());
-                            let range = shard_range(values.len(), size, rank);
-                            Tensor::from_data(
-                                TensorData::new(values[range.clone()].to_vec(), [1, range.len()]),
-                                &t.device(),
-                            )
-                        })
+                        .map(|t| cut_shard(t, rank, size))
                         .collect(),
                 });
                 (name, param)
@@ -234,12 +229,6 @@ impl Sharding {
         }
     }
 
-    /// Whether the optimizer steps `name` whole (gathered) rather than shard by shard, and
-    /// then as a matrix (Adafactor factors matrices).
-    pub fn gathers_to_step(&self, optimizer: &Optimizer) -> bool {
-        !steps_shards(optimizer)
-    }
-
     /// Whether parameter `name` is a matrix.
     pub fn is_matrix(&self, name: &str) -> bool {
         self.shapes[name].len() >= 2
@@ -264,41 +253,28 @@ impl Sharding {
     /// This rank's `[1, len]` shard of a whole `[rows, cols]` matrix, in a buffer of its own.
     pub fn own_shard<B: Backend>(&self, whole: Tensor<B, 2>) -> Tensor<B, 2> {
         let (rank, size) = self.position();
-        let device = whole.device();
-        let values = host(whole);
-        let range = shard_range(values.len(), size, rank);
-        Tensor::from_data(
-            TensorData::new(values[range.clone()].to_vec(), [1, range.len()]),
-            &device,
-        )
+        cut_shard(whole, rank, size)
     }
 
-    /// Every parameter of `model`, whole, by name (for checkpoints): gathered one at a time;
-    /// every rank of the group must call it together.
-    pub fn gather_all<B: AutodiffBackend>(
+    /// Gathers every parameter of `model` whole, one at a time, handing each to `each` with its
+    /// name and dimensions (for checkpoints); every rank of the group must call it together.
+    pub fn gather_each<B: AutodiffBackend>(
         &self,
         model: &StageModel<B>,
         names: &HashMap<ParamId, String>,
-    ) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, TransportError> {
+        mut each: impl FnMut(String, Vec<usize>, Vec<f32>),
+    ) -> Result<(), TransportError> {
         let mut shards = ShardValues {
             names,
             shards: Vec::new(),
         };
         model.visit(&mut shards);
-        shards
-            .shards
-            .into_iter()
-            .map(|(name, values)| {
-                let dims = self.shapes[&name].clone();
-                let whole = self.group.all_gather(&values, dims.iter().product())?;
-                Ok((name, dims, whole))
-            })
-            .collect()
-    }
-
-    /// Each parameter's full dimensions.
-    pub fn shapes(&self) -> &HashMap<String, Vec<usize>> {
-        &self.shapes
+        for (name, values) in shards.shards {
+            let dims = self.shapes[&name].clone();
+            let whole = self.group.all_gather(&values, dims.iter().product())?;
+            each(name, dims, whole);
+        }
+        Ok(())
     }
 }
 
@@ -313,6 +289,22 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
         .into_data()
         .to_vec::<f32>()
         .expect("float32 values")
+}
+
+/// Shard `rank` of `size` of `whole`, as a tensor of `D` dimensions `[1, …, 1, len]` in a
+/// buffer of its own (made from host values, so nothing keeps the whole one alive).
+fn cut_shard<B: Backend, const D: usize, const W: usize>(
+    whole: Tensor<B, W>,
+    rank: usize,
+    size: usize,
+) -> Tensor<B, D> {
+    let device = whole.device();
+    let values = host(whole);
+    let range = shard_range(values.len(), size, rank);
+    Tensor::from_data(
+        TensorData::new(values[range.clone()].to_vec(), shard_dims::<D>(range.len())),
+        &device,
+    )
 }
 
 /// Dimensions of a shard of `len` values for a `D`-dimensional parameter: `[1, …, 1, len]`.
@@ -333,16 +325,9 @@ struct IntoShards<'a> {
 impl<B: AutodiffBackend> ModuleMapper<B> for IntoShards<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
-        let device = tensor.device();
         self.shapes
             .insert(self.names[&id].clone(), tensor.dims().to_vec());
-        let values = host(tensor.inner());
-        let range = shard_range(values.len(), self.size, self.rank);
-        // Through the host, so the shard is a buffer of its own and the whole one is freed.
-        let shard = Tensor::from_data(
-            TensorData::new(values[range.clone()].to_vec(), shard_dims::<D>(range.len())),
-            &device,
-        );
+        let shard = cut_shard(tensor.inner(), self.rank, self.size);
         Param::from_mapped_value(id, Tensor::from_inner(shard).require_grad(), mapper)
     }
 }

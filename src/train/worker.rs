@@ -16,8 +16,8 @@ use pp_transport::{LinkTraffic, Transport, TransportError};
 use super::checkpoint::{self, TrainerState};
 use super::data_parallel::Layout;
 use super::optim::Optimizer;
-use super::sharding::steps_shards;
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
+use super::sharding::steps_shards;
 use super::trainer::{
     check_options, device_note, pad_token, set_up, Engine, StepOutcome, TrainOptions, TrainReport,
 };
@@ -228,6 +228,12 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
                     (format!("memory/rank{rank}_state_mb"), bytes as f64 / 1e6)
                 }),
             )
+            .chain((self.worker.layout().replicas > 1).then(|| {
+                (
+                    "data_parallel/reduce_wait_s".to_string(),
+                    result.reduce_wait,
+                )
+            }))
             .collect(),
         })
     }
@@ -319,6 +325,12 @@ pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions
         )));
     }
     let schedule = pipeline_schedule(pipeline)?;
+    // Each of a worker's sharded stages takes two channels of its group's 256.
+    if pipeline.fsdp && schedule.stages() / pipeline.ranks > 127 {
+        return Err(Error::Usage(
+            "--fsdp runs at most 127 stages per worker: lower --virtual".into(),
+        ));
+    }
     let info = crate::checkpoint::describe(&options.model_dir)?;
     let layers = info.config.num_layers;
     if schedule.stages() > layers {
@@ -328,13 +340,6 @@ pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions
             pipeline.ranks,
             schedule.stages()
         )));
-    }
-    if pipeline.fsdp && pipeline.replicas < 2 {
-        return Err(Error::Usage(
-            "--fsdp shards the training state over the replicas: give --data-parallel N with N \
-             at least 2"
-                .into(),
-        ));
     }
     if pipeline.fsdp && pipeline.schedule.splits_backward() {
         return Err(Error::Usage(format!(
@@ -466,9 +471,11 @@ impl SharedOutput<'_> {
         let layout = worker.layout();
         // Under FSDP every replica takes part in gathering the weights and writes its own
         // shard of the optimizer state.
+        let writes = layout.replica(worker.rank()) == 0;
         let mut weights = OwnedWeights::default();
         for (&stage, runner) in worker.runners() {
-            weights.extend(runner.weights(dtype).map_err(|e| peer_error(e, worker))?);
+            let stage_weights = runner.weights(dtype, writes);
+            weights.extend(stage_weights.map_err(|e| peer_error(e, worker))?);
             if state.is_some() && runner.is_sharded() && steps_shards(&self.optimizer) {
                 checkpoint::write_optimizer_shard(
                     &staging,
@@ -478,7 +485,7 @@ impl SharedOutput<'_> {
                 )?;
             }
         }
-        if layout.replica(worker.rank()) > 0 {
+        if !writes {
             // The first replica holds the same weights and writes them; the others only meet
             // it at the barriers.
             worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;

@@ -75,11 +75,6 @@ impl GroupView {
         }
     }
 
-    /// The transport rank of the view's rank `rank`.
-    pub fn member(&self, rank: usize) -> usize {
-        self.members[rank]
-    }
-
     fn member_checked(&self, rank: usize) -> Result<usize, TransportError> {
         self.members
             .get(rank)
@@ -446,7 +441,10 @@ mod tests {
                 });
                 let want = sum(n, len);
                 for (rank, shard, whole) in results {
-                    assert!(shard == want[shard_range(len, n, rank)], "shard {rank} of {n}");
+                    assert!(
+                        shard == want[shard_range(len, n, rank)],
+                        "shard {rank} of {n}"
+                    );
                     assert!(whole == want, "gather of {len} over {n}");
                 }
             }
@@ -474,7 +472,11 @@ mod tests {
             .map(|transport| {
                 std::thread::spawn(move || {
                     let rank = transport.rank();
-                    let members = if rank % 2 == 0 { vec![0, 2] } else { vec![1, 3] };
+                    let members = if rank % 2 == 0 {
+                        vec![0, 2]
+                    } else {
+                        vec![1, 3]
+                    };
                     let view = GroupView::new(Arc::new(transport), members);
                     let local = view.rank();
                     let group = RingCollectives::new(Arc::new(view), Duration::from_secs(10));
