@@ -210,7 +210,7 @@ fn pipelined(
             )
         })
         .collect();
-    let results: Vec<(Vec<f64>, Vec<HashMap<String, Vec<f32>>>)> = std::thread::scope(|scope| {
+    let results: Vec<RankResult> = std::thread::scope(|scope| {
         let handles: Vec<_> = workers
             .iter_mut()
             .map(|worker| {
@@ -240,6 +240,9 @@ fn pipelined(
     let losses = results[0].0.clone();
     (losses, results.into_iter().flat_map(|(_, p)| p).collect())
 }
+
+/// One rank's losses, and its runners' weights by name.
+type RankResult = (Vec<f64>, Vec<HashMap<String, Vec<f32>>>);
 
 /// A runner's weights by name, whole (gathered from the group's shards under FSDP).
 fn whole_weights(runner: &StageRunner<B>) -> HashMap<String, Vec<f32>> {

@@ -194,42 +194,48 @@ fn a_killed_replica_stops_the_others_within_30_s() {
     }
 }
 
+/// Trains fixture `name` on one device and in each of `layouts` (flags), with AdamW and with
+/// Adafactor, and asserts that every layout's final weights equal the one device's.
+fn assert_layouts_train_as_one_device(tmp: &Path, data: &str, name: &str, layouts: &[&[&str]]) {
+    let model = fixture(name).join("hf").display().to_string();
+    for optimizer in ["adamw", "adafactor"] {
+        let single = tmp.join(format!("{name}-{optimizer}-single"));
+        train(&model, data, &single, &["--optimizer", optimizer]);
+        for (index, layout) in layouts.iter().enumerate() {
+            let out = tmp.join(format!("{name}-{optimizer}-{index}"));
+            let mut args = vec!["--optimizer", optimizer];
+            args.extend(*layout);
+            train(&model, data, &out, &args);
+            assert_same_weights(
+                &out.join("final"),
+                &single.join("final"),
+                1e-5,
+                &format!("{name} {optimizer} with {layout:?}"),
+            );
+        }
+    }
+}
+
 /// `--data-parallel 2`, alone and with `--stages 2`: worker processes over QUIC train the
 /// weights one device trains on the same rows, with AdamW and with Adafactor, clipping on.
 #[test]
 fn data_parallel_workers_equal_single_device_training() {
     let tmp = tempfile::tempdir().unwrap();
     let data = text_data(tmp.path());
+    let two_stages = [
+        "--stages",
+        "2",
+        "--data-parallel",
+        "2",
+        "--microbatches",
+        "2",
+    ];
     for name in ["llama3-tiny", "llama32-tied-bf16-sharded"] {
-        let model = fixture(name).join("hf").display().to_string();
-        for optimizer in ["adamw", "adafactor"] {
-            let single = tmp.path().join(format!("{name}-{optimizer}-single"));
-            train(&model, &data, &single, &["--optimizer", optimizer]);
-            for (stages, microbatches) in [("1", "1"), ("2", "2")] {
-                let out = tmp.path().join(format!("{name}-{optimizer}-{stages}x2"));
-                train(
-                    &model,
-                    &data,
-                    &out,
-                    &[
-                        "--optimizer",
-                        optimizer,
-                        "--stages",
-                        stages,
-                        "--data-parallel",
-                        "2",
-                        "--microbatches",
-                        microbatches,
-                    ],
-                );
-                assert_same_weights(
-                    &out.join("final"),
-                    &single.join("final"),
-                    1e-5,
-                    &format!("{name} {optimizer}, {stages} stage(s) × 2 replicas"),
-                );
-            }
-        }
+        let layouts: [&[&str]; 2] = [
+            &["--data-parallel", "2", "--microbatches", "1"],
+            &two_stages,
+        ];
+        assert_layouts_train_as_one_device(tmp.path(), &data, name, &layouts);
     }
 }
 
@@ -241,37 +247,19 @@ fn data_parallel_workers_equal_single_device_training() {
 fn fsdp_workers_equal_single_device_and_their_sharded_checkpoints_resume_anywhere() {
     let tmp = tempfile::tempdir().unwrap();
     let data = text_data(tmp.path());
-    let model = fixture("llama3-tiny").join("hf").display().to_string();
-    for optimizer in ["adamw", "adafactor"] {
-        let single = tmp.path().join(format!("{optimizer}-single"));
-        train(&model, &data, &single, &["--optimizer", optimizer]);
-        for (stages, microbatches) in [("1", "1"), ("2", "2")] {
-            let out = tmp.path().join(format!("{optimizer}-fsdp-{stages}x2"));
-            train(
-                &model,
-                &data,
-                &out,
-                &[
-                    "--optimizer",
-                    optimizer,
-                    "--stages",
-                    stages,
-                    "--data-parallel",
-                    "2",
-                    "--fsdp",
-                    "--microbatches",
-                    microbatches,
-                ],
-            );
-            assert_same_weights(
-                &out.join("final"),
-                &single.join("final"),
-                1e-5,
-                &format!("FSDP {optimizer}, {stages} stage(s) × 2 replicas"),
-            );
-        }
-    }
     let fsdp = ["--data-parallel", "2", "--fsdp", "--microbatches", "1"];
+    let two_stages = [
+        "--stages",
+        "2",
+        "--data-parallel",
+        "2",
+        "--fsdp",
+        "--microbatches",
+        "2",
+    ];
+    let layouts: [&[&str]; 2] = [&fsdp, &two_stages];
+    assert_layouts_train_as_one_device(tmp.path(), &data, "llama3-tiny", &layouts);
+    let model = fixture("llama3-tiny").join("hf").display().to_string();
     let whole = tmp.path().join("whole");
     let mut first = fsdp.to_vec();
     first.extend(["--save-every", "2"]);

@@ -1,9 +1,9 @@
-//! Ranks that live in one process (threads), each with an inbox the others put messages in.
+//! Ranks that live in one process (threads), each with a mailbox the others deliver into.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use crate::mailbox::Mailbox;
 use crate::{Tag, TensorMessage, Transport, TransportError};
 
 /// Builds the connected endpoints of an in-process group.
@@ -12,65 +12,33 @@ pub struct InProcessHub;
 impl InProcessHub {
     /// Creates `world_size` connected endpoints, one per rank, in rank order.
     pub fn connect(world_size: usize) -> Vec<InProcessTransport> {
-        let inboxes: Vec<Arc<Inbox>> = (0..world_size)
-            .map(|_| {
-                Arc::new(Inbox {
-                    state: Mutex::new(InboxState {
-                        messages: HashMap::new(),
-                        open: true,
-                        senders: vec![true; world_size],
-                    }),
-                    arrived: Condvar::new(),
-                })
-            })
+        let mailboxes: Vec<Arc<Mailbox>> = (0..world_size)
+            .map(|_| Arc::new(Mailbox::new(world_size)))
             .collect();
         (0..world_size)
             .map(|rank| InProcessTransport {
                 rank,
-                inboxes: inboxes.clone(),
+                mailboxes: mailboxes.clone(),
             })
             .collect()
-    }
-}
-
-/// One rank's messages, by sender and tag; any thread of the rank may wait on it.
-struct Inbox {
-    state: Mutex<InboxState>,
-    arrived: Condvar,
-}
-
-struct InboxState {
-    messages: HashMap<(usize, Tag), TensorMessage>,
-    /// The owning rank is still there to receive.
-    open: bool,
-    /// Which senders are still there, by rank.
-    senders: Vec<bool>,
-}
-
-impl Inbox {
-    fn lock(&self) -> MutexGuard<'_, InboxState> {
-        // A panicking rank poisons nothing the map's consistency depends on.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 /// One rank's endpoint of an in-process group.
 pub struct InProcessTransport {
     rank: usize,
-    /// Every rank's inbox, by rank.
-    inboxes: Vec<Arc<Inbox>>,
+    /// Every rank's mailbox, by rank.
+    mailboxes: Vec<Arc<Mailbox>>,
 }
 
 impl InProcessTransport {
     fn check_rank(&self, rank: usize) -> Result<(), TransportError> {
-        if rank < self.inboxes.len() {
+        if rank < self.mailboxes.len() {
             Ok(())
         } else {
             Err(TransportError::UnknownRank {
                 rank,
-                world_size: self.inboxes.len(),
+                world_size: self.mailboxes.len(),
             })
         }
     }
@@ -82,18 +50,16 @@ impl Transport for InProcessTransport {
     }
 
     fn world_size(&self) -> usize {
-        self.inboxes.len()
+        self.mailboxes.len()
     }
 
     fn send(&self, to: usize, message: TensorMessage) -> Result<(), TransportError> {
         self.check_rank(to)?;
-        let inbox = &self.inboxes[to];
-        let mut state = inbox.lock();
-        if !state.open {
+        // A rank that left marked itself lost in its own mailbox: nothing reaches it.
+        if self.mailboxes[to].is_lost(to) {
             return Err(TransportError::PeerLost { rank: to });
         }
-        state.messages.insert((self.rank, message.tag), message);
-        inbox.arrived.notify_all();
+        self.mailboxes[to].put(self.rank, message);
         Ok(())
     }
 
@@ -104,42 +70,15 @@ impl Transport for InProcessTransport {
         timeout: Duration,
     ) -> Result<TensorMessage, TransportError> {
         self.check_rank(from)?;
-        let inbox = &self.inboxes[self.rank];
-        let deadline = Instant::now() + timeout;
-        let mut state = inbox.lock();
-        loop {
-            if let Some(message) = state.messages.remove(&(from, tag)) {
-                return Ok(message);
-            }
-            if !state.senders[from] {
-                return Err(TransportError::PeerLost { rank: from });
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(TransportError::Timeout {
-                    tag,
-                    rank: from,
-                    timeout,
-                });
-            }
-            state = inbox
-                .arrived
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
-        }
+        self.mailboxes[self.rank].take(from, tag, timeout)
     }
 }
 
 impl Drop for InProcessTransport {
     /// The rank leaves: nothing more reaches it, and ranks waiting for it are told.
     fn drop(&mut self) {
-        self.inboxes[self.rank].lock().open = false;
-        for (rank, inbox) in self.inboxes.iter().enumerate() {
-            if rank != self.rank {
-                inbox.lock().senders[self.rank] = false;
-                inbox.arrived.notify_all();
-            }
+        for mailbox in &self.mailboxes {
+            mailbox.mark_lost(self.rank);
         }
     }
 }

@@ -10,6 +10,7 @@
 mod auth;
 pub mod collective;
 mod in_process;
+mod mailbox;
 mod message;
 mod quic;
 pub mod rendezvous;

@@ -11,9 +11,8 @@
 //! arrival order does not matter. A connection that drops marks its peer as lost: waiting on
 //! it fails at once with [`TransportError::PeerLost`].
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, VarInt};
@@ -22,6 +21,7 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
 use crate::auth::{self, AuthError};
+use crate::mailbox::Mailbox;
 use crate::{Kind, LinkTraffic, Tag, TensorMessage, Transport, TransportError, WireDType};
 
 /// Largest header accepted (a tag and a shape are a few dozen bytes).
@@ -76,13 +76,6 @@ struct Header {
     wire: WireDType,
 }
 
-/// Messages that arrived and are not yet asked for, and which peers are gone.
-#[derive(Default)]
-struct Inbox {
-    messages: HashMap<(usize, Tag), TensorMessage>,
-    lost: Vec<bool>,
-}
-
 /// One rank's endpoint of a QUIC group.
 pub struct QuicTransport {
     rank: usize,
@@ -90,7 +83,7 @@ pub struct QuicTransport {
     runtime: Runtime,
     endpoint: Endpoint,
     peers: Vec<Option<Connection>>,
-    inbox: Arc<(Mutex<Inbox>, Condvar)>,
+    inbox: Arc<Mailbox>,
     sends: Mutex<JoinSet<()>>,
     /// What each finished send put on the link, by peer.
     links: Arc<Mutex<Vec<LinkTraffic>>>,
@@ -118,13 +111,7 @@ impl QuicTransport {
             let _guard = runtime.enter();
             crate::tls::endpoint(bind).map_err(listen_error)?
         };
-        let inbox = Arc::new((
-            Mutex::new(Inbox {
-                messages: HashMap::new(),
-                lost: vec![false; world_size],
-            }),
-            Condvar::new(),
-        ));
+        let inbox = Arc::new(Mailbox::new(world_size));
         let deadline = Instant::now() + config.join_timeout;
         let peers = runtime.block_on(connect_all(&endpoint, &config, deadline))?;
         for (peer, connection) in peers.iter().enumerate() {
@@ -166,7 +153,7 @@ impl Transport for QuicTransport {
 
     fn send(&self, to: usize, message: TensorMessage) -> Result<(), TransportError> {
         let connection = self.connection(to)?.clone();
-        if self.inbox.0.lock().expect("inbox lock").lost[to] {
+        if self.inbox.is_lost(to) {
             return Err(TransportError::PeerLost { rank: to });
         }
         // Sums over ranks (losses, norms) stay exact; tensors may travel narrow.
@@ -193,7 +180,7 @@ impl Transport for QuicTransport {
                     stream.stopped().await.ok().map(|_| ())
                 };
                 if sent.await.is_none() {
-                    mark_lost(&inbox, to);
+                    inbox.mark_lost(to);
                 } else {
                     let link = &mut links.lock().expect("link counters lock")[to];
                     link.bytes += frame.len() as u64;
@@ -212,29 +199,7 @@ impl Transport for QuicTransport {
         timeout: Duration,
     ) -> Result<TensorMessage, TransportError> {
         self.connection(from)?;
-        let (lock, arrived) = &*self.inbox;
-        let deadline = Instant::now() + timeout;
-        let mut inbox = lock.lock().expect("inbox lock");
-        loop {
-            if let Some(message) = inbox.messages.remove(&(from, tag)) {
-                return Ok(message);
-            }
-            if inbox.lost[from] {
-                return Err(TransportError::PeerLost { rank: from });
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(TransportError::Timeout {
-                    tag,
-                    rank: from,
-                    timeout,
-                });
-            }
-            inbox = arrived
-                .wait_timeout(inbox, deadline - now)
-                .expect("inbox lock")
-                .0;
-        }
+        self.inbox.take(from, tag, timeout)
     }
 
     fn links(&self) -> Vec<LinkTraffic> {
@@ -265,11 +230,6 @@ fn unspecified(address: SocketAddr) -> std::net::IpAddr {
         SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
     }
-}
-
-fn mark_lost(inbox: &(Mutex<Inbox>, Condvar), rank: usize) {
-    inbox.0.lock().expect("inbox lock").lost[rank] = true;
-    inbox.1.notify_all();
 }
 
 fn encode(message: &TensorMessage, wire: WireDType) -> Vec<u8> {
@@ -313,7 +273,7 @@ fn decode(frame: &[u8]) -> Option<TensorMessage> {
 
 /// Reads every stream the peer opens into the inbox until the connection ends; a malformed
 /// message ends it too.
-async fn receive(peer: usize, connection: Connection, inbox: Arc<(Mutex<Inbox>, Condvar)>) {
+async fn receive(peer: usize, connection: Connection, inbox: Arc<Mailbox>) {
     while let Ok(mut stream) = connection.accept_uni().await {
         let Ok(frame) = stream.read_to_end(MAX_MESSAGE).await else {
             break;
@@ -322,15 +282,9 @@ async fn receive(peer: usize, connection: Connection, inbox: Arc<(Mutex<Inbox>, 
             connection.close(VarInt::from_u32(2), b"malformed message");
             break;
         };
-        inbox
-            .0
-            .lock()
-            .expect("inbox lock")
-            .messages
-            .insert((peer, message.tag), message);
-        inbox.1.notify_all();
+        inbox.put(peer, message);
     }
-    mark_lost(&inbox, peer);
+    inbox.mark_lost(peer);
 }
 
 /// Dials every lower rank (retrying until it listens) and accepts every higher one.
