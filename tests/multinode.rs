@@ -592,6 +592,83 @@ fn a_node_without_the_files_receives_them_and_node_0_gathers_the_checkpoints() {
     );
 }
 
+/// `--data-parallel 2 --fsdp` across two nodes with no directory in common, one replica each:
+/// the plan says so on both; node 0 gathers the weights and both replicas' optimizer shards of
+/// every checkpoint, and the final model equals one device's. Resumed from step 2, node 1
+/// receives the shards and the run continues exactly.
+#[test]
+fn fsdp_replicas_on_two_nodes_train_what_one_device_trains_and_resume() {
+    let apart = Apart::new();
+    let fsdp = ["--data-parallel", "2", "--fsdp"];
+    let (host, received) = apart.run(&fsdp);
+    for plan in [&host, &received] {
+        assert!(plan.contains("1 workers × 2 replicas (FSDP)"), "{plan}");
+    }
+    let out = apart.out(0);
+    assert_same_weights(
+        &out.join("final"),
+        &apart.single(),
+        1e-5,
+        "FSDP on two nodes",
+    );
+    for shard in ["000", "001"] {
+        let file = format!("checkpoints/step-2/optimizer-000.shard-{shard}-of-002.safetensors");
+        assert!(out.join(&file).is_file(), "{file}");
+    }
+    let theirs = apart.out(1);
+    assert!(!theirs.join("final").exists() && checkpoints(&theirs).is_empty());
+
+    std::fs::remove_dir_all(out.join("checkpoints/step-4")).unwrap();
+    let first_final = apart.tmp.path().join("first-final");
+    std::fs::rename(out.join("final"), &first_final).unwrap();
+    let mut resume = fsdp.to_vec();
+    resume.push("--resume");
+    let (host, received) = apart.run(&resume);
+    assert!(host.contains("resumed from "), "{host}");
+    assert!(
+        received.contains("received checkpoint/step-2/optimizer-000.shard-001-of-002"),
+        "{received}"
+    );
+    assert_same_weights(
+        &out.join("final"),
+        &first_final,
+        1e-6,
+        "FSDP resumed on two nodes",
+    );
+}
+
+/// Two replicas of a two-stage pipeline on two nodes apart, node 0 with one worker and node 1
+/// with three: the first replica spans both nodes, so node 1 sends its stage's files of every
+/// checkpoint; the second sends nothing. The final model equals one device's, and node 1 keeps
+/// no staging directory.
+#[test]
+fn replicas_of_a_pipeline_across_two_nodes_train_what_one_device_trains() {
+    let apart = Apart::new();
+    let (host, _) = apart.run_with(
+        &["--stages", "2", "--data-parallel", "2"],
+        &["--nproc-per-node", "3"],
+    );
+    assert!(host.contains("2 workers × 2 replicas"), "{host}");
+    let out = apart.out(0);
+    assert_same_weights(
+        &out.join("final"),
+        &apart.single(),
+        1e-5,
+        "DDP on two nodes",
+    );
+    for file in ["stage-001.bin", "optimizer-001.safetensors"] {
+        assert!(
+            out.join("checkpoints/step-4").join(file).is_file(),
+            "{file}"
+        );
+    }
+    let theirs = apart.out(1);
+    let left: Vec<_> = std::fs::read_dir(theirs.join("checkpoints"))
+        .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// With --save-on-each-node each node keeps its own share of every checkpoint (a whole
 /// checkpoint's description, its own stages' weights and optimizer state); the final model is
 /// still gathered on node 0. Resuming takes the newest checkpoint every node holds: here node

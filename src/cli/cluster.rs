@@ -239,9 +239,10 @@ impl PipelineFlags {
         if nodes == 0 {
             bail!("--nnodes must be at least 1");
         }
-        if self.data_parallel > 1 {
+        if self.data_parallel > 1 && self.save_on_each_node {
             bail!(
-                "--data-parallel runs on one machine for now: it cannot be combined with --nnodes"
+                "--save-on-each-node cannot be used with --data-parallel: the first replica \
+                 writes every stage of a checkpoint"
             );
         }
         let token = self
@@ -271,6 +272,8 @@ impl PipelineFlags {
             virtual_stages: self.virtual_stages,
             split: self.split.clone(),
             wire_dtype: self.wire_dtype,
+            data_parallel: self.data_parallel,
+            fsdp: self.fsdp,
         };
         Ok(Some((node, layout)))
     }

@@ -19,7 +19,7 @@ use pp_stages::Partition;
 use crate::checkpoint::native::stage_file_name;
 use crate::checkpoint::Format;
 use crate::error::{Error, Result};
-use crate::train::checkpoint::optimizer_file;
+use crate::train::checkpoint::holds_optimizer_state;
 use crate::train::{TrainOptions, Validation};
 
 /// Where node 0's files are named in its list.
@@ -404,10 +404,9 @@ impl Share<'_> {
         });
         move |name: &str| {
             !cut_as_planned
-                || self
-                    .stages
-                    .iter()
-                    .any(|&stage| name == stage_file_name(stage) || name == optimizer_file(stage))
+                || self.stages.iter().any(|&stage| {
+                    name == stage_file_name(stage) || holds_optimizer_state(name, stage)
+                })
         }
     }
 }

@@ -58,7 +58,7 @@ pub struct NodeOptions {
 pub struct PipelineLayout {
     /// The schedule.
     pub schedule: ScheduleKind,
-    /// `--stages`, when given: it must equal the group's worker count.
+    /// `--stages`, when given: it must equal the group's worker count over `data_parallel`.
     pub stages: Option<usize>,
     /// `--microbatches` [default: twice the workers].
     pub microbatches: Option<usize>,
@@ -68,6 +68,10 @@ pub struct PipelineLayout {
     pub split: Option<Vec<usize>>,
     /// `--wire-dtype`, when given.
     pub wire_dtype: Option<pp_transport::WireDType>,
+    /// `--data-parallel`: the group's workers are this many replicas of one pipeline.
+    pub data_parallel: usize,
+    /// `--fsdp`: the replicas shard each stage's training state.
+    pub fsdp: bool,
 }
 
 /// Joins the group, prints the plan and runs this node's workers (one per entry of
@@ -244,7 +248,9 @@ impl Round<'_> {
         .map_err(rendezvous_error)?;
         let pipeline = pipeline_of(self.layout, &group)?;
         check_pipeline_options(train, &pipeline)?;
-        let workers = placement::workers_of(&group)?;
+        let mut workers = placement::workers_of(&group)?;
+        // Every replica runs the first one's plan.
+        workers.truncate(pipeline.ranks);
         let wire = super::wire_dtype(self.layout.wire_dtype, train.dtype);
         let placement = placement::place(train, &pipeline, &workers, wire)?;
         print_plan(&pipeline, &group, &workers, &placement);
@@ -318,10 +324,12 @@ impl Round<'_> {
         )?;
         let schedule = pipeline_schedule(pipeline)?;
         let this = group.this_node();
+        let layout = pipeline.layout();
         let mut stages: Vec<usize> = (this.first_rank..this.first_rank + this.workers.len())
-            .flat_map(|rank| schedule.stages_of(rank))
+            .flat_map(|rank| schedule.stages_of(layout.pipeline_rank(rank)))
             .collect();
         stages.sort_unstable();
+        stages.dedup();
         let share = Share {
             partition,
             stages: &stages,
@@ -354,9 +362,10 @@ impl Round<'_> {
             return Ok(None);
         }
         let schedule = pipeline_schedule(pipeline)?;
+        let layout = pipeline.layout();
         let runs = |node: &Node| -> Vec<usize> {
             (node.first_rank..node.first_rank + node.workers.len())
-                .flat_map(|rank| schedule.stages_of(rank))
+                .flat_map(|rank| schedule.stages_of(layout.pipeline_rank(rank)))
                 .collect()
         };
         let holds = |node: &Node, step: u64| {
@@ -482,26 +491,41 @@ fn rendezvous_error(error: RendezvousError) -> Error {
 
 /// The pipeline the group makes: one rank per worker of every node.
 fn pipeline_of(layout: &PipelineLayout, group: &Group) -> Result<PipelineOptions> {
-    let ranks = group.worker_addresses().len();
+    let workers = group.worker_addresses().len();
+    let brought = || {
+        group
+            .nodes
+            .iter()
+            .map(|node| format!("{} on node {}", node.workers.len(), node.rank))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let replicas = layout.data_parallel;
+    if workers % replicas != 0 {
+        return Err(Error::Usage(format!(
+            "--data-parallel {replicas}, but the {} nodes bring {workers} workers ({}): give \
+             each replica as many workers",
+            group.nodes.len(),
+            brought()
+        )));
+    }
+    let ranks = workers / replicas;
     if let Some(stages) = layout.stages.filter(|&stages| stages != ranks) {
         return Err(Error::Usage(format!(
-            "--stages {stages}, but the {} nodes bring {ranks} workers ({}); drop --stages or \
-             change --nproc-per-node",
+            "--stages {stages}, but the {} nodes bring {workers} workers ({}) for \
+             --data-parallel {replicas}; drop --stages or change --nproc-per-node",
             group.nodes.len(),
-            group
-                .nodes
-                .iter()
-                .map(|node| format!("{} on node {}", node.workers.len(), node.rank))
-                .collect::<Vec<_>>()
-                .join(", ")
+            brought()
         )));
     }
     Ok(PipelineOptions {
         schedule: layout.schedule,
         ranks,
-        replicas: 1,
-        fsdp: false,
-        microbatches: layout.microbatches.unwrap_or(2 * ranks),
+        replicas,
+        fsdp: layout.fsdp,
+        microbatches: layout
+            .microbatches
+            .unwrap_or(if ranks > 1 { 2 * ranks } else { 1 }),
         virtual_stages: layout.virtual_stages,
         split: layout.split.clone(),
     })
@@ -522,9 +546,16 @@ fn print_plan(pipeline: &PipelineOptions, group: &Group, workers: &[Worker], pla
             Some(format!("node {} {:.0} MB/s", node.rank, rate / 1e6))
         })
         .collect();
+    let replicas = match pipeline.replicas {
+        1 => String::new(),
+        n => format!(
+            " × {n} replicas{}",
+            if pipeline.fsdp { " (FSDP)" } else { "" }
+        ),
+    };
     let mut text = format!(
-        "plan: {} nodes, {} workers, {} with {} micro-batches ({basis}); expected {} per step, \
-         bubble {:.0}%\n",
+        "plan: {} nodes, {} workers{replicas}, {} with {} micro-batches ({basis}); expected {} \
+         per step, bubble {:.0}%\n",
         group.nodes.len(),
         pipeline.ranks,
         pipeline.schedule.name(),

@@ -152,14 +152,22 @@ pub fn write_optimizer_shard<B: Backend>(
     stage: usize,
     shard: (usize, usize),
     state: &OptimizerState<B>,
-) -> Result<()> {
+) -> Result<PathBuf> {
     let path = dir.join(format!(
         "{}{:03}-of-{:03}.safetensors",
         shard_prefix(stage),
         shard.0,
         shard.1
     ));
-    write_optimizer_state(&path, state, |_| true)
+    write_optimizer_state(&path, state, |_| true)?;
+    Ok(path)
+}
+
+/// Whether the checkpoint file `name` holds optimizer state of stage `stage`: its file, or
+/// one of its shards.
+pub(crate) fn holds_optimizer_state(name: &str, stage: usize) -> bool {
+    name == optimizer_file(stage)
+        || (name.starts_with(&shard_prefix(stage)) && name.ends_with(".safetensors"))
 }
 
 /// What the names of stage `stage`'s optimizer shard files begin with.

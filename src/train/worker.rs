@@ -472,28 +472,43 @@ impl SharedOutput<'_> {
         // Under FSDP every replica takes part in gathering the weights and writes its own
         // shard of the optimizer state.
         let writes = layout.replica(worker.rank()) == 0;
+        let relative = |path: &Path| {
+            path.strip_prefix(self.out_dir)
+                .unwrap_or(path)
+                .to_path_buf()
+        };
+        // What this rank writes: other ranks of its node write beside it.
+        let mut written = Vec::new();
         let mut weights = OwnedWeights::default();
         for (&stage, runner) in worker.runners() {
             let stage_weights = runner.weights(dtype, writes);
             weights.extend(stage_weights.map_err(|e| peer_error(e, worker))?);
             if state.is_some() && runner.is_sharded() && steps_shards(&self.optimizer) {
-                checkpoint::write_optimizer_shard(
+                written.push(checkpoint::write_optimizer_shard(
                     &staging,
                     stage,
                     (layout.replica(worker.rank()), layout.replicas),
                     runner.optimizer_state(),
-                )?;
+                )?);
             }
         }
         if !writes {
-            // The first replica holds the same weights and writes them; the others only meet
-            // it at the barriers.
+            // The first replica holds the same weights and writes them; the others only send
+            // their optimizer shards to node 0 (when away from it) and meet it at the barriers.
+            if let Some(gather) = &self.gather {
+                gather.upload(&written, &relative(&shared))?;
+                for path in &written {
+                    std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+                }
+            }
             worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
-            return worker.barrier(step, 2).map_err(|e| peer_error(e, worker));
+            worker.barrier(step, 2).map_err(|e| peer_error(e, worker))?;
+            if self.gather.as_ref().is_some_and(|g| g.leads_node) {
+                remove_staging(&staging)?;
+            }
+            return Ok(());
         }
         let stages: Vec<usize> = worker.runners().keys().copied().collect();
-        // What this rank writes: other ranks of its node write beside it.
-        let mut written = Vec::new();
         let mut entries = Vec::new();
         for entry in write_native_stages(&weights, self.info, self.partition, &stages, &staging)? {
             let path = staging.join(entry_file(&entry.file));
@@ -513,11 +528,6 @@ impl SharedOutput<'_> {
                 written.push(staging.join(checkpoint::optimizer_file(stage)));
             }
         }
-        let relative = |path: &Path| {
-            path.strip_prefix(self.out_dir)
-                .unwrap_or(path)
-                .to_path_buf()
-        };
         // Whether this node keeps its share of this checkpoint: then only the entries travel.
         let stays = state.is_some() && self.gather.as_ref().is_some_and(|g| g.checkpoints_stay);
         if let Some(gather) = &self.gather {
@@ -558,7 +568,7 @@ impl SharedOutput<'_> {
         match (&self.gather, state) {
             (Some(gather), _) if !stays && gather.leads_node => {
                 // Every rank of the node has sent its files and removed them.
-                std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))
+                remove_staging(&staging)
             }
             (Some(gather), Some(state)) if stays && gather.leads_node => {
                 gather.complete_share(&staging, &relative(target).join(MANIFEST_FILE), state)?;
@@ -591,6 +601,15 @@ impl SharedOutput<'_> {
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
         Ok(())
+    }
+}
+
+/// Removes a node's staging directory once every rank of the node has sent its files (another
+/// node's first rank may have removed it already where the nodes share a filesystem).
+fn remove_staging(staging: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(staging) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(staging, e)),
+        _ => Ok(()),
     }
 }
 
