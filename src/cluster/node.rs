@@ -501,7 +501,7 @@ fn pipeline_of(layout: &PipelineLayout, group: &Group) -> Result<PipelineOptions
             .join(", ")
     };
     let replicas = layout.data_parallel;
-    if workers % replicas != 0 {
+    if !workers.is_multiple_of(replicas) {
         return Err(Error::Usage(format!(
             "--data-parallel {replicas}, but the {} nodes bring {workers} workers ({}): give \
              each replica as many workers",
