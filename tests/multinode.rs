@@ -663,10 +663,7 @@ fn replicas_of_a_pipeline_across_two_nodes_train_what_one_device_trains() {
         );
     }
     let theirs = apart.out(1);
-    let left: Vec<_> = std::fs::read_dir(theirs.join("checkpoints"))
-        .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "{left:?}");
+    assert_no_staging_left(&theirs);
 }
 
 /// With --save-on-each-node each node keeps its own share of every checkpoint (a whole
@@ -743,7 +740,13 @@ fn two_workers_away_from_node_0_each_send_their_share() {
     }
     // Node 1's staging directories are gone.
     let theirs = apart.out(1);
-    let left: Vec<_> = std::fs::read_dir(theirs.join("checkpoints"))
+    assert_no_staging_left(&theirs);
+}
+
+/// Asserts that the node whose output directory is `out` kept nothing of the checkpoints it
+/// sent to node 0 (no staging directory either).
+fn assert_no_staging_left(out: &std::path::Path) {
+    let left: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
         .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");

@@ -39,8 +39,9 @@ use crate::model::layers::in_dtype;
 use crate::model::names::Part;
 use crate::model::StageModel;
 
-/// Parameters gathered whole, by name, as the prefetcher returns them.
-type Gathered = Vec<(String, Vec<f32>)>;
+/// Parameters as the prefetcher returns them: name, this rank's shard (as it was sent) and the
+/// whole.
+type Gathered = Vec<(String, Vec<f32>, Vec<f32>)>;
 
 /// One stage group's sharding of a runner's parameters.
 pub struct Sharding {
@@ -178,11 +179,17 @@ impl Sharding {
         part: Part,
         names: &HashMap<ParamId, String>,
     ) {
-        let full = while_waiting(|| self.prefetcher.take());
-        let full: HashMap<String, Vec<f32>> = self.or_record(full, Vec::new).into_iter().collect();
+        let gathered = while_waiting(|| self.prefetcher.take());
+        let mut shards = HashMap::new();
+        let mut full = HashMap::new();
+        for (name, shard, whole) in self.or_record(gathered, Vec::new) {
+            shards.insert(name.clone(), shard);
+            full.insert(name, whole);
+        }
         let mut mapper = Install {
             names,
             full,
+            shards,
             shapes: &self.shapes,
             parked: &mut self.parked,
         };
@@ -349,6 +356,8 @@ impl<B: Backend> ModuleVisitor<B> for ShardValues<'_> {
 struct Install<'a> {
     names: &'a HashMap<ParamId, String>,
     full: HashMap<String, Vec<f32>>,
+    /// The shards the gather started from: parked without reading them off the device again.
+    shards: HashMap<String, Vec<f32>>,
     shapes: &'a HashMap<String, Vec<usize>>,
     parked: &'a mut HashMap<String, Vec<f32>>,
 }
@@ -358,7 +367,12 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Install<'_> {
         let (id, shard, mapper) = param.consume();
         let name = &self.names[&id];
         let device = shard.device();
-        self.parked.insert(name.clone(), host(shard.inner()));
+        // Only after a failed gather is a shard missing here.
+        let values = self
+            .shards
+            .remove(name)
+            .unwrap_or_else(|| host(shard.inner()));
+        self.parked.insert(name.clone(), values);
         let dims: [usize; D] = self.shapes[name]
             .clone()
             .try_into()
@@ -412,7 +426,10 @@ impl Prefetcher {
                 while let Ok(job) = incoming.recv() {
                     let gathered = job
                         .into_iter()
-                        .map(|(name, shard, len)| Ok((name, group.all_gather(&shard, len)?)))
+                        .map(|(name, shard, len)| {
+                            let whole = group.all_gather(&shard, len)?;
+                            Ok((name, shard, whole))
+                        })
                         .collect();
                     if done.send(gathered).is_err() {
                         return;

@@ -492,31 +492,22 @@ impl SharedOutput<'_> {
                 )?);
             }
         }
-        if !writes {
-            // The first replica holds the same weights and writes them; the others only send
-            // their optimizer shards to node 0 (when away from it) and meet it at the barriers.
-            if let Some(gather) = &self.gather {
-                gather.upload(&written, &relative(&shared))?;
-                for path in &written {
-                    std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
-                }
-            }
-            worker.barrier(step, 1).map_err(|e| peer_error(e, worker))?;
-            worker.barrier(step, 2).map_err(|e| peer_error(e, worker))?;
-            if self.gather.as_ref().is_some_and(|g| g.leads_node) {
-                remove_staging(&staging)?;
-            }
-            return Ok(());
-        }
+        // The first replica holds the same weights as the others and alone writes them (and
+        // whole optimizer state); the others write at most their optimizer shards.
         let stages: Vec<usize> = worker.runners().keys().copied().collect();
         let mut entries = Vec::new();
-        for entry in write_native_stages(&weights, self.info, self.partition, &stages, &staging)? {
+        let stage_entries = if writes {
+            write_native_stages(&weights, self.info, self.partition, &stages, &staging)?
+        } else {
+            Vec::new()
+        };
+        for entry in stage_entries {
             let path = staging.join(entry_file(&entry.file));
             crate::checkpoint::write_json(&path, &entry)?;
             written.push(staging.join(&entry.file));
             entries.push(path);
         }
-        if state.is_some() && !(layout.fsdp && steps_shards(&self.optimizer)) {
+        if writes && state.is_some() && !(layout.fsdp && steps_shards(&self.optimizer)) {
             for (&stage, runner) in worker.runners() {
                 checkpoint::write_stage_optimizer_state(
                     &staging,
@@ -568,7 +559,7 @@ impl SharedOutput<'_> {
         match (&self.gather, state) {
             (Some(gather), _) if !stays && gather.leads_node => {
                 // Every rank of the node has sent its files and removed them.
-                remove_staging(&staging)
+                std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))
             }
             (Some(gather), Some(state)) if stays && gather.leads_node => {
                 gather.complete_share(&staging, &relative(target).join(MANIFEST_FILE), state)?;
@@ -601,15 +592,6 @@ impl SharedOutput<'_> {
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
         Ok(())
-    }
-}
-
-/// Removes a node's staging directory once every rank of the node has sent its files (another
-/// node's first rank may have removed it already where the nodes share a filesystem).
-fn remove_staging(staging: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(staging) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(staging, e)),
-        _ => Ok(()),
     }
 }
 
