@@ -169,6 +169,15 @@ impl Device {
         })
     }
 
+    /// The CUDA ordinal, when this is a CUDA device.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        match &self.target {
+            #[cfg(feature = "cuda")]
+            Target::Cuda(index) => Some(*index),
+            _ => None,
+        }
+    }
+
     /// Bytes the device's allocator holds now (its pools only grow within a step, so sampled
     /// after a step this is the step's peak, as `torch.cuda.max_memory_reserved` counts it);
     /// `None` on the CPU.

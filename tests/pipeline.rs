@@ -20,7 +20,7 @@ use pp::device::CpuAutodiff;
 use pp::dtype::DType;
 use pp::model::{ModelConfig, StageModel};
 use pp::plan::{part_costs, Balance};
-use pp::train::data_parallel::Layout;
+use pp::train::data_parallel::{Layout, WorkerLinks};
 use pp::train::optim::Optimizer;
 use pp::train::pipeline::RankWorker;
 use pp::train::runtime::{MemorySavers, Precision, StageOutput, StageRunner};
@@ -203,11 +203,11 @@ fn pipelined(
                 schedule.clone(),
                 runners,
                 config.tie_word_embeddings,
-                Arc::new(transport),
+                WorkerLinks::new(Arc::new(transport), Duration::from_secs(30)),
                 layout,
-                Duration::from_secs(30),
                 device,
             )
+            .unwrap()
         })
         .collect();
     let results: Vec<RankResult> = std::thread::scope(|scope| {
@@ -397,11 +397,11 @@ fn fsdp_holds_a_replicas_share_of_the_training_state() {
                             schedule,
                             BTreeMap::from([(0, runner)]),
                             config.tie_word_embeddings,
-                            Arc::new(transport),
+                            WorkerLinks::new(Arc::new(transport), Duration::from_secs(30)),
                             layout,
-                            Duration::from_secs(30),
                             device,
-                        );
+                        )
+                        .unwrap();
                         let mine = &batches[2 * rank..2 * rank + 2];
                         // The second step: the optimizer state exists by then.
                         worker.step(0, mine, tokens, LR, None).unwrap();

@@ -531,6 +531,33 @@ fn pipeline_settings_are_checked_before_workers_start() {
         "3",
     ]);
     assert!(!run.status.success());
+    let nccl = |layout: &[&str]| {
+        let mut args = vec!["train", &model, "--data", &data, "--out", &out];
+        args.extend(["--device", "cpu", "--collectives", "nccl"]);
+        args.extend(layout);
+        pp(&args)
+    };
+    common::cli::assert_clean_error(
+        &nccl(&["--stages", "2"]),
+        &["--collectives nccl", "--data-parallel"],
+    );
+    // Workers on the CPU refuse NCCL together: none waits for the others.
+    let run = nccl(&[
+        "--data-parallel",
+        "2",
+        "--microbatches",
+        "1",
+        "--batch-size",
+        "2",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("the worker of rank 0 failed")
+            && stderr.contains("NCCL needs every rank of the group on a CUDA device"),
+        "{stderr}"
+    );
 }
 
 /// `--wire-dtype`: activations and gradients cross narrow, and training follows float32's.

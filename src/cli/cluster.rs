@@ -11,6 +11,7 @@ use pp::cluster::files::NodeCopies;
 use pp::cluster::node::{NodeOptions, PipelineLayout};
 use pp::cluster::{RUN_VARIABLE, TOKEN_VARIABLE};
 use pp::device::{Device, DeviceSpec};
+use pp::train::data_parallel::CollectiveBackend;
 use pp::train::worker::{train_rank, Gather, PipelineOptions};
 use pp::train::{Observer, StepReport, TrainOptions, TrainReport};
 use pp_stages::ScheduleKind;
@@ -33,6 +34,11 @@ pub struct PipelineFlags {
     /// implies --checkpoint-activations).
     #[arg(long)]
     fsdp: bool,
+    /// What the replicas of a stage sum gradients and gather shards over: ring (over the
+    /// workers' QUIC links, any devices) or nccl (NVIDIA's NCCL: every worker on its own CUDA
+    /// GPU, libnccl.so on LD_LIBRARY_PATH).
+    #[arg(long, default_value = "ring")]
+    collectives: CollectiveBackend,
     /// The pipeline schedule: gpipe, 1f1b, interleaved, zbh1 or zbv.
     #[arg(long, default_value = "1f1b")]
     schedule: ScheduleKind,
@@ -223,6 +229,7 @@ impl PipelineFlags {
             ranks,
             replicas: self.data_parallel,
             fsdp: self.fsdp,
+            collectives: self.collectives,
             microbatches: self
                 .microbatches
                 .unwrap_or(if ranks > 1 { 2 * ranks } else { 1 }),
@@ -274,6 +281,7 @@ impl PipelineFlags {
             wire_dtype: self.wire_dtype,
             data_parallel: self.data_parallel,
             fsdp: self.fsdp,
+            collectives: self.collectives,
         };
         Ok(Some((node, layout)))
     }

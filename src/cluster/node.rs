@@ -72,6 +72,8 @@ pub struct PipelineLayout {
     pub data_parallel: usize,
     /// `--fsdp`: the replicas shard each stage's training state.
     pub fsdp: bool,
+    /// `--collectives`: what the replicas' sums travel over.
+    pub collectives: crate::train::data_parallel::CollectiveBackend,
 }
 
 /// Joins the group, prints the plan and runs this node's workers (one per entry of
@@ -523,6 +525,7 @@ fn pipeline_of(layout: &PipelineLayout, group: &Group) -> Result<PipelineOptions
         ranks,
         replicas,
         fsdp: layout.fsdp,
+        collectives: layout.collectives,
         microbatches: layout
             .microbatches
             .unwrap_or(if ranks > 1 { 2 * ranks } else { 1 }),

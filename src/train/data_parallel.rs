@@ -11,7 +11,9 @@
 //! down the model. The loss scale is one over the whole step's scored tokens on every replica,
 //! so the summed gradients are the token-weighted mean's, exactly.
 
+use std::fmt;
 use std::ops::Range;
+use std::str::FromStr;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -87,6 +89,98 @@ impl Layout {
     }
 }
 
+/// What carries a stage group's collectives (`--collectives`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CollectiveBackend {
+    /// Ring algorithms over the workers' transport (QUIC between processes): any devices.
+    #[default]
+    Ring,
+    /// NVIDIA's NCCL: every member of each stage group on a CUDA device, with libnccl.
+    Nccl,
+}
+
+impl FromStr for CollectiveBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ring" => Ok(Self::Ring),
+            "nccl" => Ok(Self::Nccl),
+            other => Err(format!("unknown collectives {other:?}: ring or nccl")),
+        }
+    }
+}
+
+impl fmt::Display for CollectiveBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ring => "ring",
+            Self::Nccl => "nccl",
+        })
+    }
+}
+
+/// A worker's way to the others: the transport to every worker of the run, and what its
+/// groups run collectives over.
+pub struct WorkerLinks {
+    /// Every worker of the run, by global rank.
+    pub world: Arc<dyn Transport>,
+    /// How long a silent peer is waited for.
+    pub timeout: Duration,
+    backend: CollectiveBackend,
+    /// This worker's CUDA device, for NCCL.
+    cuda_device: Option<usize>,
+}
+
+impl WorkerLinks {
+    /// Links whose collectives run as rings over `world`.
+    pub fn new(world: Arc<dyn Transport>, timeout: Duration) -> Self {
+        Self {
+            world,
+            timeout,
+            backend: CollectiveBackend::Ring,
+            cuda_device: None,
+        }
+    }
+
+    /// The same links with collectives over `backend`, this worker on CUDA device
+    /// `cuda_device` (if on one).
+    pub fn with_collectives(self, backend: CollectiveBackend, cuda_device: Option<usize>) -> Self {
+        Self {
+            backend,
+            cuda_device,
+            ..self
+        }
+    }
+
+    /// Opens the collectives of the group `members` (global ranks, this one among them) on
+    /// `channel`. Every member must open the same groups in the same order: with NCCL, opening
+    /// is itself a collective.
+    pub fn open(
+        &self,
+        members: &[usize],
+        channel: u8,
+    ) -> Result<Box<dyn Collectives>, TransportError> {
+        let view = GroupView::new(self.world.clone(), members.to_vec());
+        let ring = RingCollectives::new(Arc::new(view), self.timeout).on_channel(channel);
+        match self.backend {
+            CollectiveBackend::Ring => Ok(Box::new(ring)),
+            #[cfg(feature = "cuda")]
+            CollectiveBackend::Nccl => Ok(Box::new(pp_transport::NcclCollectives::open(
+                &ring,
+                self.cuda_device,
+            )?)),
+            #[cfg(not(feature = "cuda"))]
+            CollectiveBackend::Nccl => {
+                let _ = self.cuda_device;
+                Err(TransportError::Device(
+                    "--collectives nccl: this pp was built without the cuda feature".into(),
+                ))
+            }
+        }
+    }
+}
+
 /// How many float32 values a bucket gathers before it is all-reduced: 25 MiB, PyTorch DDP's
 /// default bucket.
 pub const BUCKET_VALUES: usize = 25 << 18;
@@ -132,15 +226,13 @@ pub struct GradientReducer {
 }
 
 impl GradientReducer {
-    /// A reducer over the stage group `members` (global ranks, this one among them) of
-    /// `world`; a peer silent for `timeout` fails the step.
-    pub fn new(world: Arc<dyn Transport>, members: Vec<usize>, timeout: Duration) -> Self {
-        let group = RingCollectives::new(Arc::new(GroupView::new(world, members)), timeout);
+    /// A reducer over a stage group's collectives.
+    pub fn new(group: Box<dyn Collectives>) -> Self {
         let (jobs, incoming) = mpsc::channel();
         let (done, results) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("gradient all-reduce".into())
-            .spawn(move || reduce_buckets(&group, &incoming, &done))
+            .spawn(move || reduce_buckets(group.as_ref(), &incoming, &done))
             .expect("spawning the all-reduce thread");
         Self {
             jobs,
@@ -276,7 +368,8 @@ mod tests {
             .enumerate()
             .map(|(rank, world)| {
                 std::thread::spawn(move || {
-                    let reducer = GradientReducer::new(world, vec![0, 1], Duration::from_secs(10));
+                    let links = WorkerLinks::new(world, Duration::from_secs(10));
+                    let reducer = GradientReducer::new(links.open(&[0, 1], 0).unwrap());
                     let mut steps = Vec::new();
                     for step in 0..2 {
                         let sender = reducer.sender();

@@ -16,7 +16,7 @@ use pp_stages::schedule::{simulate, Action, Costs, Pass, Transfer};
 use pp_stages::Schedule;
 use pp_transport::{GroupView, Kind, LinkTraffic, Tag, TensorMessage, Transport, TransportError};
 
-use super::data_parallel::{GradientReducer, Layout};
+use super::data_parallel::{GradientReducer, Layout, WorkerLinks};
 use super::runtime::{StageOutput, StageRunner, TrainingMemory};
 use super::sharding::Sharding;
 use super::trainer::clip_scale;
@@ -70,43 +70,49 @@ pub struct RankWorker<B: TrainBackend> {
 }
 
 impl<B: TrainBackend> RankWorker<B> {
-    /// The worker of global rank `world.rank()` in `layout`, running `runners` (by stage) as
-    /// its pipeline rank of `schedule`. `tied` says the model ties its embedding and output
-    /// weight.
+    /// The worker of global rank `links.world.rank()` in `layout`, running `runners` (by
+    /// stage) as its pipeline rank of `schedule`. `tied` says the model ties its embedding and
+    /// output weight. With replicas, opens its stage group's collectives (a collective of the
+    /// group itself with NCCL).
     pub fn new(
         schedule: Schedule,
         runners: BTreeMap<usize, StageRunner<B>>,
         tied: bool,
-        world: Arc<dyn Transport>,
+        links: WorkerLinks,
         layout: Layout,
-        timeout: Duration,
         device: B::Device,
-    ) -> Self {
+    ) -> Result<Self, TransportError> {
+        let (world, timeout) = (links.world.clone(), links.timeout);
         let rank = world.rank();
         let transport =
             GroupView::new(world.clone(), layout.pipeline_members(layout.replica(rank)));
         let stage_group = layout.stage_group(layout.pipeline_rank(rank));
-        let reducer = (layout.replicas > 1 && !layout.fsdp)
-            .then(|| GradientReducer::new(world.clone(), stage_group.clone(), timeout));
-        let runners = runners
-            .into_iter()
-            .enumerate()
-            .map(|(slot, (stage, runner))| {
-                let runner = if layout.fsdp {
-                    let slot = u8::try_from(slot)
-                        .ok()
-                        .filter(|&slot| slot < 128)
-                        .expect("check_pipeline_options allows 127 sharded stages per worker");
-                    let sharding = Sharding::new(world.clone(), stage_group.clone(), slot, timeout);
-                    runner.with_sharding(sharding)
-                } else if let Some(reducer) = &reducer {
-                    runner.with_gradient_sender(stage, reducer.sender())
-                } else {
-                    runner
-                };
-                (stage, runner)
-            })
-            .collect();
+        let reducer = if layout.replicas > 1 && !layout.fsdp {
+            Some(GradientReducer::new(links.open(&stage_group, 0)?))
+        } else {
+            None
+        };
+        let mut sharded = BTreeMap::new();
+        for (slot, (stage, runner)) in runners.into_iter().enumerate() {
+            let runner = if layout.fsdp {
+                let slot = u8::try_from(slot)
+                    .ok()
+                    .filter(|&slot| slot < 128)
+                    .expect("check_pipeline_options allows 127 sharded stages per worker");
+                // Two channels a stage: the compute thread's and the prefetcher's.
+                let sharding = Sharding::new(
+                    links.open(&stage_group, 2 * slot)?,
+                    links.open(&stage_group, 2 * slot + 1)?,
+                );
+                runner.with_sharding(sharding)
+            } else if let Some(reducer) = &reducer {
+                runner.with_gradient_sender(stage, reducer.sender())
+            } else {
+                runner
+            };
+            sharded.insert(stage, runner);
+        }
+        let runners = sharded;
         let mut last_backward = HashMap::new();
         for action in &schedule.actions[layout.pipeline_rank(rank)] {
             if let Action::Compute {
@@ -118,7 +124,7 @@ impl<B: TrainBackend> RankWorker<B> {
                 last_backward.insert(stage, microbatch);
             }
         }
-        Self {
+        Ok(Self {
             schedule,
             runners,
             tied,
@@ -130,7 +136,7 @@ impl<B: TrainBackend> RankWorker<B> {
             timeout,
             device,
             links_before: Vec::new(),
-        }
+        })
     }
 
     /// The runners, by stage.

@@ -22,16 +22,13 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use pp_transport::{
-    shard_range, Collectives, GroupView, RingCollectives, Transport, TransportError,
-};
+use pp_transport::{shard_range, Collectives, TransportError};
 
 use super::optim::{Optimizer, OptimizerState, ParamState};
 use super::runtime::{while_waiting, GradStore};
@@ -57,21 +54,12 @@ pub struct Sharding {
 }
 
 impl Sharding {
-    /// Sharding over the stage group `members` (global ranks, this one among them) of
-    /// `world`; a peer silent for `timeout` fails the step. `slot` tells apart the shardings of
-    /// one rank's several stages (each takes two channels of the group).
-    pub fn new(
-        world: Arc<dyn Transport>,
-        members: Vec<usize>,
-        slot: u8,
-        timeout: Duration,
-    ) -> Self {
-        let view: Arc<dyn Transport> = Arc::new(GroupView::new(world, members));
-        let group = RingCollectives::new(view.clone(), timeout).on_channel(2 * slot);
-        let prefetch = RingCollectives::new(view, timeout).on_channel(2 * slot + 1);
+    /// Sharding over a stage group: `group` for the compute thread's collectives, `prefetch`
+    /// (the same members, another channel) for the prefetching thread's.
+    pub fn new(group: Box<dyn Collectives>, prefetch: Box<dyn Collectives>) -> Self {
         Self {
-            group: Box::new(group),
-            prefetcher: Prefetcher::new(Box::new(prefetch)),
+            group,
+            prefetcher: Prefetcher::new(prefetch),
             shapes: HashMap::new(),
             parked: HashMap::new(),
             failure: Mutex::new(None),

@@ -14,7 +14,7 @@ use pp_transport::rendezvous::FileClient;
 use pp_transport::{LinkTraffic, Transport, TransportError};
 
 use super::checkpoint::{self, TrainerState};
-use super::data_parallel::Layout;
+use super::data_parallel::{CollectiveBackend, Layout, WorkerLinks};
 use super::optim::Optimizer;
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
 use super::sharding::steps_shards;
@@ -43,6 +43,8 @@ pub struct PipelineOptions {
     pub replicas: usize,
     /// `--fsdp`: the replicas of a stage shard its parameters, gradients and optimizer state.
     pub fsdp: bool,
+    /// What the replicas of a stage sum and share their values over.
+    pub collectives: CollectiveBackend,
     /// Micro-batches per step.
     pub microbatches: usize,
     /// Stage slices per rank for interleaved.
@@ -147,15 +149,17 @@ pub fn train_rank<B: TrainBackend>(
         };
         runners.insert(stage, runner);
     }
+    let links = WorkerLinks::new(transport, RECEIVE_TIMEOUT)
+        .with_collectives(pipeline.collectives, options.device.cuda_ordinal());
     let worker = RankWorker::new(
         schedule,
         runners,
         config.tie_word_embeddings,
-        transport,
+        links,
         layout,
-        RECEIVE_TIMEOUT,
         device,
-    );
+    )
+    .map_err(|e| Error::Training(format!("opening the replicas' collectives: {e}")))?;
     let pad_id = pad_token(config);
     let mut engine = PipelineRank {
         worker,
@@ -322,6 +326,13 @@ pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions
             "--batch-size {} cannot be split into --microbatches {} on each of --data-parallel \
              {} replicas: each micro-batch needs a row",
             options.batch_size, pipeline.microbatches, pipeline.replicas
+        )));
+    }
+    if pipeline.collectives != CollectiveBackend::Ring && pipeline.replicas == 1 {
+        return Err(Error::Usage(format!(
+            "--collectives {} carries the sums of --data-parallel replicas: give --data-parallel \
+             N (N ≥ 2)",
+            pipeline.collectives
         )));
     }
     let schedule = pipeline_schedule(pipeline)?;

@@ -362,12 +362,12 @@ fn local(pieces: &[Range<usize>], index: usize) -> Range<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::InProcessHub;
 
     /// Runs `body` on every rank of an in-process group of `n`, each in its own thread.
-    fn on_ranks<T: Send + 'static>(
+    pub(crate) fn on_ranks<T: Send + 'static>(
         n: usize,
         body: impl Fn(RingCollectives) -> T + Send + Sync + Clone + 'static,
     ) -> Vec<T> {
@@ -387,11 +387,11 @@ mod tests {
     }
 
     /// Rank r's values: distinct per rank and position.
-    fn values(rank: usize, len: usize) -> Vec<f32> {
+    pub(crate) fn values(rank: usize, len: usize) -> Vec<f32> {
         (0..len).map(|i| (rank * 1000 + i) as f32).collect()
     }
 
-    fn sum(n: usize, len: usize) -> Vec<f32> {
+    pub(crate) fn sum(n: usize, len: usize) -> Vec<f32> {
         (0..len)
             .map(|i| (0..n).map(|r| (r * 1000 + i) as f32).sum())
             .collect()

@@ -12,6 +12,8 @@ pub mod collective;
 mod in_process;
 mod mailbox;
 mod message;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod quic;
 pub mod rendezvous;
 mod tls;
@@ -21,6 +23,8 @@ pub use auth::{random_token, AuthError};
 pub use collective::{shard_range, Collectives, GroupView, RingCollectives};
 pub use in_process::{InProcessHub, InProcessTransport};
 pub use message::{Kind, Tag, TensorMessage};
+#[cfg(feature = "nccl")]
+pub use nccl::{nccl_available, NcclCollectives};
 pub use quic::{QuicConfig, QuicError, QuicTransport};
 pub use tls::IDLE_TIMEOUT;
 pub use wire::WireDType;
@@ -54,6 +58,9 @@ pub enum TransportError {
         /// How many ranks the group has.
         world_size: usize,
     },
+    /// A device library (NCCL, the CUDA driver) failed or is missing.
+    #[error("{0}")]
+    Device(String),
 }
 
 /// Point-to-point tensor transfers between the ranks of one pipeline. Shared between threads
