@@ -24,6 +24,7 @@ use pp::train::data_parallel::{Layout, WorkerLinks};
 use pp::train::optim::Optimizer;
 use pp::train::pipeline::RankWorker;
 use pp::train::runtime::{MemorySavers, Precision, StageOutput, StageRunner};
+use pp::train::sharding::{ShardCutter, ShardOf};
 use pp_stages::{Partition, Schedule, ScheduleKind, StageSlice};
 use pp_transport::{InProcessHub, Transport};
 
@@ -333,6 +334,47 @@ fn fully_sharded_data_parallel_equals_single_device() {
         Layout::replicated(2, 3).sharded(),
         &adamw(),
     );
+}
+
+/// FSDP workers load their stage part by part, cutting each to their shard at once: the
+/// shards are the whole model's values in `shard_range` order, and the full shapes are kept.
+#[test]
+fn fsdp_ranks_load_only_their_shards() {
+    for name in [SYNTHETIC, "llama3-tiny"] {
+        let (config, weights) = model(name);
+        let device = Default::default();
+        let slice = StageSlice::whole(config.num_layers);
+        let whole: StageModel<B> =
+            StageModel::load(&config, slice.clone(), weights.as_ref(), &device).unwrap();
+        let whole_values = param_values(&whole);
+        for size in [2, 3] {
+            for rank in 0..size {
+                let mut cutter = ShardCutter::new(ShardOf { rank, size });
+                let sharded: StageModel<B> = StageModel::load_mapped(
+                    &config,
+                    slice.clone(),
+                    weights.as_ref(),
+                    &device,
+                    &mut cutter,
+                )
+                .unwrap();
+                let names: HashMap<_, _> = sharded
+                    .named_params()
+                    .into_iter()
+                    .map(|(name, id)| (id, name))
+                    .collect();
+                let full = cutter.full_shapes(&names);
+                assert_eq!(full.len(), whole_values.len(), "{name}");
+                for (param, values) in param_values(&sharded) {
+                    let all = &whole_values[&param];
+                    let [rows, cols] = full[&param];
+                    assert_eq!(rows * cols, all.len(), "{name} {param}: full shape");
+                    let range = pp_transport::shard_range(all.len(), size, rank);
+                    assert_eq!(values, all[range], "{name} {param}: shard {rank} of {size}");
+                }
+            }
+        }
+    }
 }
 
 /// Under FSDP with N replicas, each holds about 1/N of the parameters, gradients and AdamW

@@ -22,6 +22,11 @@ pub struct Embedding<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
 }
 
+/// Leaves every parameter as it is.
+struct Unchanged;
+
+impl<B: Backend> ModuleMapper<B> for Unchanged {}
+
 /// The layers of the model one stage owns, with weights loaded for just those parts.
 #[derive(Module, Debug)]
 pub struct StageModel<B: Backend> {
@@ -48,6 +53,19 @@ impl<B: Backend> StageModel<B> {
         source: &dyn WeightSource,
         device: &B::Device,
     ) -> Result<Self> {
+        Self::load_mapped(config, slice, source, device, &mut Unchanged)
+    }
+
+    /// Loads as [`load`](Self::load), passing each part through `mapper` as soon as it is on
+    /// the device: a mapper that cuts parameters to shards (FSDP) never has more than one part
+    /// whole on the device.
+    pub fn load_mapped<M: ModuleMapper<B>>(
+        config: &ModelConfig,
+        slice: StageSlice,
+        source: &dyn WeightSource,
+        device: &B::Device,
+        mapper: &mut M,
+    ) -> Result<Self> {
         slice
             .validate(config.num_layers)
             .map_err(|e| Error::Config {
@@ -56,19 +74,20 @@ impl<B: Backend> StageModel<B> {
             })?;
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         let embed_tokens = if slice.embedding {
-            Some(Embedding {
+            let embedding = Embedding {
                 weight: load_param(source, EMBED, [vocab, hidden], device)?,
-            })
+            };
+            Some(embedding.map(mapper))
         } else {
             None
         };
         let layers = slice
             .layers
             .clone()
-            .map(|i| DecoderLayer::load(source, i, config, device))
+            .map(|i| Ok(DecoderLayer::load(source, i, config, device)?.map(mapper)))
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if slice.head {
-            let norm = RmsNorm::load(source, FINAL_NORM, config, device)?;
+            let norm = RmsNorm::load(source, FINAL_NORM, config, device)?.map(mapper);
             // Tied models store no lm_head; a last stage without the embedding keeps its own copy.
             let lm_head = match (config.tie_word_embeddings, slice.embedding) {
                 (true, true) => None,
@@ -79,7 +98,7 @@ impl<B: Backend> StageModel<B> {
                     weight: load_param(source, LM_HEAD, [vocab, hidden], device)?,
                 }),
             };
-            (Some(norm), lm_head)
+            (Some(norm), lm_head.map(|head| head.map(mapper)))
         } else {
             (None, None)
         };

@@ -15,6 +15,7 @@ use pp_stages::Partition;
 use serde::{Deserialize, Serialize};
 
 use super::optim::{Optimizer, OptimizerState, ParamState};
+use super::sharding::ShardOf;
 use crate::checkpoint::hf_writer::SafetensorsWriter;
 use crate::checkpoint::{ModelInfo, OwnedWeights, TensorSink, TensorSpec};
 use crate::convert::{write_native_model, Staging};
@@ -221,24 +222,24 @@ fn shard_files(dir: &Path, stage: usize) -> Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|f| f.2).collect())
 }
 
+/// Optimizer state read into host memory: each parameter's state tensors, shape and values.
+type HostState = HashMap<String, Vec<([usize; 2], Vec<f32>)>>;
+
 /// The state of one stage whose optimizer state was written in shards (`files`, in order):
 /// each tensor's shards laid end to end, in the shape `optimizer` keeps for the parameter.
-fn read_sharded_stage_state<B: Backend>(
+fn read_sharded_stage_state(
     files: &[PathBuf],
-    step: u64,
     optimizer: &Optimizer,
     shapes: &HashMap<String, [usize; 2]>,
-    device: &B::Device,
-) -> Result<OptimizerState<B>> {
+) -> Result<HostState> {
     // Each state tensor's values, by parameter, its shards appended in order.
     let mut values: HashMap<String, Vec<Vec<f32>>> = HashMap::new();
     for path in files {
-        for (name, param) in read_stage_state::<B>(path, step, shapes, device)? {
-            let tensors = param.map(|p| p.tensors).unwrap_or_default();
+        for (name, tensors) in read_stage_state(path, shapes)? {
             let entry = values.entry(name).or_default();
             entry.resize(tensors.len().max(entry.len()), Vec::new());
-            for (k, tensor) in tensors.into_iter().enumerate() {
-                entry[k].extend(tensor.into_data().to_vec::<f32>().expect("float32 state"));
+            for (k, (_, shard)) in tensors.into_iter().enumerate() {
+                entry[k].extend(shard);
             }
         }
     }
@@ -260,12 +261,7 @@ fn read_sharded_stage_state<B: Backend>(
                     ),
                 });
             }
-            let tensors = expected
-                .into_iter()
-                .zip(tensors)
-                .map(|(shape, v)| Tensor::from_data(TensorData::new(v, shape), device))
-                .collect();
-            Ok((name, Some(ParamState { step, tensors })))
+            Ok((name, expected.into_iter().zip(tensors).collect()))
         })
         .collect()
 }
@@ -283,16 +279,19 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
 /// Reads, from every stage's optimizer file of the checkpoint in `dir` (taken `step` steps),
 /// the state of the parameters in `shapes` (each `[rows, cols]`), which need not be cut into
 /// stages as the checkpoint was. Every such parameter must have exactly the state tensors
-/// `optimizer` keeps for it.
+/// `optimizer` keeps for it. With `shard` (FSDP, for an optimizer that steps shards), each
+/// tensor is cut to that rank's `[1, len]` shard before it goes to `device`, so the whole
+/// state is never on the device.
 pub fn read_optimizer_state<B: Backend>(
     dir: &Path,
     stages: usize,
     step: u64,
     optimizer: &Optimizer,
     shapes: &HashMap<String, [usize; 2]>,
+    shard: Option<ShardOf>,
     device: &B::Device,
 ) -> Result<OptimizerState<B>> {
-    let mut state = OptimizerState::new();
+    let mut state = HostState::new();
     for stage in 0..stages {
         // A tied embedding's state is in two stage files, identical: the first read is kept.
         let path = dir.join(optimizer_file(stage));
@@ -300,24 +299,23 @@ pub fn read_optimizer_state<B: Backend>(
         // parameter whose state is in none of those it has is named below. FSDP writes a
         // stage's state in shards.
         let stage_state = if path.exists() {
-            read_stage_state(&path, step, shapes, device)?
+            read_stage_state(&path, shapes)?
         } else {
             let files = shard_files(dir, stage)?;
             if files.is_empty() {
                 continue;
             }
-            read_sharded_stage_state(&files, step, optimizer, shapes, device)?
+            read_sharded_stage_state(&files, optimizer, shapes)?
         };
-        for (name, param) in stage_state {
-            state.entry(name).or_insert(param);
+        for (name, tensors) in stage_state {
+            state.entry(name).or_insert(tensors);
         }
     }
     for (name, &[rows, cols]) in shapes {
         let expected = optimizer.state_shapes(rows, cols);
         let found: Vec<[usize; 2]> = state
             .get(name)
-            .and_then(Option::as_ref)
-            .map(|s| s.tensors.iter().map(|t| t.dims()).collect())
+            .map(|tensors| tensors.iter().map(|(shape, _)| *shape).collect())
             .unwrap_or_default();
         if found != expected {
             return Err(Error::Checkpoint {
@@ -330,17 +328,25 @@ pub fn read_optimizer_state<B: Backend>(
             });
         }
     }
-    Ok(state)
+    let on_device = |(shape, values): ([usize; 2], Vec<f32>)| {
+        let (values, shape) = match shard {
+            Some(of) => of.cut(&values),
+            None => (values, shape),
+        };
+        Tensor::from_data(TensorData::new(values, shape), device)
+    };
+    Ok(state
+        .into_iter()
+        .map(|(name, tensors)| {
+            let tensors = tensors.into_iter().map(on_device).collect();
+            (name, Some(ParamState { step, tensors }))
+        })
+        .collect())
 }
 
-/// The state tensors of one stage's file for parameters in `shapes`; others (held by stages
-/// this run does not hold) are skipped.
-fn read_stage_state<B: Backend>(
-    path: &Path,
-    step: u64,
-    shapes: &HashMap<String, [usize; 2]>,
-    device: &B::Device,
-) -> Result<OptimizerState<B>> {
+/// The state tensors of one stage's file for parameters in `shapes`, in order; others (held by
+/// stages this run does not hold) are skipped.
+fn read_stage_state(path: &Path, shapes: &HashMap<String, [usize; 2]>) -> Result<HostState> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bad = |message: String| Error::Checkpoint {
         path: path.to_path_buf(),
@@ -348,7 +354,7 @@ fn read_stage_state<B: Backend>(
     };
     let file = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("not a valid optimizer state file: {e}")))?;
-    let mut tensors: HashMap<String, Vec<(usize, Tensor<B, 2>)>> = HashMap::new();
+    let mut tensors: HashMap<String, Vec<(usize, [usize; 2], Vec<f32>)>> = HashMap::new();
     for (key, view) in file.tensors() {
         let (name, index) = key
             .rsplit_once('#')
@@ -369,15 +375,20 @@ fn read_stage_state<B: Backend>(
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect();
-        let tensor = Tensor::from_data(TensorData::new(values, [shape[0], shape[1]]), device);
-        tensors.entry(name).or_default().push((index, tensor));
+        tensors
+            .entry(name)
+            .or_default()
+            .push((index, [shape[0], shape[1]], values));
     }
     Ok(tensors
         .into_iter()
         .map(|(name, mut list)| {
-            list.sort_by_key(|(index, _)| *index);
-            let tensors = list.into_iter().map(|(_, t)| t).collect();
-            (name, Some(ParamState { step, tensors }))
+            list.sort_by_key(|(index, ..)| *index);
+            let tensors = list
+                .into_iter()
+                .map(|(_, shape, values)| (shape, values))
+                .collect();
+            (name, tensors)
         })
         .collect())
 }

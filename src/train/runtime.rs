@@ -24,7 +24,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use super::data_parallel::{GradientPiece, GradientSender};
 use super::optim::{Optimizer, OptimizerState, Stepper};
-use super::sharding::Sharding;
+use super::sharding::{ShardCutter, Sharding};
 use crate::checkpoint::OwnedWeights;
 use crate::data::MicroBatch;
 use crate::dtype::DType;
@@ -209,6 +209,8 @@ pub struct StageRunner<B: TrainBackend> {
     /// Fully sharded data parallelism: the parameters, gradients and state are this rank's
     /// shards, and each part's parameters are gathered while it runs.
     sharding: Option<Sharding>,
+    /// The model was cut to shards as it loaded, waiting for its [`Sharding`].
+    loaded_shards: Option<ShardCutter>,
     /// The stage this runner is (named in the gradients it sends).
     stage: usize,
     device: B::Device,
@@ -279,6 +281,7 @@ impl<B: TrainBackend> StageRunner<B> {
             pending_weight: HashMap::new(),
             gradient_sender: None,
             sharding: None,
+            loaded_shards: None,
             stage: 0,
             device,
         }
@@ -288,11 +291,23 @@ impl<B: TrainBackend> StageRunner<B> {
     /// (FSDP). Parameters are not held by a graph between forward and backward: each part is
     /// recomputed in backward from its kept input, as under activation checkpointing.
     pub fn with_sharding(mut self, mut sharding: Sharding) -> Self {
-        self.model = sharding.shard_model(self.model, &self.names);
-        self.state = sharding.shard_state(&self.optimizer, std::mem::take(&mut self.state));
+        match self.loaded_shards.take() {
+            Some(cutter) => sharding.take_over(cutter, &self.names),
+            None => {
+                self.model = sharding.shard_model(self.model, &self.names);
+                self.state = sharding.shard_state(&self.optimizer, std::mem::take(&mut self.state));
+            }
+        }
         self.savers.checkpoint_activations = true;
         self.inner = None;
         self.sharding = Some(sharding);
+        self
+    }
+
+    /// A runner whose model (and any optimizer state) `cutter` cut to one rank's shards as
+    /// they loaded: [`with_sharding`](Self::with_sharding) takes them over as they are.
+    pub fn with_loaded_shards(mut self, cutter: ShardCutter) -> Self {
+        self.loaded_shards = Some(cutter);
         self
     }
 

@@ -89,20 +89,36 @@ impl Sharding {
         (self.group.rank(), self.group.size())
     }
 
+    /// This rank's place among the group's shards.
+    pub fn shard_of(&self) -> ShardOf {
+        let (rank, size) = self.position();
+        ShardOf { rank, size }
+    }
+
     /// Replaces every parameter of `model` by this rank's shard, remembering the full shapes.
     pub fn shard_model<B: AutodiffBackend>(
         &mut self,
         model: StageModel<B>,
         names: &HashMap<ParamId, String>,
     ) -> StageModel<B> {
-        let (rank, size) = self.position();
-        let mut mapper = IntoShards {
-            names,
-            shapes: &mut self.shapes,
-            rank,
-            size,
-        };
-        model.map(&mut mapper)
+        let mut cutter = ShardCutter::new(self.shard_of());
+        let model = model.map(&mut cutter);
+        self.take_over(cutter, names);
+        model
+    }
+
+    /// Takes over a model that `cutter` cut to this rank's shards as it loaded.
+    pub fn take_over(&mut self, cutter: ShardCutter, names: &HashMap<ParamId, String>) {
+        assert_eq!(
+            cutter.of,
+            self.shard_of(),
+            "the model was cut for another place in the group"
+        );
+        self.shapes = cutter
+            .shapes
+            .into_iter()
+            .map(|(id, dims)| (names[&id].clone(), dims))
+            .collect();
     }
 
     /// Cuts full optimizer state (read from a checkpoint) to this rank's shards, where the
@@ -115,17 +131,13 @@ impl Sharding {
         if !steps_shards(optimizer) {
             return state;
         }
-        let (rank, size) = self.position();
+        let of = self.shard_of();
         state
             .into_iter()
             .map(|(name, param)| {
                 let param = param.map(|p| ParamState {
                     step: p.step,
-                    tensors: p
-                        .tensors
-                        .into_iter()
-                        .map(|t| cut_shard(t, rank, size))
-                        .collect(),
+                    tensors: p.tensors.into_iter().map(|t| cut_shard(t, of)).collect(),
                 });
                 (name, param)
             })
@@ -247,8 +259,7 @@ impl Sharding {
 
     /// This rank's `[1, len]` shard of a whole `[rows, cols]` matrix, in a buffer of its own.
     pub fn own_shard<B: Backend>(&self, whole: Tensor<B, 2>) -> Tensor<B, 2> {
-        let (rank, size) = self.position();
-        cut_shard(whole, rank, size)
+        cut_shard(whole, self.shard_of())
     }
 
     /// Gathers every parameter of `model` whole, one at a time, handing each to `each` with its
@@ -290,16 +301,12 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 /// buffer of its own (made from host values, so nothing keeps the whole one alive).
 fn cut_shard<B: Backend, const D: usize, const W: usize>(
     whole: Tensor<B, W>,
-    rank: usize,
-    size: usize,
+    of: ShardOf,
 ) -> Tensor<B, D> {
     let device = whole.device();
-    let values = host(whole);
-    let range = shard_range(values.len(), size, rank);
-    Tensor::from_data(
-        TensorData::new(values[range.clone()].to_vec(), shard_dims::<D>(range.len())),
-        &device,
-    )
+    let (values, _) = of.cut(&host(whole));
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, shard_dims::<D>(len)), &device)
 }
 
 /// Dimensions of a shard of `len` values for a `D`-dimensional parameter: `[1, …, 1, len]`.
@@ -310,19 +317,59 @@ fn shard_dims<const D: usize>(len: usize) -> [usize; D] {
 }
 
 /// Replaces each parameter by this rank's shard of it.
-struct IntoShards<'a> {
-    names: &'a HashMap<ParamId, String>,
-    shapes: &'a mut HashMap<String, Vec<usize>>,
-    rank: usize,
-    size: usize,
+/// A rank's place among the shards of its stage group: `rank` of `size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardOf {
+    /// The rank's position in the group.
+    pub rank: usize,
+    /// The group's size.
+    pub size: usize,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for IntoShards<'_> {
+impl ShardOf {
+    /// The shard of `values` (a parameter or state tensor, flattened), as a `[1, len]` shape.
+    pub fn cut(&self, values: &[f32]) -> (Vec<f32>, [usize; 2]) {
+        let range = shard_range(values.len(), self.size, self.rank);
+        let len = range.len();
+        (values[range].to_vec(), [1, len])
+    }
+}
+
+/// Cuts each parameter it maps to one rank's shard, remembering its full dimensions.
+pub struct ShardCutter {
+    of: ShardOf,
+    shapes: HashMap<ParamId, Vec<usize>>,
+}
+
+impl ShardCutter {
+    /// A cutter for place `of`.
+    pub fn new(of: ShardOf) -> Self {
+        Self {
+            of,
+            shapes: HashMap::new(),
+        }
+    }
+}
+
+impl ShardCutter {
+    /// The full shape of every parameter cut, by name, as a matrix (`[1, n]` for a vector).
+    pub fn full_shapes(&self, names: &HashMap<ParamId, String>) -> HashMap<String, [usize; 2]> {
+        self.shapes
+            .iter()
+            .map(|(id, dims)| {
+                let cols = *dims.last().expect("a parameter has dimensions");
+                let rows = dims.iter().product::<usize>() / cols.max(1);
+                (names[id].clone(), [rows, cols])
+            })
+            .collect()
+    }
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for ShardCutter {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
-        self.shapes
-            .insert(self.names[&id].clone(), tensor.dims().to_vec());
-        let shard = cut_shard(tensor.inner(), self.rank, self.size);
+        self.shapes.insert(id, tensor.dims().to_vec());
+        let shard = cut_shard(tensor.inner(), self.of);
         Param::from_mapped_value(id, Tensor::from_inner(shard).require_grad(), mapper)
     }
 }

@@ -15,6 +15,7 @@ use super::metrics::MetricsLog;
 use super::optim::{Optimizer, Rounder};
 use super::runtime::{as_matrix, MemorySavers, Precision, StageOutput, StageRunner};
 use super::schedule::LrSchedule;
+use super::sharding::{steps_shards, ShardCutter, ShardOf};
 use crate::checkpoint::{checksum::Checksum, Format, ModelInfo, WeightSource};
 use crate::data::{
     read_jsonl, split_validation, LossOn, MicroBatch, RowOptions, RowTemplate, Sequence,
@@ -179,8 +180,13 @@ pub fn train<B: TrainBackend>(
     let setup = set_up(options)?;
     let weights = crate::checkpoint::open(&setup.info.dir)?;
     let whole = StageSlice::whole(setup.config.num_layers);
-    let runner =
-        setup.stage_runner::<B>(options, whole.clone(), weights.weights.as_ref(), &device)?;
+    let runner = setup.stage_runner::<B>(
+        options,
+        whole.clone(),
+        weights.weights.as_ref(),
+        None,
+        &device,
+    )?;
     let whole_model = Partition::new(vec![whole], setup.config.num_layers)
         .expect("one stage holding everything tiles the model");
     observer.note(&device_note(
@@ -583,14 +589,25 @@ impl RunSetup {
         options: &TrainOptions,
         slice: StageSlice,
         weights: &dyn WeightSource,
+        shard: Option<ShardOf>,
         device: &B::Device,
     ) -> Result<StageRunner<B>> {
-        let mut model = StageModel::<B>::load(&self.config, slice, weights, device)?;
+        // FSDP: each part is cut to this rank's shard as soon as it is on the device.
+        let mut cutter = shard.map(ShardCutter::new);
+        let mut model = match &mut cutter {
+            Some(cutter) => {
+                StageModel::<B>::load_mapped(&self.config, slice, weights, device, cutter)?
+            }
+            None => StageModel::<B>::load(&self.config, slice, weights, device)?,
+        };
         let precision = options.precision();
         if precision.master != DType::F32 {
             model = model.map(&mut Rounder(precision.master));
         }
-        let shapes = param_shapes(&model);
+        let shapes = match &cutter {
+            Some(cutter) => cutter.full_shapes(&param_names(&model)),
+            None => param_shapes(&model),
+        };
         let mut runner = StageRunner::new(
             model,
             options.optimizer.clone(),
@@ -605,10 +622,14 @@ impl RunSetup {
                 self.state.step,
                 &options.optimizer,
                 &shapes,
+                shard.filter(|_| steps_shards(&options.optimizer)),
                 device,
             )?);
         }
-        Ok(runner)
+        Ok(match cutter {
+            Some(cutter) => runner.with_loaded_shards(cutter),
+            None => runner,
+        })
     }
 
     /// The loop over this run's data.
@@ -900,6 +921,15 @@ fn output_partition(info: &ModelInfo) -> Result<Partition> {
     }
 }
 
+/// Each parameter's name, by id.
+fn param_names<B: Backend>(model: &StageModel<B>) -> HashMap<ParamId, String> {
+    model
+        .named_params()
+        .into_iter()
+        .map(|(name, id)| (id, name))
+        .collect()
+}
+
 fn param_shapes<B: TrainBackend>(model: &StageModel<B>) -> HashMap<String, [usize; 2]> {
     struct Shapes(HashMap<ParamId, [usize; 2]>);
     impl<B: Backend> ModuleVisitor<B> for Shapes {
@@ -909,9 +939,8 @@ fn param_shapes<B: TrainBackend>(model: &StageModel<B>) -> HashMap<String, [usiz
     }
     let mut shapes = Shapes(HashMap::new());
     model.visit(&mut shapes);
-    model
-        .named_params()
+    param_names(model)
         .into_iter()
-        .map(|(name, id)| (name, shapes.0[&id]))
+        .map(|(id, name)| (name, shapes.0[&id]))
         .collect()
 }

@@ -17,7 +17,7 @@ use super::checkpoint::{self, TrainerState};
 use super::data_parallel::{CollectiveBackend, Layout, WorkerLinks};
 use super::optim::Optimizer;
 use super::pipeline::{measured_and_simulated_bubble, RankWorker};
-use super::sharding::steps_shards;
+use super::sharding::{steps_shards, ShardOf};
 use super::trainer::{
     check_options, device_note, pad_token, set_up, Engine, StepOutcome, TrainOptions, TrainReport,
 };
@@ -138,10 +138,15 @@ pub fn train_rank<B: TrainBackend>(
         options.batch_size.div_ceil(pipeline.rows_per_step()),
         crate::plan::in_flight(&schedule).expect("Schedule::new has played the schedule through"),
     ));
+    // FSDP: this worker's place in its stage groups, whose shards it loads.
+    let shard = layout.fsdp.then(|| ShardOf {
+        rank: layout.replica(transport.rank()),
+        size: layout.replicas,
+    });
     let mut runners = BTreeMap::new();
     for stage in schedule.stages_of(rank) {
         let slice = partition.stages()[stage].clone();
-        let runner = setup.stage_runner::<B>(options, slice, weights.as_ref(), &device)?;
+        let runner = setup.stage_runner::<B>(options, slice, weights.as_ref(), shard, &device)?;
         let runner = if pipeline.schedule.splits_backward() {
             runner.with_split_backward()
         } else {
