@@ -222,8 +222,11 @@ fn shard_files(dir: &Path, stage: usize) -> Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|f| f.2).collect())
 }
 
-/// Optimizer state read into host memory: each parameter's state tensors, shape and values.
-type HostState = HashMap<String, Vec<([usize; 2], Vec<f32>)>>;
+/// One optimizer state tensor in host memory: its shape and values.
+type HostTensor = ([usize; 2], Vec<f32>);
+
+/// Optimizer state read into host memory: each parameter's state tensors.
+type HostState = HashMap<String, Vec<HostTensor>>;
 
 /// The state of one stage whose optimizer state was written in shards (`files`, in order):
 /// each tensor's shards laid end to end, in the shape `optimizer` keeps for the parameter.
@@ -328,7 +331,7 @@ pub fn read_optimizer_state<B: Backend>(
             });
         }
     }
-    let on_device = |(shape, values): ([usize; 2], Vec<f32>)| {
+    let on_device = |(shape, values): HostTensor| {
         let (values, shape) = match shard {
             Some(of) => of.cut(&values),
             None => (values, shape),
@@ -354,7 +357,8 @@ fn read_stage_state(path: &Path, shapes: &HashMap<String, [usize; 2]>) -> Result
     };
     let file = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("not a valid optimizer state file: {e}")))?;
-    let mut tensors: HashMap<String, Vec<(usize, [usize; 2], Vec<f32>)>> = HashMap::new();
+    // Each parameter's tensors with their index in the parameter's state.
+    let mut tensors: HashMap<String, Vec<(usize, HostTensor)>> = HashMap::new();
     for (key, view) in file.tensors() {
         let (name, index) = key
             .rsplit_once('#')
@@ -378,17 +382,13 @@ fn read_stage_state(path: &Path, shapes: &HashMap<String, [usize; 2]>) -> Result
         tensors
             .entry(name)
             .or_default()
-            .push((index, [shape[0], shape[1]], values));
+            .push((index, ([shape[0], shape[1]], values)));
     }
     Ok(tensors
         .into_iter()
         .map(|(name, mut list)| {
-            list.sort_by_key(|(index, ..)| *index);
-            let tensors = list
-                .into_iter()
-                .map(|(_, shape, values)| (shape, values))
-                .collect();
-            (name, tensors)
+            list.sort_by_key(|(index, _)| *index);
+            (name, list.into_iter().map(|(_, tensor)| tensor).collect())
         })
         .collect())
 }
