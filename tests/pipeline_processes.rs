@@ -431,8 +431,9 @@ fn pipeline_validation_matches_single_device_and_stops_early() {
     train(&model, &data, &single, &validation);
     let want = metric(&single, "val_loss");
     assert_eq!(want.len(), 4, "{want:?}");
-    // The validation set's two micro-batches through a pipeline, shared by DDP replicas, and
-    // run by every FSDP replica (they gather each layer together).
+    // The validation set's two micro-batches through a pipeline, and shared by DDP and FSDP
+    // replicas (of three FSDP replicas, one repeats a micro-batch uncounted: they gather each
+    // layer together).
     for (name, layout) in [
         ("piped", &["--stages", "2", "--microbatches", "2"][..]),
         (
@@ -442,6 +443,10 @@ fn pipeline_validation_matches_single_device_and_stops_early() {
         (
             "sharded",
             &["--data-parallel", "2", "--fsdp", "--microbatches", "1"][..],
+        ),
+        (
+            "sharded-3",
+            &["--data-parallel", "3", "--fsdp", "--microbatches", "1"][..],
         ),
     ] {
         let out = tmp.path().join(name);

@@ -385,9 +385,9 @@ impl<B: TrainBackend> RankWorker<B> {
     }
 
     /// Validation: the forward pass of every micro-batch through the pipeline, stage after
-    /// stage, keeping nothing (each of N replicas takes every N-th; sharded replicas run them
-    /// all together); returns the loss summed over them and their scored tokens, the same on
-    /// every rank. `step` is the training step it follows.
+    /// stage, keeping nothing (each of N replicas takes every N-th); returns the loss summed
+    /// over them and their scored tokens, the same on every rank. `step` is the training step
+    /// it follows.
     pub fn evaluate(
         &mut self,
         step: u64,
@@ -399,16 +399,18 @@ impl<B: TrainBackend> RankWorker<B> {
         // Tags of validation transfers must not meet a training step's.
         let eval_step = u64::MAX - step;
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
-        // Sharded replicas gather each part's weights together, so each runs every
-        // micro-batch and only the first one's count; otherwise each takes every N-th.
-        let (first, every) = if self.layout.fsdp {
-            (0, 1)
+        let (count, replicas) = (micro_batches.len(), self.layout.replicas);
+        // Sharded replicas gather each part's weights together, so all run as many passes: a
+        // replica short of a micro-batch repeats the last one, uncounted (under a tag of its
+        // own, `index` past the end).
+        let passes = if self.layout.fsdp {
+            count.div_ceil(replicas)
         } else {
-            (replica, self.layout.replicas)
+            count.saturating_sub(replica).div_ceil(replicas)
         };
-        let counts = !self.layout.fsdp || replica == 0;
-        let mine = micro_batches.iter().enumerate().skip(first).step_by(every);
-        for (index, batch) in mine {
+        for index in (replica..).step_by(replicas).take(passes) {
+            let counts = index < count;
+            let batch = &micro_batches[index.min(count - 1)];
             let mut hidden = None;
             for stage in 0..stages {
                 let owner = self.schedule.stage_ranks[stage];
