@@ -7,42 +7,21 @@
 //! Bus bandwidth is nccl-tests' measure: the buffer's bytes over the time, times 2(n-1)/n, what
 //! each link carries in a ring; with one rank, the algorithm bandwidth instead.
 
-use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pp_transport::{
-    Collectives, InProcessHub, QuicConfig, QuicTransport, RingCollectives, Transport, WireDType,
-};
+use common::{flag, quic_group};
+use pp_transport::{Collectives, InProcessHub, RingCollectives, Transport};
+
+mod common;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str, default: usize| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .map_or(default, |v| v.parse().expect("a number"))
-    };
-    let (mib, rounds) = (value("--mib", 25), value("--rounds", 20));
+    let (mib, rounds) = (flag("--mib", 25), flag("--rounds", 20));
     let floats = mib * (1 << 20) / 4;
-    let in_process: Vec<Arc<dyn Transport>> = InProcessHub::connect(2)
-        .into_iter()
-        .map(|t| Arc::new(t) as Arc<dyn Transport>)
-        .collect();
-    report(
-        "ring, in-process",
-        mib,
-        rounds,
-        2,
-        time_rings(in_process, floats, rounds),
-    );
-    report(
-        "ring, QUIC loopback",
-        mib,
-        rounds,
-        2,
-        time_rings(quic_pair(), floats, rounds),
-    );
+    let in_process = time_rings(InProcessHub::connect(2), floats, rounds);
+    report("ring, in-process", mib, rounds, 2, in_process);
+    let quic = time_rings(quic_group(2), floats, rounds);
+    report("ring, QUIC loopback", mib, rounds, 2, quic);
     #[cfg(feature = "nccl")]
     nccl::run(mib, floats, rounds, report);
 }
@@ -63,10 +42,13 @@ fn report(name: &str, mib: usize, rounds: usize, ranks: usize, seconds: f64) {
 
 /// Seconds for `rounds` all-reduces of `floats` values on every rank of `transports`, after
 /// one round of warm-up; the slowest rank's time.
-fn time_rings(transports: Vec<Arc<dyn Transport>>, floats: usize, rounds: usize) -> f64 {
+fn time_rings<T: Transport + 'static>(transports: Vec<T>, floats: usize, rounds: usize) -> f64 {
     let groups = transports
         .into_iter()
-        .map(|t| Box::new(RingCollectives::new(t, Duration::from_secs(60))) as Box<dyn Collectives>)
+        .map(|t| {
+            let ring = RingCollectives::new(Arc::new(t), Duration::from_secs(60));
+            Box::new(ring) as Box<dyn Collectives>
+        })
         .collect();
     time_groups(groups, floats, rounds)
 }
@@ -92,38 +74,6 @@ fn time_groups(groups: Vec<Box<dyn Collectives>>, floats: usize, rounds: usize) 
             .into_iter()
             .map(|h| h.join().unwrap())
             .fold(0.0, f64::max)
-    })
-}
-
-fn quic_pair() -> Vec<Arc<dyn Transport>> {
-    let addresses: Vec<SocketAddr> = (0..2)
-        .map(|_| {
-            UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-        })
-        .collect();
-    std::thread::scope(|s| {
-        let joins: Vec<_> = (0..2)
-            .map(|rank| {
-                let addresses = addresses.clone();
-                s.spawn(move || {
-                    QuicTransport::join(QuicConfig {
-                        rank,
-                        addresses,
-                        token: "bench".into(),
-                        join_timeout: Duration::from_secs(10),
-                        wire: WireDType::F32,
-                    })
-                    .expect("loopback group")
-                })
-            })
-            .collect();
-        joins
-            .into_iter()
-            .map(|j| Arc::new(j.join().unwrap()) as Arc<dyn Transport>)
-            .collect()
     })
 }
 

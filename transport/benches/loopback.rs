@@ -3,20 +3,16 @@
 //! Each message is a float32 tensor of the given size, as activations and gradients are.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use pp_transport::{Kind, QuicConfig, QuicTransport, Tag, TensorMessage, Transport, WireDType};
+use common::{flag, quic_group};
+use pp_transport::{Kind, Tag, TensorMessage, Transport};
+
+mod common;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str, default: usize| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .map_or(default, |v| v.parse().expect("a number"))
-    };
-    let (mib, messages) = (value("--mib", 16), value("--messages", 32));
+    let (mib, messages) = (flag("--mib", 16), flag("--messages", 32));
     let floats = mib * (1 << 20) / 4;
     let bytes = (messages * floats * 4) as f64;
     let quic = quic_seconds(floats, messages);
@@ -39,29 +35,8 @@ fn tag(microbatch: u32) -> Tag {
 }
 
 fn quic_seconds(floats: usize, messages: usize) -> f64 {
-    let addresses: Vec<SocketAddr> = (0..2)
-        .map(|_| {
-            UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-        })
-        .collect();
-    let join = |rank| {
-        QuicTransport::join(QuicConfig {
-            rank,
-            addresses: addresses.clone(),
-            token: "bench".into(),
-            join_timeout: Duration::from_secs(10),
-            wire: WireDType::F32,
-        })
-        .expect("loopback group")
-    };
-    let (sender, receiver) = std::thread::scope(|s| {
-        let a = s.spawn(|| join(0));
-        let b = s.spawn(|| join(1));
-        (a.join().unwrap(), b.join().unwrap())
-    });
+    let mut group = quic_group(2);
+    let (receiver, sender) = (group.pop().unwrap(), group.pop().unwrap());
     let values = vec![0.5f32; floats];
     let started = Instant::now();
     std::thread::scope(|s| {
