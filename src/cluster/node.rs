@@ -250,9 +250,8 @@ impl Round<'_> {
         .map_err(rendezvous_error)?;
         let pipeline = pipeline_of(self.layout, &group)?;
         check_pipeline_options(train, &pipeline)?;
-        let mut workers = placement::workers_of(&group)?;
-        // Every replica runs the first one's plan.
-        workers.truncate(pipeline.ranks);
+        // Every replica runs one plan, made for the slowest worker at each pipeline rank.
+        let workers = placement::weakest_replica(&placement::workers_of(&group)?, pipeline.ranks);
         let wire = super::wire_dtype(self.layout.wire_dtype, train.dtype);
         let placement = placement::place(train, &pipeline, &workers, wire)?;
         print_plan(&pipeline, &group, &workers, &placement);
@@ -552,7 +551,7 @@ fn print_plan(pipeline: &PipelineOptions, group: &Group, workers: &[Worker], pla
     let replicas = match pipeline.replicas {
         1 => String::new(),
         n => format!(
-            " × {n} replicas{}",
+            " × {n} replicas{}, planned for the slowest worker at each rank",
             if pipeline.fsdp { " (FSDP)" } else { "" }
         ),
     };

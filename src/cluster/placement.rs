@@ -231,6 +231,31 @@ pub struct Placement {
     pub bubble: f64,
 }
 
+/// The workers one replica's plan must assume when every replica runs it (`--data-parallel`;
+/// `workers` by global rank, `ranks` to a pipeline): at each pipeline rank, the slowest of the
+/// replicas' workers there, with the least memory and the slowest link among them. A step
+/// waits for its slowest replica, and each stage must fit every worker that runs it.
+pub fn weakest_replica(workers: &[Worker], ranks: usize) -> Vec<Worker> {
+    let layer_time = |w: &&Worker| w.measured.speed.layer_forward + w.measured.speed.layer_backward;
+    (0..ranks)
+        .map(|rank| {
+            let replicas: Vec<&Worker> = workers.iter().skip(rank).step_by(ranks).collect();
+            let slowest = replicas
+                .iter()
+                .max_by(|a, b| layer_time(a).total_cmp(&layer_time(b)))
+                .expect("every replica has a worker at each pipeline rank");
+            Worker {
+                memory: replicas.iter().filter_map(|w| w.memory).min(),
+                link: replicas
+                    .iter()
+                    .filter_map(|w| w.link)
+                    .min_by(f64::total_cmp),
+                ..(*slowest).clone()
+            }
+        })
+        .collect()
+}
+
 /// Places the model's layers on `workers` (by global rank) for `pipeline`, whose activations
 /// cross between workers as `wire`.
 pub fn place(

@@ -92,27 +92,29 @@ impl<B: TrainBackend> RankWorker<B> {
         } else {
             None
         };
-        let mut sharded = BTreeMap::new();
-        for (slot, (stage, runner)) in runners.into_iter().enumerate() {
-            let runner = if layout.fsdp {
-                let slot = u8::try_from(slot)
-                    .ok()
-                    .filter(|&slot| slot < 128)
-                    .expect("check_pipeline_options allows 127 sharded stages per worker");
-                // Two channels a stage: the compute thread's and the prefetcher's.
-                let sharding = Sharding::new(
-                    links.open(&stage_group, 2 * slot)?,
-                    links.open(&stage_group, 2 * slot + 1)?,
-                );
-                runner.with_sharding(sharding)
-            } else if let Some(reducer) = &reducer {
-                runner.with_gradient_sender(stage, reducer.sender())
-            } else {
-                runner
-            };
-            sharded.insert(stage, runner);
-        }
-        let runners = sharded;
+        let runners = runners
+            .into_iter()
+            .enumerate()
+            .map(|(slot, (stage, runner))| {
+                let runner = if layout.fsdp {
+                    let slot = u8::try_from(slot)
+                        .ok()
+                        .filter(|&slot| slot < 128)
+                        .expect("check_pipeline_options allows 127 sharded stages per worker");
+                    // Two channels a stage: the compute thread's and the prefetcher's.
+                    let sharding = Sharding::new(
+                        links.open(&stage_group, 2 * slot)?,
+                        links.open(&stage_group, 2 * slot + 1)?,
+                    );
+                    runner.with_sharding(sharding)
+                } else if let Some(reducer) = &reducer {
+                    runner.with_gradient_sender(stage, reducer.sender())
+                } else {
+                    runner
+                };
+                Ok((stage, runner))
+            })
+            .collect::<Result<BTreeMap<_, _>, TransportError>>()?;
         let mut last_backward = HashMap::new();
         for action in &schedule.actions[layout.pipeline_rank(rank)] {
             if let Action::Compute {

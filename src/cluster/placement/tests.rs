@@ -212,3 +212,41 @@ fn transfers_between_nodes_lengthen_the_expected_step_at_the_slower_link() {
         apart.step
     );
 }
+
+#[test]
+fn replicas_are_planned_for_their_slowest_worker_at_each_rank() {
+    // Two replicas of a two-rank pipeline: replica 1's first worker is the slowest and has the
+    // least memory; the second rank's link is slowest on replica 0.
+    let mut workers = vec![
+        worker("fast", 1.0, Some(8 << 30)),
+        worker("fast", 1.0, None),
+        worker("slow", 3.0, Some(4 << 30)),
+        worker("fast", 1.0, Some(16 << 30)),
+    ];
+    workers[1].link = Some(1e6);
+    workers[3].link = Some(1e8);
+    let weakest = weakest_replica(&workers, 2);
+    assert_eq!(weakest.len(), 2);
+    assert_eq!(weakest[0].measured.device, "slow");
+    assert_eq!(weakest[0].memory, Some(4 << 30));
+    assert_eq!(
+        weakest[1].memory,
+        Some(16 << 30),
+        "unknown memory does not limit"
+    );
+    assert_eq!(weakest[1].link, Some(1e6));
+    // The plan then gives the slow first rank fewer layers than a plan for replica 0 would.
+    let (schedule, setup) = one_f_one_b(2);
+    let plan = |workers: &[Worker]| {
+        layer_counts(
+            &plan_layers(&config(), &schedule, &setup, workers, None, WireDType::F32).unwrap(),
+        )
+    };
+    let first = plan(&workers[..2]);
+    let sized = plan(&weakest);
+    assert!(sized[0] < first[0], "{sized:?} vs {first:?}");
+    // One replica is planned on its own workers.
+    let alone = weakest_replica(&workers[..2], 2);
+    assert_eq!(alone[0].measured.device, "fast");
+    assert_eq!(alone[0].memory, Some(8 << 30));
+}
