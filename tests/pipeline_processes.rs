@@ -65,7 +65,7 @@ fn every_schedule_over_quic_equals_single_device_training() {
 /// pipeline trains the weights one CPU device trains (within wgpu's 1e-4).
 #[cfg(feature = "wgpu")]
 #[test]
-fn a_wgpu_stage_and_a_cpu_stage_train_together() {
+fn wgpu_and_cpu_workers_train_together_as_stages_and_as_replicas() {
     let tmp = tempfile::tempdir().unwrap();
     let data = text_data(tmp.path());
     let model = fixture("llama3-tiny").join("hf").display().to_string();
@@ -85,6 +85,24 @@ fn a_wgpu_stage_and_a_cpu_stage_train_together() {
         &single.join("final"),
         1e-4,
         "wgpu and cpu",
+    );
+    // Replicas on a CubeCL backend: each gradient is read off the device on the all-reduce
+    // thread, not the thread that computed it.
+    let replicas = tmp.path().join("replicas");
+    let ddp = [
+        "--data-parallel",
+        "2",
+        "--microbatches",
+        "1",
+        "--devices",
+        "wgpu,cpu",
+    ];
+    train(&model, &data, &replicas, &ddp);
+    assert_same_weights(
+        &replicas.join("final"),
+        &single.join("final"),
+        1e-4,
+        "wgpu and cpu replicas",
     );
 }
 

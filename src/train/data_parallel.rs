@@ -198,8 +198,17 @@ pub struct GradientPiece {
     pub values: Vec<f32>,
 }
 
+/// A finished gradient as handed over: its values are read to the host on the reducer's
+/// thread, so the compute thread never waits for a device-to-host copy.
+struct PendingGradient {
+    stage: usize,
+    name: String,
+    shape: [usize; 2],
+    read: Box<dyn FnOnce() -> Vec<f32> + Send>,
+}
+
 enum Job {
-    Piece(GradientPiece),
+    Piece(PendingGradient),
     /// The step's last gradient was sent: reduce what is left and send every piece back.
     Flush,
 }
@@ -211,10 +220,22 @@ pub struct GradientSender {
 }
 
 impl GradientSender {
-    /// Hands over one finished gradient. If the reducer has stopped (a peer was lost), the
-    /// piece is dropped: the step's flush reports the failure.
-    pub fn send(&self, piece: GradientPiece) {
-        let _ = self.jobs.send(Job::Piece(piece));
+    /// Hands over one finished gradient of `stage`: parameter `name`, a `shape` matrix whose
+    /// values `read` returns (called on the reducer's thread). If the reducer has stopped (a
+    /// peer was lost), the gradient is dropped: the step's flush reports the failure.
+    pub fn send(
+        &self,
+        stage: usize,
+        name: String,
+        shape: [usize; 2],
+        read: impl FnOnce() -> Vec<f32> + Send + 'static,
+    ) {
+        let _ = self.jobs.send(Job::Piece(PendingGradient {
+            stage,
+            name,
+            shape,
+            read: Box::new(read),
+        }));
     }
 }
 
@@ -281,10 +302,16 @@ fn reduce_buckets(
     let mut failure: Option<TransportError> = None;
     while let Ok(job) = incoming.recv() {
         match job {
-            Job::Piece(piece) => {
+            Job::Piece(pending) => {
                 if failure.is_some() {
                     continue;
                 }
+                let piece = GradientPiece {
+                    stage: pending.stage,
+                    name: pending.name,
+                    shape: pending.shape,
+                    values: (pending.read)(),
+                };
                 filled += piece.values.len();
                 bucket.push(piece);
                 if filled >= BUCKET_VALUES {
@@ -374,12 +401,8 @@ mod tests {
                     for step in 0..2 {
                         let sender = reducer.sender();
                         for (i, name) in ["b", "a"].iter().enumerate() {
-                            sender.send(GradientPiece {
-                                stage: 0,
-                                name: name.to_string(),
-                                shape: [1, 2],
-                                values: vec![(rank + i + step) as f32, 1.0],
-                            });
+                            let values = vec![(rank + i + step) as f32, 1.0];
+                            sender.send(0, name.to_string(), [1, 2], move || values);
                         }
                         steps.push(reducer.finish().unwrap());
                     }

@@ -675,16 +675,12 @@ impl<B: TrainBackend> StageRunner<B> {
         names.sort();
         for name in names {
             let grad = self.grads.remove(&name).expect("listed from the store");
-            let [rows, cols] = grad.dims();
-            let values = in_dtype(grad, burn::tensor::DType::F32)
-                .into_data()
-                .to_vec::<f32>()
-                .expect("float32 gradients");
-            sender.send(GradientPiece {
-                stage: self.stage,
-                name,
-                shape: [rows, cols],
-                values,
+            let shape = grad.dims();
+            sender.send(self.stage, name, shape, move || {
+                in_dtype(grad, burn::tensor::DType::F32)
+                    .into_data()
+                    .to_vec::<f32>()
+                    .expect("float32 gradients")
             });
         }
     }
