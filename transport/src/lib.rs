@@ -4,7 +4,8 @@
 //! stage and kind), so a receiver asks for exactly the tensor it needs and messages that arrive
 //! out of order wait in a buffer instead of being mistaken for one another. This crate has the
 //! in-process implementation used by tests and the QUIC implementation that connects processes
-//! and machines. [`collective`] builds the group operations of data parallelism on top.
+//! and machines. [`collective`] builds the group operations of data parallelism on top, and,
+//! with the `nccl` feature, `NcclCollectives` runs them over NVIDIA's NCCL instead.
 #![deny(missing_docs)]
 
 mod auth;
@@ -13,7 +14,7 @@ mod in_process;
 mod mailbox;
 mod message;
 #[cfg(feature = "nccl")]
-pub mod nccl;
+mod nccl;
 mod quic;
 pub mod rendezvous;
 mod tls;
