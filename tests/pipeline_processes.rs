@@ -14,6 +14,11 @@ use common::cli::{metric, pp, stdout};
 use common::fixture;
 use common::processes::{assert_same_weights, children, running, text_data, train, Launcher};
 
+/// How far bf16 runs of different layouts may part (relative L2 of each saved weight): float32
+/// sums in another order move a few values across a bf16 rounding step (2^-8 relative); here
+/// about 5e-7 is seen.
+const BF16_BOUND: f64 = 1e-5;
+
 #[test]
 fn every_schedule_over_quic_equals_single_device_training() {
     let tmp = tempfile::tempdir().unwrap();
@@ -254,6 +259,33 @@ fn data_parallel_workers_equal_single_device_training() {
             &two_stages,
         ];
         assert_layouts_train_as_one_device(tmp.path(), &data, name, &layouts);
+    }
+}
+
+/// bf16 training (float32 master weights) with replicas, sharded or not: the gradients are
+/// summed in float32, so the weights follow one device's to within bf16's rounding of the
+/// saved model.
+#[test]
+fn replicas_train_in_bf16_as_one_device_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_data(tmp.path());
+    let model = fixture("llama3-tiny").join("hf").display().to_string();
+    let single = tmp.path().join("single");
+    train(&model, &data, &single, &["--dtype", "bf16"]);
+    for layout in [
+        &["--data-parallel", "2"][..],
+        &["--data-parallel", "2", "--fsdp"],
+    ] {
+        let out = tmp.path().join(layout.join(""));
+        let mut args = vec!["--dtype", "bf16", "--microbatches", "1"];
+        args.extend(layout);
+        train(&model, &data, &out, &args);
+        assert_same_weights(
+            &out.join("final"),
+            &single.join("final"),
+            BF16_BOUND,
+            &format!("bf16 with {layout:?}"),
+        );
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::fixture;
-use super::processes::{with_defaults, Launcher, TRAINING_FLAGS};
+use super::processes::{with_defaults, Launcher, DTYPE_DEFAULT, TRAINING_FLAGS};
 
 /// A UDP port free on loopback now.
 pub fn free_port() -> u16 {
@@ -38,7 +38,14 @@ pub fn node_args(
         .chain(extra.iter().copied())
         .map(str::to_string)
         .collect();
-    with_defaults(args, &[("--batch-size", "6"), ("--join-timeout", "60")])
+    with_defaults(
+        args,
+        &[
+            ("--batch-size", "6"),
+            ("--join-timeout", "60"),
+            DTYPE_DEFAULT,
+        ],
+    )
 }
 
 /// Starts a node with the cluster token, in network namespace `namespace` when given.

@@ -8,16 +8,12 @@ use pp::checkpoint::read_f32;
 use super::cli::{pp, stdout};
 
 /// The settings every multi-process training test shares: steps small enough to compare
-/// exactly with one device (clipping on, float32, the file's order).
-pub const TRAINING_FLAGS: [&str; 7] = [
-    "--lr",
-    "1e-3",
-    "--max-grad-norm",
-    "0.05",
-    "--dtype",
-    "f32",
-    "--no-shuffle",
-];
+/// exactly with one device (clipping on, the file's order); float32 unless a test gives
+/// `--dtype` ([`DTYPE_DEFAULT`]).
+pub const TRAINING_FLAGS: [&str; 5] = ["--lr", "1e-3", "--max-grad-norm", "0.05", "--no-shuffle"];
+
+/// The training dtype when a test gives none.
+pub const DTYPE_DEFAULT: (&str, &str) = ("--dtype", "f32");
 
 /// `args`, then each `(flag, value)` of `defaults` that `args` does not set itself.
 pub fn with_defaults(mut args: Vec<String>, defaults: &[(&str, &str)]) -> Vec<String> {
@@ -39,7 +35,10 @@ pub fn train(model: &str, data: &str, out: &Path, extra: &[&str]) {
         .chain(extra.iter().copied())
         .map(str::to_string)
         .collect();
-    args = with_defaults(args, &[("--batch-size", "6"), ("--steps", "3")]);
+    args = with_defaults(
+        args,
+        &[("--batch-size", "6"), ("--steps", "3"), DTYPE_DEFAULT],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     stdout(&pp(&args));
 }
