@@ -15,7 +15,7 @@ pp=$1 tests=$2 bench=$3
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if ! /sbin/ldconfig -p | grep -q 'libnccl.so '; then
-  lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], "lib"))')
+  lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')
   ln -s "$lib/libnccl.so.2" "$work/libnccl.so"
   export LD_LIBRARY_PATH="$work${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
