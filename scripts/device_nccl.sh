@@ -8,8 +8,9 @@
 # Build the three here: `cargo build --release` (target/release/pp), then
 # `cargo test -p pp-transport --features nccl --release --no-run` and
 # `cargo bench -p pp-transport --features nccl --bench collectives --no-run`, which print the
-# test and bench executables' paths. libnccl comes from PyTorch's wheel when no system copy is
-# found; cudarc looks for libnccl.so, which wheels ship only as libnccl.so.2.
+# test and bench executables' paths; strip them and compress them with xz to fit the device's
+# carry limit (pp: 72 MB stripped, 12 MB with xz). libnccl comes from PyTorch's wheel when no
+# system copy is found; cudarc looks for libnccl.so, which wheels ship only as libnccl.so.2.
 set -euo pipefail
 pp=$1 tests=$2 bench=$3
 work=$(mktemp -d)
