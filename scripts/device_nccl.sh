@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The NCCL path on a GPU machine, in one short run (no Rust toolchain needed there): the
 # NCCL collectives' test and all-reduce bench over every GPU, then `pp train` on one GPU next to
-# the same run as --data-parallel replicas over NCCL (one per GPU, when there are two or more).
+# the same run all-reducing over a group of one (NCCL, then the ring), and as --data-parallel
+# replicas over NCCL and the ring (one per GPU, when there are two or more).
 #
 #   scripts/device_nccl.sh PP_BINARY TRANSPORT_TEST_BINARY COLLECTIVES_BENCH_BINARY
 #
@@ -41,11 +42,14 @@ train() {
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if "train_tokens_per_s" in l][2:]
 tps = sum(r["train_tokens_per_s"] for r in rows) / len(rows)
-wait = [r.get("data_parallel/reduce_wait_s", 0) for r in rows]
+wait = [r.get("data_parallel_reduce_wait_s", 0) for r in rows]
 print(f"{sys.argv[2]:<28} {tps:9.0f} tokens/s  all-reduce wait {1e3 * sum(wait) / len(wait):.1f} ms/step")
 PY
 }
 train one-gpu --device cuda:0
+# World size 1: the all-reduce machinery over a group of one, NCCL next to the ring.
+train one-gpu-nccl-world-1 --device cuda:0 --collectives nccl --microbatches 1
+train one-gpu-ring-world-1 --device cuda:0 --collectives ring --microbatches 1
 if [ "$gpus" -ge 2 ]; then
   train "ddp-x$gpus-nccl" --data-parallel "$gpus" --collectives nccl
   train "ddp-x$gpus-ring" --data-parallel "$gpus"

@@ -239,8 +239,9 @@ fn assert_layouts_train_as_one_device(tmp: &Path, data: &str, name: &str, layout
     }
 }
 
-/// `--data-parallel 2`, alone and with `--stages 2`: worker processes over QUIC train the
-/// weights one device trains on the same rows, with AdamW and with Adafactor, clipping on.
+/// `--data-parallel 2`, alone and with `--stages 2`, and one replica all-reducing alone: worker
+/// processes over QUIC train the weights one device trains on the same rows, with AdamW and
+/// with Adafactor, clipping on.
 #[test]
 fn data_parallel_workers_equal_single_device_training() {
     let tmp = tempfile::tempdir().unwrap();
@@ -254,9 +255,11 @@ fn data_parallel_workers_equal_single_device_training() {
         "2",
     ];
     for name in ["llama3-tiny", "llama32-tied-bf16-sharded"] {
-        let layouts: [&[&str]; 2] = [
+        // `--collectives ring` alone: one replica all-reduces over a group of one.
+        let layouts: [&[&str]; 3] = [
             &["--data-parallel", "2", "--microbatches", "1"],
             &two_stages,
+            &["--collectives", "ring", "--microbatches", "1"],
         ];
         assert_layouts_train_as_one_device(tmp.path(), &data, name, &layouts);
     }
@@ -592,27 +595,21 @@ fn pipeline_settings_are_checked_before_workers_start() {
         args.extend(layout);
         pp(&args)
     };
-    common::cli::assert_clean_error(
-        &nccl(&["--stages", "2"]),
-        &["--collectives nccl", "--data-parallel"],
-    );
-    // Workers on the CPU refuse NCCL together: none waits for the others.
-    let run = nccl(&[
-        "--data-parallel",
-        "2",
-        "--microbatches",
-        "1",
-        "--batch-size",
-        "2",
-    ]);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(!run.status.success());
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(
-        stderr.contains("the worker of rank 0 failed")
-            && stderr.contains("NCCL needs every rank of the group on a CUDA device"),
-        "{stderr}"
-    );
+    // Workers on the CPU refuse NCCL together: none waits for the others. One replica asks
+    // for NCCL too (a group of one).
+    for layout in [&["--data-parallel", "2", "--microbatches", "1"][..], &[]] {
+        let mut args = layout.to_vec();
+        args.extend(["--batch-size", "2"]);
+        let run = nccl(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success());
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(
+            stderr.contains("the worker of rank 0 failed")
+                && stderr.contains("NCCL needs every rank of the group on a CUDA device"),
+            "{layout:?}: {stderr}"
+        );
+    }
 }
 
 /// `--wire-dtype`: activations and gradients cross narrow, and training follows float32's.

@@ -36,9 +36,10 @@ pub struct PipelineFlags {
     fsdp: bool,
     /// What the replicas of a stage sum gradients and gather shards over: ring (over the
     /// workers' QUIC links, any devices) or nccl (NVIDIA's NCCL: every worker on its own CUDA
-    /// GPU, libnccl.so on LD_LIBRARY_PATH).
-    #[arg(long, default_value = "ring")]
-    collectives: CollectiveBackend,
+    /// GPU, libnccl.so on LD_LIBRARY_PATH) [default: ring]. Given, even one replica runs the
+    /// all-reduce (world size 1), to measure what it costs.
+    #[arg(long)]
+    collectives: Option<CollectiveBackend>,
     /// The pipeline schedule: gpipe, 1f1b, interleaved, zbh1 or zbv.
     #[arg(long, default_value = "1f1b")]
     schedule: ScheduleKind,
@@ -221,7 +222,7 @@ impl PipelineFlags {
         if self.fsdp && self.data_parallel < 2 {
             bail!("--fsdp shards the training state over replicas: give --data-parallel N (N ≥ 2)");
         }
-        if ranks == 1 && self.data_parallel == 1 {
+        if ranks == 1 && self.data_parallel == 1 && self.collectives.is_none() {
             return Ok(None);
         }
         Ok(Some(PipelineOptions {

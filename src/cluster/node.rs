@@ -72,8 +72,8 @@ pub struct PipelineLayout {
     pub data_parallel: usize,
     /// `--fsdp`: the replicas shard each stage's training state.
     pub fsdp: bool,
-    /// `--collectives`: what the replicas' sums travel over.
-    pub collectives: crate::train::data_parallel::CollectiveBackend,
+    /// `--collectives`, when given: what the replicas' sums travel over.
+    pub collectives: Option<crate::train::data_parallel::CollectiveBackend>,
 }
 
 /// Joins the group, prints the plan and runs this node's workers (one per entry of

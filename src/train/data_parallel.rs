@@ -128,6 +128,8 @@ pub struct WorkerLinks {
     /// How long a silent peer is waited for.
     pub timeout: Duration,
     backend: CollectiveBackend,
+    /// `--collectives` was given: a lone replica all-reduces too (over a group of one).
+    reduce_alone: bool,
     /// This worker's CUDA device, for NCCL.
     cuda_device: Option<usize>,
 }
@@ -139,18 +141,29 @@ impl WorkerLinks {
             world,
             timeout,
             backend: CollectiveBackend::Ring,
+            reduce_alone: false,
             cuda_device: None,
         }
     }
 
-    /// The same links with collectives over `backend`, this worker on CUDA device
-    /// `cuda_device` (if on one).
-    pub fn with_collectives(self, backend: CollectiveBackend, cuda_device: Option<usize>) -> Self {
+    /// The same links with collectives over `backend` when given (then a lone replica
+    /// all-reduces too), this worker on CUDA device `cuda_device` (if on one).
+    pub fn with_collectives(
+        self,
+        backend: Option<CollectiveBackend>,
+        cuda_device: Option<usize>,
+    ) -> Self {
         Self {
-            backend,
+            backend: backend.unwrap_or_default(),
+            reduce_alone: backend.is_some(),
             cuda_device,
             ..self
         }
+    }
+
+    /// Whether a run of `replicas` replicas, not sharded, all-reduces its gradients.
+    pub fn reduces(&self, replicas: usize) -> bool {
+        replicas > 1 || self.reduce_alone
     }
 
     /// Opens the collectives of the group `members` (global ranks, this one among them) on

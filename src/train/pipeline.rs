@@ -87,7 +87,7 @@ impl<B: TrainBackend> RankWorker<B> {
         let transport =
             GroupView::new(world.clone(), layout.pipeline_members(layout.replica(rank)));
         let stage_group = layout.stage_group(layout.pipeline_rank(rank));
-        let reducer = if layout.replicas > 1 && !layout.fsdp {
+        let reducer = if !layout.fsdp && links.reduces(layout.replicas) {
             Some(GradientReducer::new(links.open(&stage_group, 0)?))
         } else {
             None
@@ -149,6 +149,12 @@ impl<B: TrainBackend> RankWorker<B> {
     /// This worker's global rank.
     pub fn rank(&self) -> usize {
         self.world.rank()
+    }
+
+    /// Whether this worker all-reduces its gradients after backward (DDP; with
+    /// `--collectives`, a lone replica too).
+    pub fn all_reduces(&self) -> bool {
+        self.reducer.is_some()
     }
 
     /// How the run's workers are laid out.

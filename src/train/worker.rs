@@ -43,8 +43,9 @@ pub struct PipelineOptions {
     pub replicas: usize,
     /// `--fsdp`: the replicas of a stage shard its parameters, gradients and optimizer state.
     pub fsdp: bool,
-    /// What the replicas of a stage sum and share their values over.
-    pub collectives: CollectiveBackend,
+    /// What the replicas of a stage sum and share their values over, when given (then even
+    /// one replica all-reduces its gradients, over a group of one) [default: ring].
+    pub collectives: Option<CollectiveBackend>,
     /// Micro-batches per step.
     pub microbatches: usize,
     /// Stage slices per rank for interleaved.
@@ -237,12 +238,14 @@ impl<B: TrainBackend> Engine for PipelineRank<'_, B> {
                     (format!("memory/rank{rank}_state_mb"), bytes as f64 / 1e6)
                 }),
             )
-            .chain((self.worker.layout().replicas > 1).then(|| {
-                (
-                    "data_parallel/reduce_wait_s".to_string(),
-                    result.reduce_wait,
-                )
-            }))
+            .chain(
+                (self.worker.layout().replicas > 1 || self.worker.all_reduces()).then(|| {
+                    (
+                        "data_parallel/reduce_wait_s".to_string(),
+                        result.reduce_wait,
+                    )
+                }),
+            )
             .collect(),
         })
     }
@@ -331,13 +334,6 @@ pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions
             "--batch-size {} cannot be split into --microbatches {} on each of --data-parallel \
              {} replicas: each micro-batch needs a row",
             options.batch_size, pipeline.microbatches, pipeline.replicas
-        )));
-    }
-    if pipeline.collectives != CollectiveBackend::Ring && pipeline.replicas == 1 {
-        return Err(Error::Usage(format!(
-            "--collectives {} carries the sums of --data-parallel replicas: give --data-parallel \
-             N (N ≥ 2)",
-            pipeline.collectives
         )));
     }
     let schedule = pipeline_schedule(pipeline)?;
