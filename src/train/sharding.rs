@@ -316,7 +316,6 @@ fn shard_dims<const D: usize>(len: usize) -> [usize; D] {
     dims
 }
 
-/// Replaces each parameter by this rank's shard of it.
 /// A rank's place among the shards of its stage group: `rank` of `size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardOf {
@@ -335,7 +334,8 @@ impl ShardOf {
     }
 }
 
-/// Cuts each parameter it maps to one rank's shard, remembering its full dimensions.
+/// Replaces each parameter it maps by one rank's shard of it, remembering its full
+/// dimensions.
 pub struct ShardCutter {
     of: ShardOf,
     shapes: HashMap<ParamId, Vec<usize>>,
@@ -349,9 +349,7 @@ impl ShardCutter {
             shapes: HashMap::new(),
         }
     }
-}
 
-impl ShardCutter {
     /// The full shape of every parameter cut, by name, as a matrix (`[1, n]` for a vector).
     pub fn full_shapes(&self, names: &HashMap<ParamId, String>) -> HashMap<String, [usize; 2]> {
         self.shapes
