@@ -8,6 +8,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,15 +19,16 @@ use pp::checkpoint::{OwnedWeights, WeightSource};
 use pp::data::{MicroBatch, Sequence};
 use pp::device::CpuAutodiff;
 use pp::dtype::DType;
+use pp::model::names::Part;
 use pp::model::{ModelConfig, StageModel};
 use pp::plan::{part_costs, Balance};
 use pp::train::data_parallel::{Layout, WorkerLinks};
 use pp::train::optim::Optimizer;
 use pp::train::pipeline::RankWorker;
 use pp::train::runtime::{MemorySavers, Precision, StageOutput, StageRunner};
-use pp::train::sharding::{ShardCutter, ShardOf};
+use pp::train::sharding::{ShardCutter, ShardOf, Sharding};
 use pp_stages::{Partition, Schedule, ScheduleKind, StageSlice};
-use pp_transport::{InProcessHub, Transport};
+use pp_transport::{Collectives, InProcessHub, RingCollectives, Transport, TransportError};
 
 type B = CpuAutodiff;
 
@@ -334,6 +336,97 @@ fn fully_sharded_data_parallel_equals_single_device() {
         Layout::replicated(2, 3).sharded(),
         &adamw(),
     );
+}
+
+/// Counts the values a group's all-gathers bring in.
+struct CountingGathers {
+    ring: RingCollectives,
+    gathered: Arc<AtomicUsize>,
+}
+
+impl Collectives for CountingGathers {
+    fn rank(&self) -> usize {
+        self.ring.rank()
+    }
+    fn size(&self) -> usize {
+        self.ring.size()
+    }
+    fn all_reduce(&self, values: &mut [f32]) -> Result<(), TransportError> {
+        self.ring.all_reduce(values)
+    }
+    fn reduce_scatter(&self, values: &[f32]) -> Result<Vec<f32>, TransportError> {
+        self.ring.reduce_scatter(values)
+    }
+    fn all_gather(&self, shard: &[f32], len: usize) -> Result<Vec<f32>, TransportError> {
+        self.gathered.fetch_add(len, Ordering::SeqCst);
+        self.ring.all_gather(shard, len)
+    }
+    fn broadcast(&self, values: &mut [f32], root: usize) -> Result<(), TransportError> {
+        self.ring.broadcast(values, root)
+    }
+}
+
+/// Under FSDP a pass that starts with the part the last pass ended with does not gather it
+/// again: backward starts from the head forward ended with, the next forward from the
+/// embedding backward ended with. A step changes the shards, so the first forward after it
+/// gathers every part.
+#[test]
+fn fsdp_passes_reuse_the_part_the_last_pass_ended_with() {
+    let name = "llama3-tiny";
+    let (config, weights) = model(name);
+    let device = Default::default();
+    let whole: StageModel<B> = StageModel::load(
+        &config,
+        StageSlice::whole(config.num_layers),
+        weights.as_ref(),
+        &device,
+    )
+    .unwrap();
+    let part_values = |wanted: Part| -> usize {
+        param_values(&whole)
+            .iter()
+            .filter(|(name, _)| Part::of(name) == wanted)
+            .map(|(_, values)| values.len())
+            .sum()
+    };
+    let (embedding, head) = (part_values(Part::Embedding), part_values(Part::Head));
+    let all: usize = param_values(&whole).values().map(Vec::len).sum();
+    let ring = |channel| {
+        let transport = InProcessHub::connect(1).pop().unwrap();
+        RingCollectives::new(Arc::new(transport), Duration::from_secs(10)).on_channel(channel)
+    };
+    let gathered = Arc::new(AtomicUsize::new(0));
+    let prefetch = CountingGathers {
+        ring: ring(1),
+        gathered: gathered.clone(),
+    };
+    let sharding = Sharding::new(Box::new(ring(0)), Box::new(prefetch));
+    let mut runner = StageRunner::new(
+        whole.clone(),
+        adamw(),
+        MemorySavers::default(),
+        Precision::F32,
+        device,
+    )
+    .with_sharding(sharding);
+    runner.set_lr(LR);
+    let gathered_by = |run: &mut dyn FnMut()| {
+        let before = gathered.load(Ordering::SeqCst);
+        run();
+        gathered.load(Ordering::SeqCst) - before
+    };
+    let batches = micro_batches(name, 3);
+    for step in 0..2 {
+        for (i, batch) in batches.iter().enumerate() {
+            let forward = gathered_by(&mut || drop(runner.forward(i, batch, None)));
+            let backward = gathered_by(&mut || drop(runner.backward(i, None, 1.0, false)));
+            let first = i == 0;
+            let want_forward = if first { all } else { all - embedding };
+            assert_eq!(forward, want_forward, "step {step}, forward {i}");
+            assert_eq!(backward, all - head, "step {step}, backward {i}");
+        }
+        runner.step(1.0);
+    }
 }
 
 /// FSDP workers load their stage part by part, cutting each to their shard at once: the

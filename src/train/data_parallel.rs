@@ -182,6 +182,7 @@ impl WorkerLinks {
             CollectiveBackend::Nccl => Ok(Box::new(pp_transport::NcclCollectives::open(
                 &ring,
                 self.cuda_device,
+                self.timeout,
             )?)),
             #[cfg(not(feature = "cuda"))]
             CollectiveBackend::Nccl => {

@@ -348,10 +348,16 @@ impl<B: TrainBackend> StageRunner<B> {
     }
 
     /// Bytes of the parameters, accumulated gradients and optimizer state this runner holds
-    /// now (all float32).
+    /// now (all float32); under FSDP, of its shards, not of a part gathered for a pass.
     pub fn training_memory(&self) -> TrainingMemory {
-        let mut params = ElementCount(0);
-        self.model.visit(&mut params);
+        let params = match &self.sharding {
+            Some(sharding) => sharding.shard_elements(),
+            None => {
+                let mut count = ElementCount(0);
+                self.model.visit(&mut count);
+                count.0
+            }
+        };
         let count = |t: &Tensor<B::InnerBackend, 2>| t.dims().iter().product::<usize>();
         let grads: usize = self.grads.values().map(count).sum();
         let state: usize = self
@@ -361,7 +367,7 @@ impl<B: TrainBackend> StageRunner<B> {
             .flat_map(|p| p.tensors.iter().map(count))
             .sum();
         TrainingMemory {
-            params: 4 * params.0,
+            params: 4 * params,
             grads: 4 * grads,
             optimizer: 4 * state,
         }
@@ -370,25 +376,36 @@ impl<B: TrainBackend> StageRunner<B> {
     /// Under FSDP, puts `part`'s gathered parameters in place, first asking for `next`'s.
     fn install(&mut self, part: Part, next: Option<Part>) {
         if let Some(sharding) = &mut self.sharding {
-            if let Some(next) = next {
-                sharding.prefetch(&self.model, next, &self.names);
-            }
-            sharding.install(&mut self.model, part, &self.names);
+            sharding.install(&mut self.model, part, next, &self.names);
             self.inner = None;
         }
     }
 
-    /// Under FSDP, starts gathering `part`'s parameters (the first a pass uses).
-    fn prefetch(&self, part: Part) {
+    /// Under FSDP, starts a pass that begins with `first` (gathering its parameters, unless
+    /// the last pass left them in place).
+    fn begin_pass(&self, first: Part) {
         if let Some(sharding) = &self.sharding {
-            sharding.prefetch(&self.model, part, &self.names);
+            sharding.begin(&self.model, first, &self.names);
         }
     }
 
-    /// Under FSDP, puts `part`'s shards back.
-    fn release(&mut self, part: Part) {
+    /// Under FSDP, done with `part` in this pass: puts its shards back, or, when it is the
+    /// pass's `last` part, leaves it in place for the next pass (which likely starts with it).
+    fn release(&mut self, part: Part, last: bool) {
         if let Some(sharding) = &mut self.sharding {
-            sharding.release(&mut self.model, part, &self.names);
+            if last {
+                sharding.keep(part);
+            } else {
+                sharding.release(&mut self.model, part, &self.names);
+                self.inner = None;
+            }
+        }
+    }
+
+    /// Under FSDP, releases the part the last pass left in place (before the shards change).
+    fn settle(&mut self) {
+        if let Some(sharding) = &mut self.sharding {
+            sharding.settle(&mut self.model, &self.names);
             self.inner = None;
         }
     }
@@ -462,13 +479,14 @@ impl<B: TrainBackend> StageRunner<B> {
         let leaves = (!recompute).then(|| self.model.clone().map(&mut FreshLeaves));
         let deferred = self.split_backward.then(DeferredWeightGrads::default);
         let parts = self.parts.clone();
-        self.prefetch(parts[0]);
+        self.begin_pass(parts[0]);
         for (index, &part) in parts.iter().enumerate() {
             let input = x.take().expect("each part feeds the next");
             let out = if recompute {
-                self.install(part, parts.get(index + 1).copied());
+                let next = parts.get(index + 1).copied();
+                self.install(part, next);
                 let out = run_part(self.inner_model(), part, &input, &attention, &batch.targets);
-                self.release(part);
+                self.release(part, next.is_none());
                 saved.push(match input {
                     Activation::Hidden(h) if self.savers.offload_activations => {
                         Saved::Host(h.into_data())
@@ -583,7 +601,7 @@ impl<B: TrainBackend> StageRunner<B> {
             .expect("backward follows the micro-batch's forward");
         let mut grad = grad_output;
         let last_part = self.parts.len() - 1;
-        self.prefetch(self.parts[last_part]);
+        self.begin_pass(self.parts[last_part]);
         for index in (0..self.parts.len()).rev() {
             let part = self.parts[index];
             let (input, output) = match saved.pop().expect("one saved entry per part") {
@@ -613,7 +631,7 @@ impl<B: TrainBackend> StageRunner<B> {
             let params = leaves.as_ref().unwrap_or(&self.model);
             params.visit_part(part, &mut collector);
             if self.sharding.is_some() {
-                self.release(part);
+                self.release(part, index == 0);
                 let sharding = self.sharding.as_ref().expect("checked above");
                 sharding.reduce_scatter(part_grads, &mut self.grads);
             }
@@ -740,6 +758,7 @@ impl<B: TrainBackend> StageRunner<B> {
     }
 
     fn apply(&mut self, part: Part, only: Option<&HashSet<String>>, grad_scale: f64) {
+        self.settle();
         let mut stepper = Stepper {
             optimizer: &self.optimizer,
             lr: self.lr,
@@ -771,11 +790,12 @@ impl<B: TrainBackend> StageRunner<B> {
             None => Activation::Tokens(token_tensor(&batch.input_ids, rows, seq, &self.device)),
         };
         let parts = self.parts.clone();
-        self.prefetch(parts[0]);
+        self.begin_pass(parts[0]);
         for (index, &part) in parts.iter().enumerate() {
-            self.install(part, parts.get(index + 1).copied());
+            let next = parts.get(index + 1).copied();
+            self.install(part, next);
             let out = run_part(self.inner_model(), part, &x, &attention, &batch.targets);
-            self.release(part);
+            self.release(part, next.is_none());
             match out {
                 PartOutput::Hidden(h) => x = Activation::Hidden(h),
                 PartOutput::Loss(sum) => {

@@ -7,7 +7,10 @@
 //! vector). Just before a part (embedding, layer, head) runs, its parameters are all-gathered
 //! and put in place, and right after it they go back to shards, so one part's full weights
 //! exist at a time; the next part's are gathered meanwhile on a thread of its own
-//! ([`Prefetcher`]). Backward recomputes each part from its kept input (parameters are not
+//! ([`Prefetcher`]). The part a pass ends with stays gathered, because the next pass often
+//! starts with it: forward ends with the part backward starts from, and backward with the part
+//! the next forward starts from. Installing any other part, or stepping, releases it first, so
+//! still only one part is whole at a time. Backward recomputes each part from its kept input (parameters are not
 //! held by a graph between passes), and each part's gradients are reduce-scattered as soon as
 //! that part's backward is done, leaving this rank the sum of its shard.
 //!
@@ -49,6 +52,8 @@ pub struct Sharding {
     shapes: HashMap<String, Vec<usize>>,
     /// Shards parked in host memory while their part's full parameters are in place.
     parked: HashMap<String, Vec<f32>>,
+    /// The part whose full parameters were left in place when the last pass ended.
+    kept: Option<Part>,
     /// The first collective that failed; none runs after it.
     failure: Mutex<Option<TransportError>>,
 }
@@ -62,6 +67,7 @@ impl Sharding {
             prefetcher: Prefetcher::new(prefetch),
             shapes: HashMap::new(),
             parked: HashMap::new(),
+            kept: None,
             failure: Mutex::new(None),
         }
     }
@@ -144,8 +150,21 @@ impl Sharding {
             .collect()
     }
 
+    /// Starts a pass whose first part is `first`: asks for its parameters, unless the last
+    /// pass left them in place.
+    pub fn begin<B: AutodiffBackend>(
+        &self,
+        model: &StageModel<B>,
+        first: Part,
+        names: &HashMap<ParamId, String>,
+    ) {
+        if self.kept != Some(first) {
+            self.prefetch(model, first, names);
+        }
+    }
+
     /// Asks the prefetcher for `part`'s parameters, whole.
-    pub fn prefetch<B: AutodiffBackend>(
+    fn prefetch<B: AutodiffBackend>(
         &self,
         model: &StageModel<B>,
         part: Part,
@@ -153,6 +172,7 @@ impl Sharding {
     ) {
         let mut shards = ShardValues {
             names,
+            parked: &self.parked,
             shards: Vec::new(),
         };
         model.visit_part(part, &mut shards);
@@ -171,14 +191,29 @@ impl Sharding {
         self.prefetcher.request(job);
     }
 
-    /// Puts the part asked for first of those prefetched in place in `model` (its shards
-    /// parked until [`release`](Self::release)); zeros after a failure.
+    /// Puts `part`'s full parameters in place in `model` (its shards parked until
+    /// [`release`](Self::release)), first asking for those of `next`, the part that follows
+    /// in this pass. They are either still in place from the last pass, or the first asked
+    /// for of those prefetched; zeros after a failure.
     pub fn install<B: AutodiffBackend>(
         &mut self,
         model: &mut StageModel<B>,
         part: Part,
+        next: Option<Part>,
         names: &HashMap<ParamId, String>,
     ) {
+        let in_place = self.kept == Some(part);
+        if in_place {
+            self.kept = None;
+        } else {
+            self.settle(model, names);
+        }
+        if let Some(next) = next {
+            self.prefetch(model, next, names);
+        }
+        if in_place {
+            return;
+        }
         let gathered = while_waiting(|| self.prefetcher.take());
         let mut shards = HashMap::new();
         let mut full = HashMap::new();
@@ -194,6 +229,24 @@ impl Sharding {
             parked: &mut self.parked,
         };
         model.map_part(part, &mut mapper);
+    }
+
+    /// Leaves `part`, the last of a pass, in place for the next pass, instead of
+    /// [`release`](Self::release)-ing it.
+    pub fn keep(&mut self, part: Part) {
+        assert!(self.kept.is_none(), "one part is kept at a time");
+        self.kept = Some(part);
+    }
+
+    /// Releases the part the last pass left in place, if any (before the shards change).
+    pub fn settle<B: AutodiffBackend>(
+        &mut self,
+        model: &mut StageModel<B>,
+        names: &HashMap<ParamId, String>,
+    ) {
+        if let Some(part) = self.kept.take() {
+            self.release(model, part, names);
+        }
     }
 
     /// Puts `part`'s shards back in place of its full parameters.
@@ -236,6 +289,16 @@ impl Sharding {
         }
     }
 
+    /// How many parameter values this rank's shards hold (not counting a part gathered
+    /// whole for a pass).
+    pub fn shard_elements(&self) -> usize {
+        let (rank, size) = self.position();
+        self.shapes
+            .values()
+            .map(|dims| shard_range(dims.iter().product(), size, rank).len())
+            .sum()
+    }
+
     /// Whether parameter `name` is a matrix.
     pub fn is_matrix(&self, name: &str) -> bool {
         self.shapes[name].len() >= 2
@@ -272,6 +335,7 @@ impl Sharding {
     ) -> Result<(), TransportError> {
         let mut shards = ShardValues {
             names,
+            parked: &self.parked,
             shards: Vec::new(),
         };
         model.visit(&mut shards);
@@ -372,16 +436,22 @@ impl<B: AutodiffBackend> ModuleMapper<B> for ShardCutter {
     }
 }
 
-/// Each parameter's shard values, by name, in module order.
+/// Each parameter's shard values, by name, in module order: parked while its part is in
+/// place, else the parameter itself.
 struct ShardValues<'a> {
     names: &'a HashMap<ParamId, String>,
+    parked: &'a HashMap<String, Vec<f32>>,
     shards: Vec<(String, Vec<f32>)>,
 }
 
 impl<B: Backend> ModuleVisitor<B> for ShardValues<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.shards
-            .push((self.names[&param.id].clone(), host(param.val())));
+        let name = &self.names[&param.id];
+        let shard = match self.parked.get(name) {
+            Some(parked) => parked.clone(),
+            None => host(param.val()),
+        };
+        self.shards.push((name.clone(), shard));
     }
 }
 

@@ -106,8 +106,9 @@ mod nccl {
                     s.spawn(move || {
                         let ring = RingCollectives::new(Arc::new(t), Duration::from_secs(60));
                         let device = ring.rank();
-                        Box::new(NcclCollectives::open(&ring, Some(device)).expect("opening NCCL"))
-                            as Box<dyn Collectives>
+                        let nccl =
+                            NcclCollectives::open(&ring, Some(device), Duration::from_secs(60));
+                        Box::new(nccl.expect("opening NCCL")) as Box<dyn Collectives>
                     })
                 })
                 .collect();

@@ -11,8 +11,13 @@
 //! them to the device, runs there and copies the result back. NCCL's reduce-scatter and
 //! all-gather take equal shards, so a buffer whose length the group does not divide travels
 //! padded: shard `i` ([`shard_range`]) sits at the start of the `i`-th of `size` equal chunks.
+//!
+//! NCCL itself waits forever for a member that died. So each operation's completion is polled
+//! against the same timeout the ring uses for a silent peer; past it the communicator is aborted
+//! (which ends its kernels) and the operation, like every later one, fails with an error.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
@@ -24,11 +29,14 @@ use crate::TransportError;
 pub struct NcclCollectives {
     /// An NCCL communicator takes one call at a time; the lock orders callers from several
     /// threads (each thread that runs collectives concurrently opens a group of its own).
-    comm: Mutex<Comm>,
+    /// `None` once aborted after a timeout.
+    comm: Mutex<Option<Comm>>,
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     rank: usize,
     size: usize,
+    /// How long one operation may wait for the slowest member.
+    timeout: Duration,
 }
 
 // SAFETY: `Comm` is not `Send`/`Sync` only because it holds NCCL's raw communicator pointer.
@@ -49,11 +57,13 @@ fn failure(what: &str, detail: impl std::fmt::Debug) -> TransportError {
 
 impl NcclCollectives {
     /// Opens NCCL over the members of `bootstrap`'s group, this one on CUDA device `device`
-    /// (`None`: this rank has no CUDA device). Every member must call it at the same point; it
-    /// fails on every member unless all of them have a CUDA device and libnccl.
+    /// (`None`: this rank has no CUDA device), each operation waiting at most `timeout` for the
+    /// others. Every member must call it at the same point; it fails on every member unless all
+    /// of them have a CUDA device and libnccl.
     pub fn open(
         bootstrap: &dyn Collectives,
         device: Option<usize>,
+        timeout: Duration,
     ) -> Result<Self, TransportError> {
         let (rank, size) = (bootstrap.rank(), bootstrap.size());
         let usable = device.is_some() && nccl_available();
@@ -95,11 +105,12 @@ impl NcclCollectives {
         let comm = Comm::from_rank(stream.clone(), rank, size, Id::uninit(internal))
             .map_err(|e| failure("ncclCommInitRank", e.0))?;
         Ok(Self {
-            comm: Mutex::new(comm),
+            comm: Mutex::new(Some(comm)),
             context,
             stream,
             rank,
             size,
+            timeout,
         })
     }
 
@@ -109,9 +120,15 @@ impl NcclCollectives {
         &self,
         values: &[f32],
         out_len: usize,
+        what: &str,
         op: impl FnOnce(&Comm, &CudaSlice<f32>, &mut CudaSlice<f32>) -> Result<(), TransportError>,
     ) -> Result<Vec<f32>, TransportError> {
-        let comm = self.comm.lock().expect("NCCL communicator lock");
+        let mut comm = self.comm.lock().expect("NCCL communicator lock");
+        let Some(live) = comm.as_ref() else {
+            return Err(TransportError::Device(format!(
+                "NCCL {what}: the communicator was aborted after an earlier timeout"
+            )));
+        };
         self.context
             .bind_to_thread()
             .map_err(|e| failure("binding the device", e))?;
@@ -123,7 +140,12 @@ impl NcclCollectives {
             .stream
             .alloc_zeros::<f32>(out_len)
             .map_err(|e| failure("allocating", e))?;
-        op(&comm, &input, &mut output)?;
+        op(live, &input, &mut output)?;
+        if let Err(late) = self.wait_for_members(what) {
+            // Aborting ends the kernels still waiting for the missing member.
+            comm.take();
+            return Err(late);
+        }
         let mut result = vec![0.0; out_len];
         self.stream
             .memcpy_dtoh(&output, &mut result)
@@ -132,6 +154,33 @@ impl NcclCollectives {
             .synchronize()
             .map_err(|e| failure("waiting for the device", e))?;
         Ok(result)
+    }
+
+    /// Waits until the work queued on the stream is done, or fails once `timeout` has passed:
+    /// NCCL's own wait for a dead member never ends. (Copying to pageable host memory would
+    /// block inside the driver, so the copy back comes after this.)
+    fn wait_for_members(&self, what: &str) -> Result<(), TransportError> {
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(|e| failure("recording an event", e))?;
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(1);
+        while !done
+            .try_is_complete()
+            .map_err(|e| failure("waiting for the device", e))?
+        {
+            if start.elapsed() > self.timeout {
+                return Err(TransportError::Device(format!(
+                    "NCCL {what} did not finish within {:?}: a member of the group of {} \
+                     stopped or is stuck",
+                    self.timeout, self.size
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// The length of each of the `size` equal chunks a `len`-long buffer travels in.
@@ -153,7 +202,7 @@ impl Collectives for NcclCollectives {
         if values.is_empty() {
             return Ok(());
         }
-        let sum = self.on_device(values, values.len(), |comm, input, output| {
+        let sum = self.on_device(values, values.len(), "all-reduce", |comm, input, output| {
             comm.all_reduce(input, output, &ReduceOp::Sum)
                 .map(drop)
                 .map_err(|e| failure("all-reduce", e.0))
@@ -173,7 +222,7 @@ impl Collectives for NcclCollectives {
             let shard = shard_range(len, self.size, member);
             padded[member * chunk..][..shard.len()].copy_from_slice(&values[shard]);
         }
-        let mut sum = self.on_device(&padded, chunk, |comm, input, output| {
+        let mut sum = self.on_device(&padded, chunk, "reduce-scatter", |comm, input, output| {
             comm.reduce_scatter(input, output, &ReduceOp::Sum)
                 .map(drop)
                 .map_err(|e| failure("reduce-scatter", e.0))
@@ -189,11 +238,16 @@ impl Collectives for NcclCollectives {
         }
         let mut padded = shard.to_vec();
         padded.resize(chunk, 0.0);
-        let gathered = self.on_device(&padded, chunk * self.size, |comm, input, output| {
-            comm.all_gather(input, output)
-                .map(drop)
-                .map_err(|e| failure("all-gather", e.0))
-        })?;
+        let gathered = self.on_device(
+            &padded,
+            chunk * self.size,
+            "all-gather",
+            |comm, input, output| {
+                comm.all_gather(input, output)
+                    .map(drop)
+                    .map_err(|e| failure("all-gather", e.0))
+            },
+        )?;
         Ok((0..self.size)
             .flat_map(|member| {
                 let take = shard_range(len, self.size, member).len();
@@ -207,7 +261,7 @@ impl Collectives for NcclCollectives {
             return Ok(());
         }
         let root = i32::try_from(root).expect("group ranks fit NCCL's int");
-        let sent = self.on_device(values, values.len(), |comm, input, output| {
+        let sent = self.on_device(values, values.len(), "broadcast", |comm, input, output| {
             comm.broadcast(Some(input), output, root)
                 .map(drop)
                 .map_err(|e| failure("broadcast", e.0))
@@ -228,7 +282,7 @@ mod tests {
         // must refuse (rather than rank 0 waiting in ncclCommInitRank for rank 1).
         let results = on_ranks(2, |ring| {
             let device = (ring.rank() == 0).then_some(0);
-            NcclCollectives::open(&ring, device)
+            NcclCollectives::open(&ring, device, Duration::from_secs(5))
                 .err()
                 .map(|e| e.to_string())
         });
@@ -254,7 +308,8 @@ mod tests {
         for len in [0, 1, 5, 17, 1000 * gpus + 3] {
             let results = on_ranks(gpus, move |ring| {
                 let (rank, n) = (ring.rank(), ring.size());
-                let nccl = NcclCollectives::open(&ring, Some(rank)).expect("opening NCCL");
+                let nccl = NcclCollectives::open(&ring, Some(rank), Duration::from_secs(60))
+                    .expect("opening NCCL");
                 let mut reduced = values(rank, len);
                 nccl.all_reduce(&mut reduced).unwrap();
                 let shard = nccl.reduce_scatter(&values(rank, len)).unwrap();
@@ -272,5 +327,46 @@ mod tests {
                 assert_eq!(broadcast, values(n - 1, len), "broadcast");
             }
         }
+    }
+
+    /// Needs two CUDA GPUs and libnccl. Rank 1 opens the group, then stops taking part without
+    /// leaving it: rank 0's all-reduce must fail after its timeout instead of hanging.
+    #[test]
+    #[ignore = "needs two CUDA GPUs and libnccl"]
+    fn a_member_that_stops_fails_the_others_after_the_timeout() {
+        let timeout = Duration::from_secs(2);
+        let rank_0_done = Arc::new(std::sync::Barrier::new(2));
+        let results = on_ranks(2, move |ring| {
+            let nccl =
+                NcclCollectives::open(&ring, Some(ring.rank()), timeout).expect("opening NCCL");
+            if ring.rank() == 1 {
+                rank_0_done.wait();
+                return None;
+            }
+            let start = Instant::now();
+            let result = nccl.all_reduce(&mut [1.0; 1000]);
+            let waited = start.elapsed();
+            let again = nccl.all_reduce(&mut [1.0]);
+            rank_0_done.wait();
+            Some((result, waited, again))
+        });
+        let (result, waited, again) = results[0].as_ref().expect("rank 0 reports");
+        let error = result
+            .as_ref()
+            .expect_err("rank 1 never took part")
+            .to_string();
+        assert!(error.contains("did not finish within"), "{error}");
+        assert!(
+            waited >= &timeout && waited < &(timeout * 5),
+            "waited {waited:?}"
+        );
+        let again = again
+            .as_ref()
+            .expect_err("the communicator is aborted")
+            .to_string();
+        assert!(
+            again.contains("aborted after an earlier timeout"),
+            "{again}"
+        );
     }
 }
