@@ -10,6 +10,10 @@
 #
 #   scripts/bench_data_parallel.sh [PP_BINARY] [STEPS]
 #
+# VOCAB=V gives the model V embedding rows (and output rows) instead of the tokenizer's 384, as
+# real models have (padding rows no token uses); MICRO_BATCH=R splits each replica's share into
+# micro-batches of R rows, so a step makes several forward and backward passes.
+#
 # Each worker computes on every core unless RAYON_NUM_THREADS says otherwise: the script runs
 # the two-process layouts both ways (sharing the cores, and one thread each).
 set -euo pipefail
@@ -18,7 +22,8 @@ pp=${1:-target/release/pp}
 steps=${2:-10}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python3 scripts/make_wide_model.py "$work/model" --hidden 512 --layers 4 --intermediate 1536
+python3 scripts/make_wide_model.py "$work/model" --hidden 512 --layers 4 --intermediate 1536 \
+  ${VOCAB:+--vocab "$VOCAB"}
 python3 - "$work/data.jsonl" <<'PY'
 import json, sys
 with open(sys.argv[1], "w") as f:
@@ -32,7 +37,7 @@ run() {
   local out="$work/$name"
   env ${threads:+RAYON_NUM_THREADS=$threads} "$pp" train "$work/model" --data "$work/data.jsonl" \
     --out "$out" --batch-size 16 --steps "$steps" --max-len 128 --no-shuffle --dtype f32 \
-    "$@" >/dev/null 2>&1
+    ${MICRO_BATCH:+--micro-batch-size "$MICRO_BATCH"} "$@" >/dev/null 2>&1
   python3 - "$out/metrics.jsonl" "$name" "${threads:-all}" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if "train_tokens_per_s" in l][2:]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The NCCL path on a GPU machine, in one short run (no Rust toolchain needed there): the
-# NCCL collectives' test and all-reduce bench over every GPU, then `pp train` on one GPU next to
-# the same run all-reducing over a group of one (NCCL, then the ring), and as --data-parallel
-# replicas over NCCL and the ring (one per GPU, when there are two or more).
+# NCCL collectives' tests (the timeout one only on two GPUs or more) and all-reduce bench over
+# every GPU, then `pp train` on one GPU next to the same run all-reducing over a group of one
+# (NCCL, then the ring), and as --data-parallel replicas over NCCL and the ring (one per GPU,
+# when there are two or more).
 #
 #   scripts/device_nccl.sh PP_BINARY TRANSPORT_TEST_BINARY COLLECTIVES_BENCH_BINARY
 #
@@ -23,8 +24,12 @@ if ! /sbin/ldconfig -p | grep -q 'libnccl.so '; then
 fi
 gpus=$(nvidia-smi -L | wc -l)
 echo "== $gpus GPU(s); NCCL from ${LD_LIBRARY_PATH:-the system}"
-"$tests" --ignored nccl
-"$bench" --mib 25 --rounds 50
+# A failure is reported and the rest still runs: device time is short.
+"$tests" --ignored nccl_collectives_equal_the_ring || echo "== FAILED: the NCCL collectives test"
+if [ "$gpus" -ge 2 ]; then
+  "$tests" --ignored a_member_that_stops || echo "== FAILED: the NCCL timeout test"
+fi
+"$bench" --mib 25 --rounds 50 || echo "== FAILED: the collectives bench"
 python3 scripts/make_wide_model.py "$work/model" --hidden 1024 --layers 8 --intermediate 2816
 python3 - "$work/data.jsonl" <<'PY'
 import json, sys

@@ -3,7 +3,7 @@
 so that moving activations between pipeline stages is a visible share of a step
 (scripts/bench_netns.sh). Uses the llama3-tiny fixture's tokenizer.
 
-    scripts/make_wide_model.py OUT_DIR [--hidden 1024] [--layers 2]
+    scripts/make_wide_model.py OUT_DIR [--hidden 1024] [--layers 2] [--intermediate 256] [--vocab V]
 """
 import argparse
 import json
@@ -22,6 +22,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=256)
+    parser.add_argument("--vocab", type=int, help="embedding rows, at least the tokenizer's (default: the tokenizer's)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     config = json.loads((FIXTURE / "config.json").read_text())
@@ -34,6 +35,7 @@ def main():
         num_key_value_heads=max(1, heads // 4),
         head_dim=64,
         max_position_embeddings=1024,
+        vocab_size=max(args.vocab or 0, config["vocab_size"]),
     )
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
     for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]:
