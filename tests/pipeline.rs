@@ -322,8 +322,8 @@ fn data_parallel_equals_single_device() {
 
 /// FSDP: each replica holds a shard of every parameter, gradient and optimizer state, gathers
 /// each part's weights while it runs and reduce-scatters its gradients; alone and with two
-/// stages, AdamW (shards stepped alone) and Adafactor (each parameter gathered for its step),
-/// it trains what one device trains.
+/// stages, under 1F1B, interleaved and zero-bubble schedules, AdamW (shards stepped alone) and
+/// Adafactor (each parameter gathered for its step), it trains what one device trains.
 #[test]
 fn fully_sharded_data_parallel_equals_single_device() {
     for optimizer in [adamw(), adafactor()] {
@@ -335,6 +335,17 @@ fn fully_sharded_data_parallel_equals_single_device() {
         ScheduleKind::Interleaved,
         Layout::replicated(2, 3).sharded(),
         &adamw(),
+    );
+    // Zero-bubble's W passes reduce-scatter the weight gradients they compute.
+    check_layout(
+        ScheduleKind::ZbH1,
+        Layout::replicated(2, 2).sharded(),
+        &adamw(),
+    );
+    check_layout(
+        ScheduleKind::ZbV,
+        Layout::replicated(2, 2).sharded(),
+        &adafactor(),
     );
 }
 

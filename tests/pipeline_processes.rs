@@ -293,7 +293,7 @@ fn replicas_train_in_bf16_as_one_device_does() {
 }
 
 /// `--fsdp`: replicas that shard parameters, gradients and optimizer state train what one device
-/// trains (AdamW and Adafactor, alone and with two stages). Their checkpoint holds the AdamW
+/// trains (AdamW and Adafactor, alone and with two stages, under 1F1B and ZB-H1). Their checkpoint holds the AdamW
 /// state as one shard per replica, and resumes exactly under FSDP, and in other layouts: one
 /// device, three DDP replicas, two pipeline stages.
 #[test]
@@ -310,7 +310,9 @@ fn fsdp_workers_equal_single_device_and_their_sharded_checkpoints_resume_anywher
         "--microbatches",
         "2",
     ];
-    let layouts: [&[&str]; 2] = [&fsdp, &two_stages];
+    let mut zero_bubble = two_stages.to_vec();
+    zero_bubble.extend(["--schedule", "zbh1"]);
+    let layouts: [&[&str]; 3] = [&fsdp, &two_stages, &zero_bubble];
     assert_layouts_train_as_one_device(tmp.path(), &data, "llama3-tiny", &layouts);
     let model = fixture("llama3-tiny").join("hf").display().to_string();
     let whole = tmp.path().join("whole");

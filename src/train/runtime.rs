@@ -569,14 +569,24 @@ impl<B: TrainBackend> StageRunner<B> {
     }
 
     /// The weight-gradient pass (W) of micro-batch `id`, after its I pass: the linear maps'
-    /// weight gradients, one matmul each, added to the stage's accumulated gradients.
+    /// weight gradients, one matmul each, added to the stage's accumulated gradients (under
+    /// FSDP, reduce-scattered over the group first, keeping this rank's shard).
     pub fn backward_weight(&mut self, id: usize) {
         let pending = self
             .pending_weight
             .remove(&id)
             .expect("the W pass follows the micro-batch's I pass");
+        let mut full = GradStore::new();
+        let store = if self.sharding.is_some() {
+            &mut full
+        } else {
+            &mut self.grads
+        };
         for (name, work) in pending {
-            accumulate(&mut self.grads, &name, as_matrix(work.compute()));
+            accumulate(store, &name, as_matrix(work.compute()));
+        }
+        if let Some(sharding) = &self.sharding {
+            sharding.reduce_scatter(full, &mut self.grads);
         }
     }
 
@@ -600,6 +610,9 @@ impl<B: TrainBackend> StageRunner<B> {
             .remove(&id)
             .expect("backward follows the micro-batch's forward");
         let mut grad = grad_output;
+        // The parameter names of the deferred work's weight nodes, read while each part's
+        // weights are in place (under FSDP they are gone after the part's backward).
+        let mut weight_names = HashMap::new();
         let last_part = self.parts.len() - 1;
         self.begin_pass(self.parts[last_part]);
         for index in (0..self.parts.len()).rev() {
@@ -630,6 +643,14 @@ impl<B: TrainBackend> StageRunner<B> {
             };
             let params = leaves.as_ref().unwrap_or(&self.model);
             params.visit_part(part, &mut collector);
+            if deferred.is_some() {
+                let mut nodes = NodeNames {
+                    names: &self.names,
+                    by_node: HashMap::new(),
+                };
+                params.visit_part(part, &mut nodes);
+                weight_names.extend(nodes.by_node);
+            }
             if self.sharding.is_some() {
                 self.release(part, index == 0);
                 let sharding = self.sharding.as_ref().expect("checked above");
@@ -645,16 +666,10 @@ impl<B: TrainBackend> StageRunner<B> {
             }
         }
         if let Some(deferred) = deferred {
-            let params = leaves.as_ref().unwrap_or(&self.model);
-            let mut nodes = NodeNames {
-                names: &self.names,
-                by_node: HashMap::new(),
-            };
-            params.visit(&mut nodes);
             let pending = deferred
                 .take()
                 .into_iter()
-                .map(|work| (nodes.by_node[&work.weight].clone(), work))
+                .map(|work| (weight_names[&work.weight].clone(), work))
                 .collect();
             self.pending_weight.insert(id, pending);
         }

@@ -353,13 +353,6 @@ pub fn check_pipeline_options(options: &TrainOptions, pipeline: &PipelineOptions
             schedule.stages()
         )));
     }
-    if pipeline.fsdp && pipeline.schedule.splits_backward() {
-        return Err(Error::Usage(format!(
-            "--fsdp cannot be used with --schedule {}: its weight-gradient passes run after the \
-             layer's parameters are given back",
-            pipeline.schedule.name()
-        )));
-    }
     if options.savers.optimizer_in_backward {
         return Err(Error::Usage(
             "--optimizer-in-backward cannot be used with --stages or --data-parallel: a stage \
