@@ -74,6 +74,13 @@ fn model(name: &str) -> (ModelConfig, Box<dyn WeightSource>) {
     (config, Box::new(weights))
 }
 
+/// Every layer of a model, as one stage on the CPU.
+fn whole_model(name: &str) -> StageModel<B> {
+    let (config, weights) = model(name);
+    let slice = StageSlice::whole(config.num_layers);
+    StageModel::load(&config, slice, weights.as_ref(), &Default::default()).unwrap()
+}
+
 /// `count` one-row micro-batches of different lengths: cut from a fixture's reference rows, or
 /// made up for the synthetic model.
 fn micro_batches(name: &str, count: usize) -> Vec<MicroBatch> {
@@ -384,15 +391,8 @@ impl Collectives for CountingGathers {
 #[test]
 fn fsdp_passes_reuse_the_part_the_last_pass_ended_with() {
     let name = "llama3-tiny";
-    let (config, weights) = model(name);
     let device = Default::default();
-    let whole: StageModel<B> = StageModel::load(
-        &config,
-        StageSlice::whole(config.num_layers),
-        weights.as_ref(),
-        &device,
-    )
-    .unwrap();
+    let whole = whole_model(name);
     let part_values = |wanted: Part| -> usize {
         param_values(&whole)
             .iter()
@@ -488,15 +488,9 @@ fn fsdp_holds_a_replicas_share_of_the_training_state() {
     let name = SYNTHETIC;
     for replicas in [2usize, 3] {
         let batches = micro_batches(name, 2 * replicas);
-        let (config, weights) = model(name);
         let device = Default::default();
-        let whole: StageModel<B> = StageModel::load(
-            &config,
-            StageSlice::whole(config.num_layers),
-            weights.as_ref(),
-            &device,
-        )
-        .unwrap();
+        let whole = whole_model(name);
+        let tied = whole.config().tie_word_embeddings;
         let mut single = StageRunner::new(
             whole,
             adamw(),
@@ -523,16 +517,8 @@ fn fsdp_holds_a_replicas_share_of_the_training_state() {
                     let batches = &batches;
                     let schedule = schedule.clone();
                     scope.spawn(move || {
-                        let (config, weights) = model(name);
-                        let stage_model = StageModel::load(
-                            &config,
-                            StageSlice::whole(config.num_layers),
-                            weights.as_ref(),
-                            &device,
-                        )
-                        .unwrap();
                         let runner = StageRunner::new(
-                            stage_model,
+                            whole_model(name),
                             adamw(),
                             MemorySavers::default(),
                             Precision::F32,
@@ -542,7 +528,7 @@ fn fsdp_holds_a_replicas_share_of_the_training_state() {
                         let mut worker = RankWorker::<B>::new(
                             schedule,
                             BTreeMap::from([(0, runner)]),
-                            config.tie_word_embeddings,
+                            tied,
                             WorkerLinks::new(Arc::new(transport), Duration::from_secs(30)),
                             layout,
                             device,
