@@ -10,9 +10,10 @@
 //! ([`Prefetcher`]). The part a pass ends with stays gathered, because the next pass often
 //! starts with it: forward ends with the part backward starts from, and backward with the part
 //! the next forward starts from. Installing any other part, or stepping, releases it first, so
-//! still only one part is whole at a time. Backward recomputes each part from its kept input (parameters are not
-//! held by a graph between passes), and each part's gradients are reduce-scattered as soon as
-//! that part's backward is done, leaving this rank the sum of its shard.
+//! still only one part is whole at a time. Backward recomputes each part from its kept input
+//! (parameters are not held by a graph between passes), and each part's gradients are
+//! reduce-scattered as soon as that part's backward is done, leaving this rank the sum of its
+//! shard.
 //!
 //! The optimizer then steps shards: AdamW and SGD are element-wise, so each rank steps its own
 //! shard with its own shard of the state, exactly. Adafactor's factored second moment needs
