@@ -576,17 +576,23 @@ impl<B: TrainBackend> StageRunner<B> {
             .pending_weight
             .remove(&id)
             .expect("the W pass follows the micro-batch's I pass");
-        let mut full = GradStore::new();
-        let store = if self.sharding.is_some() {
-            &mut full
-        } else {
-            &mut self.grads
-        };
+        let mut grads = GradStore::new();
         for (name, work) in pending {
-            accumulate(store, &name, as_matrix(work.compute()));
+            accumulate(&mut grads, &name, as_matrix(work.compute()));
         }
-        if let Some(sharding) = &self.sharding {
-            sharding.reduce_scatter(full, &mut self.grads);
+        self.add_gradients(grads);
+    }
+
+    /// Adds the gradients of one part's backward (or of a W pass) to the stage's accumulated
+    /// ones; under FSDP each is summed over the group first, keeping this rank's shard.
+    fn add_gradients(&mut self, grads: GradStore<B::InnerBackend>) {
+        match &self.sharding {
+            Some(sharding) => sharding.reduce_scatter(grads, &mut self.grads),
+            None => {
+                for (name, grad) in grads {
+                    accumulate(&mut self.grads, &name, grad);
+                }
+            }
         }
     }
 
@@ -629,17 +635,11 @@ impl<B: TrainBackend> StageRunner<B> {
             let upstream = Upstream::new(grad.take(), loss_scale);
             let mut grads = seed(output, &upstream);
             grad = input.and_then(|leaf| leaf.grad(&grads));
-            // Under FSDP this part's full gradients are summed over the group at once, and
-            // only this rank's shard is kept.
             let mut part_grads = GradStore::new();
             let mut collector = GradCollector {
                 names: &self.names,
                 grads: &mut grads,
-                store: if self.sharding.is_some() {
-                    &mut part_grads
-                } else {
-                    &mut self.grads
-                },
+                store: &mut part_grads,
             };
             let params = leaves.as_ref().unwrap_or(&self.model);
             params.visit_part(part, &mut collector);
@@ -651,11 +651,9 @@ impl<B: TrainBackend> StageRunner<B> {
                 params.visit_part(part, &mut nodes);
                 weight_names.extend(nodes.by_node);
             }
-            if self.sharding.is_some() {
-                self.release(part, index == 0);
-                let sharding = self.sharding.as_ref().expect("checked above");
-                sharding.reduce_scatter(part_grads, &mut self.grads);
-            }
+            self.release(part, index == 0);
+            // Under FSDP summed over the group at once, only this rank's shard kept.
+            self.add_gradients(part_grads);
             if let Some(complete) = self.completes.get(&index).filter(|_| last).cloned() {
                 if self.savers.optimizer_in_backward {
                     self.stepped_sum_squares += sum_squares(&self.grads, Some(&complete));
